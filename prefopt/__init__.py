@@ -1,0 +1,3 @@
+"""prefopt: train language models from preferences."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Row formats -> canonical preference examples.
+
+Accepted rows, as in the wider ecosystem:
+
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: the same keys holding lists of `{role, content}` messages,
+  rendered to text with the tokenizer's chat template;
+- implicit prompt: no `prompt`; `chosen` and `rejected` are full texts or
+  conversations sharing a prefix, which becomes the prompt.
+
+A canonical example is `{"prompt": str, "chosen": str, "rejected": str,
+"chat": bool}`: text ready to tokenize. `chat` says the text was rendered by a
+chat template (it already holds any special tokens the template adds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; the message is the reason, without the row's location."""
+
+
+def is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def canonical_pair(row: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """One dataset row -> canonical example, or BadRow saying why not."""
+    for key in ("chosen", "rejected"):
+        _check_field(row, key)
+    if row.get("prompt") is None:
+        prompt, chosen, rejected = split_shared_prefix(row["chosen"], row["rejected"])
+    else:
+        _check_field(row, "prompt", allow_empty=True)
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    kinds = {is_messages(v) for v in (prompt, chosen, rejected)}
+    if len(kinds) > 1:
+        raise BadRow("mixes plain strings and message lists in prompt/chosen/rejected; use one format per row")
+    if not is_messages(prompt):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": False}
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    completions = []
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        full = render_chat(tokenizer, prompt + messages, add_generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise BadRow(f"the chat template renders the prompt differently once the {key} reply is appended, "
+                         "so the prompt/completion boundary is ambiguous; fix the template or give plain strings")
+        completions.append(full[len(prompt_text):])
+    return {"prompt": prompt_text, "chosen": completions[0], "rejected": completions[1], "chat": True}
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja errors, missing template: say which row, not a deep traceback
+        raise BadRow(f"the tokenizer's chat template failed on these messages: {exc}") from None
+
+
+def split_shared_prefix(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """Implicit prompt: the longest shared prefix of chosen and rejected (messages or text)."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n and chosen[n - 1] == " ":  # the completion keeps its leading space, as tokenizers expect
+            n -= 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise BadRow("has no 'prompt' and chosen/rejected share no prefix to use as the prompt")
+    elif is_messages(chosen) and is_messages(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise BadRow("has no 'prompt' and the chosen/rejected conversations share no first message")
+    else:
+        raise BadRow("has no 'prompt', and chosen/rejected are not both strings or both message lists")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value:
+            raise BadRow(f"'{key}' is identical to the shared prefix, leaving an empty completion")
+    return prompt, chosen, rejected
+
+
+def _check_field(row: dict[str, Any], key: str, allow_empty: bool = False) -> None:
+    value = row.get(key)
+    if value is None:
+        raise BadRow(f"'{key}' is missing (None)")
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise BadRow(f"'{key}' is an empty string")
+        return
+    if isinstance(value, list):
+        if not value and not allow_empty:
+            raise BadRow(f"'{key}' is an empty message list")
+        for i, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise BadRow(f"'{key}'[{i}] is not a {{role: str, content: str}} message: {message!r:.80}")
+        return
+    raise BadRow(f"'{key}' is {type(value).__name__} {value!r:.80}; expected a string or a list of "
+                 "{role, content} messages")

@@ -1,0 +1,107 @@
+"""Small verifiable tasks, and the tiny model and tokenizer that learn them on a CPU.
+
+`write_sort_task(out_dir)` writes everything the quickstart recipe needs:
+
+    out_dir/model/        a tiny Llama-shaped causal LM and its byte-level BPE
+                          tokenizer (with a ChatML chat template), saved with
+                          save_pretrained and so loaded like any hub model
+    out_dir/train.jsonl   preference pairs: prompt "sort: 7 2 9 =>",
+    out_dir/eval.jsonl    chosen " 2 7 9" (sorted), rejected a wrong order
+
+The model starts from random weights: the task checks that the trainer learns,
+not what a pretrained model already knows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A little English beside the task text, so that tests can use ordinary sentences.
+ENGLISH = [
+    "The sky is blue and the grass is green.",
+    "What color is the sky? It is blue. It is green.",
+    "Hello world, this is a tiny tokenizer for tests.",
+    "Answer the question briefly and politely.",
+]
+
+
+def sort_pair(rng: random.Random, min_len: int = 3, max_len: int = 6, max_value: int = 9) -> dict[str, str]:
+    while True:
+        values = [rng.randint(0, max_value) for _ in range(rng.randint(min_len, max_len))]
+        if len(set(values)) > 1:
+            break
+    target = sorted(values)
+    wrong = values[:]
+    while wrong == target:
+        rng.shuffle(wrong)
+    return {
+        "prompt": "sort: " + " ".join(map(str, values)) + " =>",
+        "chosen": " " + " ".join(map(str, target)),
+        "rejected": " " + " ".join(map(str, wrong)),
+    }
+
+
+def sort_score(prompt: str, completion: str) -> float:
+    """Verifier: 1.0 if the completion is the prompt's numbers in ascending order."""
+    numbers = prompt.removeprefix("sort:").removesuffix("=>").split()
+    return float(completion.split() == sorted(numbers, key=int))
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on `corpus`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2,
+                     seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama-shaped model with `tokenizer` to `out_dir`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_sort_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                    hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write model/, train.jsonl and eval.jsonl for the sorting task under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {"train": [sort_pair(rng) for _ in range(n_train)], "eval": [sort_pair(rng) for _ in range(n_eval)]}
+    for name, rows in splits.items():
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    corpus = [r["prompt"] + r["chosen"] + r["rejected"] for r in splits["train"]] + ENGLISH * 20
+    build_tiny_model(build_tokenizer(corpus), out_dir / "model", hidden_size, num_layers, seed)
+    return out_dir

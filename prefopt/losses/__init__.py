@@ -1,0 +1,91 @@
+"""The loss registry: name -> LossSpec. Importing this package needs only torch.
+
+A loss is a pure function of tensors with keyword-only hyper-parameters:
+
+    def my_loss(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> LossOutput
+
+registered with what it needs, so that the trainer never loads a reference
+model for a reference-free loss. A recipe's `loss:` block is the name plus the
+function's keyword arguments, checked against its signature before any model
+loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prefopt.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-example completion log-probs of one model, summed over completion tokens."""
+
+    chosen: torch.Tensor  # (B,)
+    rejected: torch.Tensor  # (B,)
+    chosen_tokens: torch.Tensor  # (B,) completion token counts, for length-normalised losses
+    rejected_tokens: torch.Tensor  # (B,)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    losses: torch.Tensor  # (B,) per-example losses; the trainer takes their mean
+    chosen_rewards: torch.Tensor  # (B,) detached implicit rewards, for logging
+    rejected_rewards: torch.Tensor  # (B,)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[..., LossOutput]
+    needs_reference: bool  # False: the trainer loads no reference model
+
+    def hyperparameters(self) -> dict[str, inspect.Parameter]:
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def check_params(self, params: dict, where: str) -> None:
+        """Raise RecipeError for an unknown, missing or non-numeric hyper-parameter."""
+        valid = self.hyperparameters()
+        for key, value in params.items():
+            if key not in valid:
+                close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise RecipeError(f"{where}: loss {self.name!r} has no argument {key!r}; {hint}"
+                                  f"its arguments are: {', '.join(valid) or 'none'}")
+            default = valid[key].default
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RecipeError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
+        for key, param in valid.items():
+            if param.default is inspect.Parameter.empty and key not in params:
+                raise RecipeError(f"{where}.{key}: missing required argument of loss {self.name!r}")
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_reference: bool) -> Callable:
+    """Decorator: `@register_loss("dpo", needs_reference=True)` above a loss function."""
+
+    def add(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        LOSSES[name] = LossSpec(name=name, fn=fn, needs_reference=needs_reference)
+        return fn
+
+    return add
+
+
+def get_loss(name: str, where: str = "loss.name") -> LossSpec:
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, list(LOSSES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"{where}: unknown loss {name!r}; {hint}known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+from prefopt.losses import preference  # noqa: E402,F401  (registers the preference losses)

@@ -1,0 +1,278 @@
+"""Recipes: one YAML file per experiment, loaded into typed dataclasses.
+
+Every key a recipe may hold is a field below, with its meaning in the comment
+beside it. Loading is strict: an unknown key, a value of the wrong type or a
+missing required key is one `RecipeError` naming the key, the file and the
+closest valid key. `key.sub=value` overrides from the command line are merged
+into the YAML before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prefopt.errors import RecipeError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str  # hub id or local directory, loaded with from_pretrained
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # dtype of the weights
+    trust_remote_code: bool = False  # run modelling code shipped with a hub model
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
+
+
+@dataclass
+class ReferenceConfig:
+    kind: Literal["copy"] = "copy"  # copy: a frozen copy of the starting policy
+    name_or_path: str | None = None  # a different checkpoint for the reference; None: model.name_or_path
+
+
+@dataclass
+class DataSource:
+    path: str  # hub id, local file (.json/.jsonl/.parquet/.csv) or directory
+    split: str = "train"  # split of a hub dataset or of a local file (local files have only "train")
+    name: str | None = None  # hub dataset configuration name
+    weight: float = 1.0  # rows taken from this source: 0.5 a random half, 2.0 every row twice
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource]  # a path, a {path, split, ...} mapping, or a list of them (a mixture)
+    eval: list[DataSource] | None = None  # same shapes as train; None: no held-out set
+    eval_fraction: float = 0.0  # with no `eval`, hold out this share of the train rows
+    max_length: int = 512  # prompt + completion tokens; completions are cut to fit
+    max_prompt_length: int = 256  # longer prompts keep their last tokens
+    on_bad_row: Literal["error", "drop"] = "error"  # unusable rows stop the run, or are dropped and counted
+
+
+@dataclass
+class LossConfig:
+    """`loss: {name: dpo, beta: 0.1, ...}`: a registered loss and its keyword arguments."""
+
+    name: str = "dpo"  # a loss from prefopt.losses (see `prefopt.losses.LOSSES`)
+    params: dict[str, Any] = field(default_factory=dict)  # checked against the loss function's signature
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5.0e-7  # peak learning rate of AdamW
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0  # linear and cosine decay end at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # global pairs per optimizer step, across all processes
+    micro_batch_size: int = 8  # pairs per forward/backward on one process
+    eval_batch_size: int | None = None  # pairs per evaluation forward; None: micro_batch_size
+    max_steps: int = 100  # optimizer steps
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    log_every: int = 1  # write train metrics (averaged since the last write) every N steps
+    eval_every: int = 50  # evaluate every N steps (always at step 0 and at the end); 0: only then
+    save_every: int = 50  # checkpoint every N steps; 0: no intermediate checkpoints
+    keep_checkpoints: int | None = 2  # keep the newest N checkpoints; None: keep all
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+    progress_bar: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    output_dir: str = "runs/default"  # recipe.yaml, metrics.jsonl, checkpoints/, final/
+    seed: int = 0
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain YAML-ready data (loss params inlined)."""
+        out = dataclasses.asdict(self)
+        out["loss"] = {"name": self.loss.name, **self.loss.params}
+        return out
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `a.b=value` overrides, validate and return it."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {where} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override, where)
+    return from_dict(data, where)
+
+
+def from_dict(data: dict[str, Any], where: str = "<recipe>") -> Recipe:
+    recipe = _convert(data, Recipe, "", where)
+    _check(recipe, where)
+    return recipe
+
+
+def save(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _apply_override(data: dict, override: str, where: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {override!r}: expected key.sub=value, e.g. train.max_steps=10")
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {override!r}: {part!r} in {where} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def _fail(where: str, key: str, message: str) -> typing.NoReturn:
+    raise RecipeError(f"{where}: {key or 'recipe'}: {message}")
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(value, option, key, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[-1])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(where, key, f"{value!r} is not one of {', '.join(map(repr, args))}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(value, tp, key, where)
+    if origin is list:
+        (item_tp,) = args
+        if not isinstance(value, list):
+            if item_tp is DataSource:  # a single source stands for a list of one
+                value = [value]
+            else:
+                _fail(where, key, f"expected a list, got {_show(value)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(where, key, f"expected a mapping, got {_show(value)}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(where, key, f"expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, key, f"expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, key, f"expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(where, key, f"expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"recipe field {key} has unsupported type {tp}")  # a bug in this file, not in a recipe
+
+
+def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
+    if cls is DataSource and isinstance(value, str):
+        value = {"path": value}
+    if cls is LossConfig and isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        _fail(where, key, f"expected a mapping, got {_show(value)}")
+    if cls is LossConfig:  # everything but the name goes to the loss function, checked in _check
+        value = dict(value)
+        name = value.pop("name", "dpo")
+        return LossConfig(name=_convert(name, str, _join(key, "name"), where), params=value)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in value:
+        if name not in fields:
+            _fail(where, _join(key, str(name)), f"unknown key{_suggest(str(name), list(fields), key)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(value[name], hints[name], _join(key, name), where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(where, _join(key, name), "missing required key")
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe, where: str) -> None:
+    """Checks that span several keys, and the loss's arguments against its signature."""
+    from prefopt.losses import get_loss  # needs only torch
+
+    data, train = recipe.data, recipe.train
+    if data.max_prompt_length >= data.max_length:
+        _fail(where, "data.max_prompt_length", f"must be smaller than data.max_length ({data.max_length}), "
+              f"so that every completion keeps at least one token; got {data.max_prompt_length}")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        _fail(where, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
+    if data.eval is not None and data.eval_fraction:
+        _fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
+    for name in ("batch_size", "micro_batch_size", "max_steps", "log_every"):
+        if getattr(train, name) < 1:
+            _fail(where, f"train.{name}", f"must be at least 1, got {getattr(train, name)}")
+    if train.batch_size % train.micro_batch_size:
+        _fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
+              f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
+    spec = get_loss(recipe.loss.name, where=f"{where}: loss.name")
+    spec.check_params(recipe.loss.params, where=f"{where}: loss")
+
+
+def _suggest(name: str, valid: list[str], section: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {_join(section, close[0])!r}?"
+    return f"; valid keys here: {', '.join(valid)}"
+
+
+def _join(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,338 @@
+"""Trainer: the one training loop, on Hugging Face Accelerate.
+
+A method subclasses Trainer, loads what it needs in __init__ (data, reference
+or reward models), and overrides at most:
+
+- `batches(step)`: this process's micro-batches for one optimizer step;
+- `compute_loss(batch) -> (loss, metrics)`: one micro-batch.
+
+Everything else lives here once: gradient accumulation, clipping, mixed
+precision, schedules, logging, evaluation, checkpoints and resume.
+
+Data order is a pure function of (seed, step): each epoch is a seeded
+permutation of the training set, cut into global batches of
+`train.batch_size`; each global batch is cut into micro-batches, dealt to the
+processes in turn. So resuming needs only the step number, and N processes with
+accumulation A see exactly the batches that one process with accumulation N*A
+sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from prefopt import recipe as recipe_lib
+from prefopt.errors import RecipeError
+from prefopt.models import load_causal_lm, load_tokenizer
+
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+
+
+class Trainer:
+    def __init__(self, recipe: recipe_lib.Recipe):
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import set_seed
+
+        self.recipe = recipe
+        train = recipe.train
+        cpu = not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        self.world_size = state.num_processes
+        per_step = train.micro_batch_size * self.world_size
+        if train.batch_size % per_step:
+            raise RecipeError(
+                f"train.batch_size ({train.batch_size}) must be a multiple of train.micro_batch_size "
+                f"({train.micro_batch_size}) x processes ({self.world_size}) = {per_step}; change one of them")
+        self.accumulation_steps = train.batch_size // per_step
+        self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation_steps,
+                                       mixed_precision=self._mixed_precision(train.mixed_precision))
+        set_seed(recipe.seed)
+        self.output_dir = Path(recipe.output_dir)
+        self.tokenizer = load_tokenizer(recipe.model)
+        self.model = load_causal_lm(recipe.model)
+        self.train_data: list[dict] = []  # examples that self.collate turns into batches
+        self.eval_data: list[dict] = []
+
+    # ----- what a method overrides ------------------------------------------------------------
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch -> (scalar loss to minimise, metrics as (B,) per-example tensors)."""
+        raise NotImplementedError
+
+    def batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's `accumulation_steps` micro-batches for optimizer step `step` (1-based)."""
+        train, n = self.recipe.train, len(self.train_data)
+        steps_per_epoch = n // train.batch_size
+        epoch, index = divmod(step - 1, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist()
+        batch = order[index * train.batch_size : (index + 1) * train.batch_size]
+        micro = train.micro_batch_size
+        chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+        for chunk in chunks[self.accelerator.process_index :: self.world_size]:
+            yield self.to_device(self.collate([self.train_data[i] for i in chunk]))
+
+    # ----- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        """Train for train.max_steps, resuming from the newest checkpoint; returns the eval records."""
+        from tqdm.auto import tqdm
+
+        recipe, train, acc = self.recipe, self.recipe.train, self.accelerator
+        self._check_data()
+        self._prepare()
+        start = self._resume() if train.resume else 0
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            recipe_lib.save(recipe, self.output_dir / "recipe.yaml")
+            (self.output_dir / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
+            self._truncate_metrics(start)
+            print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
+                  f"{self.accumulation_steps} accumulation = {train.batch_size} pairs per step"
+                  + (f"; resuming after step {start}" if start else ""))
+        if start == 0:
+            self._log(self.evaluate(), step=0, split="eval")
+        progress = tqdm(range(start + 1, train.max_steps + 1), initial=start, total=train.max_steps,
+                        disable=not (train.progress_bar and acc.is_main_process), desc="train")
+        window: dict[str, list[float]] = defaultdict(list)
+        for step in progress:
+            for key, value in self.train_step(step).items():
+                window[key].append(value)
+            if step % train.log_every == 0 or step == train.max_steps:
+                record = {key: sum(values) / len(values) for key, values in window.items()}
+                window.clear()
+                self._log(record, step=step, split="train")
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if step == train.max_steps or (train.eval_every and step % train.eval_every == 0):
+                self._log(self.evaluate(), step=step, split="eval")
+            if train.save_every and (step % train.save_every == 0 or step == train.max_steps):
+                self.save_checkpoint(step)
+        progress.close()
+        self.save_final()
+        return self._summary()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over this process's micro-batches; returns metrics averaged over all processes."""
+        acc, train = self.accelerator, self.recipe.train
+        self.model.train()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
+        count = 0
+        grad_norm = torch.zeros((), device=acc.device)
+        for batch in self.batches(step):
+            with acc.accumulate(self.model):
+                loss, metrics = self.compute_loss(batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    max_norm = train.max_grad_norm if train.max_grad_norm is not None else math.inf
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            sums["loss"] += loss.detach().float()
+            for key, value in metrics.items():
+                sums[key] += value.detach().float().mean()
+            count += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        keys = sorted(sums)  # the same order on every process
+        means = acc.reduce(torch.stack([sums[k] for k in keys]) / count, reduction="mean")
+        record = dict(zip(keys, means.tolist()))
+        record.update(grad_norm=float(grad_norm), lr=lr)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-example metrics averaged over the whole eval set (split across processes)."""
+        if not self.eval_data:
+            return {}
+        acc = self.accelerator
+        self.model.eval()
+        size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
+        mine = self.eval_data[acc.process_index :: self.world_size]
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
+        for i in range(0, len(mine), size):
+            examples = mine[i : i + size]
+            loss, metrics = self.compute_loss(self.to_device(self.collate(examples)))
+            sums["loss"] += loss.float() * len(examples)  # loss is a mean over the micro-batch
+            for key, value in metrics.items():
+                sums[key] += value.float().sum() if value.dim() else value.float() * len(examples)
+        keys = sorted(set(sums) | {"loss"})
+        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+        return {k: v / len(self.eval_data) for k, v in zip(keys, totals.tolist())}
+
+    # ----- set-up -----------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        optim = self.recipe.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_factor)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+
+    def _lr_factor(self, step: int) -> float:
+        """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
+        optim, total = self.recipe.optim, self.recipe.train.max_steps
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+        decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * max(0.0, decay)
+
+    @staticmethod
+    def _mixed_precision(setting: str) -> str:
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if setting != "no" and not torch.cuda.is_available():
+            raise RecipeError(f"train.mixed_precision={setting} needs a GPU; use auto or no on a CPU")
+        return setting
+
+    def _check_data(self) -> None:
+        needed = self.recipe.train.batch_size
+        if len(self.train_data) < needed:
+            raise RecipeError(f"train.batch_size is {needed} but the training set has only {len(self.train_data)} "
+                              "usable examples; lower train.batch_size or add data")
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _run_info(self) -> dict:
+        import transformers
+
+        return {"world_size": self.world_size, "accumulation_steps": self.accumulation_steps,
+                "micro_batch_size": self.recipe.train.micro_batch_size, "batch_size": self.recipe.train.batch_size,
+                "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
+                "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
+                "torch": torch.__version__, "transformers": transformers.__version__}
+
+    # ----- logging ----------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, float], step: int, split: str) -> None:
+        if not record or not self.accelerator.is_main_process:
+            return
+        line = {"step": step, "split": split, "loss": record["loss"]}
+        line.update({k: v for k, v in sorted(record.items()) if k != "loss"})
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint: they will be logged again."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step] if step else []
+        _write_atomic(path, "".join(ln + "\n" for ln in kept))
+
+    def _summary(self) -> list[dict]:
+        """Eval records of this run; the main process prints the first and last side by side."""
+        path = self.output_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.exists():
+            return []
+        evals = [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "eval"]
+        if len(evals) >= 2:
+            first, last = evals[0], evals[-1]
+            keys = [k for k in first if k not in ("step", "split")]
+            print(f"\n{'eval metric':<22}{'step ' + str(first['step']):>14}{'step ' + str(last['step']):>14}")
+            for key in keys:
+                print(f"{key:<22}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
+            print(f"\nrun directory: {self.output_dir} (metrics.jsonl, final/)")
+        return evals
+
+    # ----- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed}
+            _write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            self._prune_checkpoints(root)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        keep = self.recipe.train.keep_checkpoints
+        if keep is not None:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old[1])
+
+    def _resume(self) -> int:
+        checkpoints = complete_checkpoints(self.output_dir / "checkpoints")
+        if not checkpoints:
+            return 0
+        step, path = checkpoints[-1]
+        self.accelerator.load_state(str(path))
+        return step
+
+    def save_final(self) -> Path:
+        """The trained policy in Hugging Face format in output_dir/final, written atomically."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        state_dict = acc.get_state_dict(self.model) if sharded else None  # gathered on every process
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints under root that were completely written, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.name.startswith("step-") and (path / STATE_FILE).exists():
+            found.append((json.loads((path / STATE_FILE).read_text())["step"], path))
+    return sorted(found)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):x}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
