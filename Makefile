@@ -25,6 +25,7 @@ quickstart: $(VENV)/.runtime
 	$(BIN)/prefopt quickstart
 
 test: $(VENV)/.test
+	$(BIN)/ruff check -q prefopt tests scripts
 	$(BIN)/python -m pytest -q tests
 
 lint: $(VENV)/.test

@@ -263,10 +263,24 @@ def _check(recipe: Recipe, where: str) -> None:
     spec.check_params(recipe.loss.params, where=f"{where}: loss")
 
 
+# Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.
+ALIASES = {
+    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.schedule", "scheduler": "optim.schedule",
+    "max_grad_norm": "train.max_grad_norm", "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size", "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
+    "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "beta": "loss.beta",
+    "dataset_name": "data.train", "bf16": "train.mixed_precision",
+}
+
+
 def _suggest(name: str, valid: list[str], section: str) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    candidates = {_join(section, v): _join(section, v) for v in valid}
+    candidates.update({_join(section, alias): target for alias, target in ALIASES.items()})
+    candidates.update({alias: target for alias, target in ALIASES.items()})
+    close = difflib.get_close_matches(_join(section, name), list(candidates), n=1, cutoff=0.6)
     if close:
-        return f"; did you mean {_join(section, close[0])!r}?"
+        return f"; did you mean {candidates[close[0]]!r}?"
     return f"; valid keys here: {', '.join(valid)}"
 
 

@@ -1,0 +1,68 @@
+"""Shared fixtures: one tiny model, tokenizer and sorting data set for the whole session.
+
+Everything is built locally (nothing comes from the hub) and loaded back through
+from_pretrained, the same code path a user's hub model takes.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sort_task(tmp_path_factory) -> Path:
+    from prefopt.data.synthetic import write_sort_task
+
+    return write_sort_task(tmp_path_factory.mktemp("sort"), n_train=256, n_eval=48)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sort_task):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sort_task / "model")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; forget the previous one's singletons."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> Path:
+    """A small DPO recipe on the session's sorting task; `sections` update its sections."""
+    recipe = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"name_or_path": str(sort_task / "model")},
+        "data": {"train": str(sort_task / "train.jsonl"), "eval": str(sort_task / "eval.jsonl"),
+                 "max_length": 48, "max_prompt_length": 24},
+        "loss": {"name": "dpo", "beta": 0.1},
+        "optim": {"lr": 1.0e-3, "schedule": "cosine", "warmup_steps": 1},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 5, "eval_every": 0, "save_every": 0,
+                  "progress_bar": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update(value)
+        else:
+            recipe[key] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def read_metrics(output_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]

@@ -1,0 +1,135 @@
+"""Row formats, the exact prompt/completion boundary, truncation, and unusable rows."""
+
+import json
+import re
+
+import pytest
+
+from prefopt.data import load_pairs
+from prefopt.data.collate import collate_pairs
+from prefopt.data.formats import BadRow, canonical_pair
+from prefopt.data.tokenize import tokenize_pairs
+from prefopt.errors import DataError
+from prefopt.recipe import DataConfig, DataSource
+
+
+def cfg(**kw):
+    return DataConfig(train=[], **kw)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_standard_rows_keep_the_exact_boundary_and_get_eos(tokenizer):
+    """Prompt and completion are tokenized apart. "Hello wor" + "ld" joined would let BPE merge
+    across the boundary; apart, the prompt ids are exactly the prompt's own tokenization."""
+    row = {"prompt": "Hello wor", "chosen": "ld, the sky", "rejected": "ld is green."}
+    (pair,), _ = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
+    eos = tokenizer.eos_token_id
+    assert pair["prompt_ids"] == tokenizer("Hello wor")["input_ids"]
+    assert pair["chosen_ids"] == tokenizer("ld, the sky", add_special_tokens=False)["input_ids"] + [eos]
+    assert pair["rejected_ids"] == tokenizer("ld is green.", add_special_tokens=False)["input_ids"] + [eos]
+    joined = tokenizer("Hello world, the sky")["input_ids"]
+    assert joined != pair["prompt_ids"] + pair["chosen_ids"][:-1]  # the case separate tokenization exists for
+
+
+def test_eos_is_not_doubled(tokenizer):
+    row = {"prompt": "sort: 2 1 =>", "chosen": " 1 2<|endoftext|>", "rejected": " 2 1"}
+    (pair,), _ = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
+    assert pair["chosen_ids"].count(tokenizer.eos_token_id) == 1
+    assert pair["rejected_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_conversational_rows_render_the_chat_template(tokenizer):
+    row = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+           "chosen": [{"role": "assistant", "content": "It is blue."}],
+           "rejected": [{"role": "assistant", "content": "It is green."}]}
+    ex = canonical_pair(row, tokenizer)
+    assert ex == {"prompt": "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n",
+                  "chosen": "It is blue.<|im_end|>\n", "rejected": "It is green.<|im_end|>\n", "chat": True}
+    (pair,), _ = tokenize_pairs([ex], tokenizer, 64, 32)
+    assert tokenizer.decode(pair["prompt_ids"] + pair["chosen_ids"]) == ex["prompt"] + ex["chosen"]
+    assert tokenizer.eos_token_id not in pair["chosen_ids"]  # the template's end of turn ends a chat reply
+
+
+def test_implicit_prompt_messages_and_text(tokenizer):
+    user = {"role": "user", "content": "What color is the sky?"}
+    row = {"chosen": [user, {"role": "assistant", "content": "Blue."}],
+           "rejected": [user, {"role": "assistant", "content": "Green."}]}
+    ex = canonical_pair(row, tokenizer)
+    assert ex["prompt"].endswith("<|im_start|>assistant\n") and ex["chosen"] == "Blue.<|im_end|>\n"
+    text = canonical_pair({"chosen": "The sky is blue.", "rejected": "The sky is green."}, tokenizer)
+    assert text == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "chat": False}
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": "p", "chosen": "", "rejected": "r"}, "'chosen' is an empty string"),
+    ({"prompt": "p", "chosen": 5, "rejected": "r"}, "'chosen' is int 5"),
+    ({"prompt": "p", "chosen": "c", "rejected": None}, "'rejected' is missing"),
+    ({"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "r"}, "'chosen'[0] is not a {role: str"),
+    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant",
+      "content": "r"}]}, "mixes plain strings and message lists"),
+    ({"chosen": "abc", "rejected": "xyz"}, "share no prefix"),
+])
+def test_bad_rows_say_why(tokenizer, row, reason):
+    with pytest.raises(BadRow, match=re.escape(reason)):
+        canonical_pair(row, tokenizer)
+
+
+def test_truncation_keeps_prompt_end_and_fits_max_length(tokenizer):
+    row = {"prompt": "sort: " + " ".join("9876543210" * 3) + " =>", "chosen": " 1 2 3 4 5 6 7 8 9" * 3,
+           "rejected": " 1"}
+    (pair,), report = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, max_length=30,
+                                     max_prompt_length=12)
+    full_prompt = tokenizer(row["prompt"])["input_ids"]
+    assert pair["prompt_ids"] == full_prompt[-12:]
+    assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) == 30
+    assert (report.prompts_cut, report.completions_cut) == (1, 1)
+
+
+def test_collate_puts_chosen_then_rejected_with_masks(tokenizer):
+    pairs = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
+             {"prompt_ids": [11], "chosen_ids": [12], "rejected_ids": [13, 14]}]
+    batch = collate_pairs(pairs, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0], [5, 6, 10, 0, 0],
+                                           [11, 13, 14, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0],
+                                                 [0, 1, 1, 0, 0]]
+
+
+def test_bad_dataset_stops_with_row_and_file(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "a", "chosen": "b", "rejected": "c"},
+        {"prompt": "a", "chosen": "", "rejected": "c"},
+        {"prompt": "a", "chosen": "b", "rejected": 7},
+    ])
+    with pytest.raises(DataError) as err:
+        load_pairs([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+    message = str(err.value)
+    assert "2 of 3 rows" in message and "pairs.jsonl" in message
+    assert "row 1: 'chosen' is an empty string" in message and "row 2: 'rejected' is int 7" in message
+    assert "data.on_bad_row=drop" in message
+    logged = []
+    pairs = load_pairs([DataSource(str(path))], tokenizer, cfg(on_bad_row="drop"), 0, "data.train",
+                       log=logged.append)
+    assert len(pairs) == 1 and "dropped 2 of 3 rows" in logged[0]
+
+
+def test_missing_column_and_missing_file(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "no_rejected.jsonl", [{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(DataError, match=r"data.train\[0\] \(.*no_rejected.jsonl\): missing column 'rejected'"):
+        load_pairs([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+    with pytest.raises(DataError, match="file not found: .*nope.jsonl"):
+        load_pairs([DataSource(str(tmp_path / "nope.jsonl"))], tokenizer, cfg(), 0, "data.train")
+
+
+def test_mixture_weights_scale_rows(tokenizer, tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(10)]
+    first = write_jsonl(tmp_path / "first.jsonl", rows)
+    second = write_jsonl(tmp_path / "second.csv.jsonl", rows[:4])
+    pairs = load_pairs([DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)], tokenizer,
+                       cfg(), 0, "data.train", log=lambda s: None)
+    assert len(pairs) == 5 + 8

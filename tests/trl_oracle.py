@@ -1,0 +1,49 @@
+"""TRL's own loss code as an independent oracle, fed the same per-token log-probs.
+
+TRL 1.16 computes DPO losses inside `DPOTrainer._compute_loss`, reading the
+model's per-token log-probs. We call that method on a minimal stand-in for the
+trainer whose "model" returns the log-probs we choose, with the reference
+log-probs supplied as precomputed inputs. Nothing of prefopt is involved.
+"""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+
+def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, *, loss_type="sigmoid",
+                 beta=0.1, label_smoothing=0.0, loss_weights=None, **args) -> torch.Tensor:
+    """policy_token_logps: (2B, T-1), chosen rows first, log p of token t+1 at position t.
+    completion_mask: (2B, T), 1 on completion tokens. Returns TRL's scalar loss."""
+    from trl import DPOTrainer
+
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    shift_mask = completion_mask[:, 1:].to(policy_token_logps.dtype)
+    outputs = SimpleNamespace(
+        log_probs=policy_token_logps * shift_mask,  # TRL's fused head returns 0 where labels are -100
+        entropy=torch.zeros_like(policy_token_logps),
+        mean_logits=torch.zeros_like(policy_token_logps),
+        is_top1=torch.zeros_like(policy_token_logps, dtype=torch.bool),
+    )
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
+        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        args=SimpleNamespace(**args),
+    )
+    n, t = completion_mask.shape
+    inputs = {"input_ids": torch.zeros(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    return DPOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, return_outputs=False)
