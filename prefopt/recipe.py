@@ -56,9 +56,14 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """`loss: {name: dpo, beta: 0.1, ...}`: a registered loss and its keyword arguments."""
+    """One loss term: `{name: dpo, beta: 0.1, ...}`, optionally with a `weight`.
 
-    name: str = "dpo"  # a loss from prefopt.losses (see `prefopt.losses.LOSSES`)
+    `loss:` in a recipe is one term, or a list of terms whose weighted sum is
+    minimised: `[{name: dpo, beta: 0.1}, {name: sft, weight: 0.2}]`.
+    """
+
+    name: str = "dpo"  # a registered loss (prefopt.losses.LOSSES) or "package.module:function"
+    weight: float = 1.0  # multiplies this term in a weighted sum
     params: dict[str, Any] = field(default_factory=dict)  # checked against the loss function's signature
 
 
@@ -96,14 +101,15 @@ class Recipe:
     output_dir: str = "runs/default"  # recipe.yaml, metrics.jsonl, checkpoints/, final/
     seed: int = 0
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-ready data (loss params inlined)."""
         out = dataclasses.asdict(self)
-        out["loss"] = {"name": self.loss.name, **self.loss.params}
+        terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}), **t.params} for t in self.loss]
+        out["loss"] = terms[0] if len(terms) == 1 else terms
         return out
 
 
@@ -183,7 +189,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is list:
         (item_tp,) = args
         if not isinstance(value, list):
-            if item_tp is DataSource:  # a single source stands for a list of one
+            if item_tp in (DataSource, LossConfig):  # a single source or loss stands for a list of one
                 value = [value]
             else:
                 _fail(where, key, f"expected a list, got {_show(value)}")
@@ -223,10 +229,11 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
         value = {"name": value}
     if not isinstance(value, dict):
         _fail(where, key, f"expected a mapping, got {_show(value)}")
-    if cls is LossConfig:  # everything but the name goes to the loss function, checked in _check
+    if cls is LossConfig:  # everything but name and weight goes to the loss function, checked in _check
         value = dict(value)
-        name = value.pop("name", "dpo")
-        return LossConfig(name=_convert(name, str, _join(key, "name"), where), params=value)
+        name = _convert(value.pop("name", "dpo"), str, _join(key, "name"), where)
+        weight = _convert(value.pop("weight", 1.0), float, _join(key, "weight"), where)
+        return LossConfig(name=name, weight=weight, params=value)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in value:
@@ -259,8 +266,11 @@ def _check(recipe: Recipe, where: str) -> None:
     if train.batch_size % train.micro_batch_size:
         _fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
-    spec = get_loss(recipe.loss.name, where=f"{where}: loss.name")
-    spec.check_params(recipe.loss.params, where=f"{where}: loss")
+    if not recipe.loss:
+        _fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
+    for i, term in enumerate(recipe.loss):
+        key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
+        get_loss(term.name, where=f"{where}: {key}.name").check_params(term.params, where=f"{where}: {key}")
 
 
 # Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.

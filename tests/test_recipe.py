@@ -22,7 +22,7 @@ MINIMAL = "model: {name_or_path: m}\ndata: {train: t.jsonl}\n"
 
 def test_quickstart_recipe_loads_with_the_documented_names():
     r = recipe_lib.load(QUICKSTART)
-    assert r.loss.name == "dpo" and r.loss.params == {"beta": 0.1, "label_smoothing": 0.0}
+    assert [(t.name, t.weight, t.params) for t in r.loss] == [("dpo", 1.0, {"beta": 0.1, "label_smoothing": 0.0})]
     assert r.data.train[0].path == "runs/quickstart-assets/train.jsonl"
     assert (r.train.batch_size, r.train.micro_batch_size) == (32, 16)
 
@@ -38,7 +38,7 @@ def test_defaults_and_shapes_of_data_sources(tmp_path):
 
 def test_overrides_are_typed_and_checked(tmp_path):
     r = recipe_lib.load(write(tmp_path, MINIMAL), ["train.max_steps=7", "loss.beta=0.5", "optim.schedule=linear"])
-    assert r.train.max_steps == 7 and r.loss.params == {"beta": 0.5} and r.optim.schedule == "linear"
+    assert r.train.max_steps == 7 and r.loss[0].params == {"beta": 0.5} and r.optim.schedule == "linear"
     with pytest.raises(RecipeError, match="train.max_stpes: unknown key; did you mean 'train.max_steps'"):
         recipe_lib.load(write(tmp_path, MINIMAL), ["train.max_stpes=7"])
 

@@ -81,11 +81,30 @@ def register_loss(name: str, *, needs_reference: bool) -> Callable:
 
 
 def get_loss(name: str, where: str = "loss.name") -> LossSpec:
+    """A registered loss by name, or a user's loss as "package.module:function".
+
+    A user's function decorated with @register_loss keeps what it registered;
+    an undecorated one is taken to need a reference model.
+    """
+    if ":" in name:
+        return _import_loss(name, where)
     if name not in LOSSES:
         close = difflib.get_close_matches(name, list(LOSSES), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise RecipeError(f"{where}: unknown loss {name!r}; {hint}known losses: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
+
+
+def _import_loss(name: str, where: str) -> LossSpec:
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RecipeError(f"{where}: cannot import loss {name!r}: {exc} (is {module_name!r} on PYTHONPATH?)") from None
+    registered = [spec for spec in LOSSES.values() if spec.fn is fn]
+    return registered[0] if registered else LossSpec(name=name, fn=fn, needs_reference=True)
 
 
 from prefopt.losses import preference  # noqa: E402,F401  (registers the preference losses)

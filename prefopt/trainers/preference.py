@@ -17,9 +17,9 @@ from prefopt.trainers.base import Trainer
 class PreferenceTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.loss = get_loss(recipe.loss.name)
-        self.reference = None  # loaded only for losses that use one
-        if self.loss.needs_reference:
+        self.terms = [(get_loss(term.name), term) for term in recipe.loss]
+        self.reference = None  # loaded only when a loss term uses one
+        if any(spec.needs_reference for spec, _ in self.terms):
             reference = load_causal_lm(recipe.model, recipe.reference.name_or_path, key="reference.name_or_path")
             self.reference = freeze(reference).to(self.accelerator.device)
         data, log = recipe.data, self.accelerator.print
@@ -41,9 +41,12 @@ class PreferenceTrainer(Trainer):
         if self.reference is not None:
             with torch.no_grad(), self.accelerator.autocast():
                 reference = pair_logps(self.reference, batch)
-        out = self.loss.fn(policy, reference, **self.recipe.loss.params)
-        chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
-        metrics = {
+        outputs = [spec.fn(policy, reference, **term.params) for spec, term in self.terms]
+        loss = sum(term.weight * out.losses.mean() for (_, term), out in zip(self.terms, outputs))
+        metrics = {f"loss/{term.name}": out.losses.detach() for (_, term), out in zip(self.terms, outputs)
+                   if len(outputs) > 1}
+        chosen_rewards, rejected_rewards = outputs[0].chosen_rewards, outputs[0].rejected_rewards  # the first term's
+        metrics.update({
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             # a tie (as at step 0, policy == reference) is a coin flip: it counts half
@@ -52,8 +55,8 @@ class PreferenceTrainer(Trainer):
             "rewards/margin": chosen_rewards - rejected_rewards,
             "logps/chosen": policy.chosen.detach(),
             "logps/rejected": policy.rejected.detach(),
-        }
-        return out.losses.mean(), metrics
+        })
+        return loss, metrics
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> PairLogps:
