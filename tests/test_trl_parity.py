@@ -61,15 +61,31 @@ def prefopt_losses(sort_task, data_path, tmp_path, loss) -> list[float]:
     return [r["loss"] for r in read_metrics(out)]
 
 
-@pytest.mark.parametrize("loss_type,loss", [
-    ("sigmoid", {"name": "dpo", "beta": 0.1}),
-])
-def test_dpo_family_matches_trl_step_by_step(sort_task, eight_pairs, tmp_path, loss_type, loss):
+@pytest.mark.parametrize("trl_config,loss", [
+    ({"loss_type": ["sigmoid"], "beta": 0.1}, {"name": "dpo", "beta": 0.1}),
+    ({"loss_type": ["ipo"], "beta": 0.1}, {"name": "ipo", "beta": 0.1}),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1},
+     {"name": "rpo", "beta": 0.1, "alpha": 0.5}),
+], ids=["dpo", "ipo", "rpo"])
+def test_dpo_family_matches_trl_step_by_step(sort_task, eight_pairs, tmp_path, trl_config, loss):
     from trl import DPOConfig, DPOTrainer
 
-    theirs = trl_losses(sort_task, eight_pairs, tmp_path, DPOTrainer, DPOConfig, loss_type=[loss_type],
-                        beta=loss["beta"])
+    theirs = trl_losses(sort_task, eight_pairs, tmp_path, DPOTrainer, DPOConfig, **trl_config)
     ours = prefopt_losses(sort_task, eight_pairs, tmp_path, loss)
     assert len(theirs) == len(ours) == STEPS
     assert ours == pytest.approx(theirs, abs=1e-4)
-    assert ours[-1] < ours[0] - 0.1  # the runs move: equal losses are not equal by standing still
+    assert abs(ours[-1] - ours[0]) > 0.05  # the runs move: equal losses are not equal by standing still
+
+
+def test_simpo_matches_trl_cpo_step_by_step(sort_task, eight_pairs, tmp_path, monkeypatch):
+    """TRL's CPO trainer with loss_type="simpo" and cpo_alpha=0 is SimPO; it takes the margin gamma
+    itself (simpo_gamma), prefopt takes gamma_beta_ratio as the SimPO authors: gamma = 0.5 * 2.0 = 1.0."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    theirs = trl_losses(sort_task, eight_pairs, tmp_path, CPOTrainer, CPOConfig, loss_type="simpo", cpo_alpha=0.0,
+                        beta=2.0, simpo_gamma=1.0)
+    ours = prefopt_losses(sort_task, eight_pairs, tmp_path, {"name": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5})
+    assert len(theirs) == len(ours) == STEPS
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    assert abs(ours[-1] - ours[0]) > 0.05

@@ -65,6 +65,13 @@ class LossSpec:
         for key, param in valid.items():
             if param.default is inspect.Parameter.empty and key not in params:
                 raise RecipeError(f"{where}.{key}: missing required argument of loss {self.name!r}")
+        # Values a loss rejects (a flip rate >= 0.5, say) fail here, on a one-pair batch, not after models load.
+        one = torch.ones(1, dtype=torch.float64)
+        probe = PairLogps(-one, -2 * one, one, one)
+        try:
+            self.fn(probe, probe if self.needs_reference else None, **params)
+        except ValueError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
 
 
 LOSSES: dict[str, LossSpec] = {}

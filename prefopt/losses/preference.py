@@ -6,6 +6,9 @@ each log-prob summed over the completion's tokens; sigma is the logistic functio
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 
 from prefopt.losses import LossOutput, PairLogps, register_loss
@@ -27,4 +30,209 @@ def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     rejected_logratios = policy.rejected - reference.rejected  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log pi - log pi_ref of the chosen and of the rejected completions, each (B,)."""
+    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
+
+
+def _chosen_nll(policy: PairLogps) -> torch.Tensor:
+    """NLL of the chosen completions as one token mean over the micro-batch (TRL's "sft" loss and
+    CPO/SimPO's cross-entropy), -sum(chosen) / sum(chosen_tokens), expanded to (B,) so its mean is that."""
+    return (-policy.chosen.sum() / policy.chosen_tokens.sum()).expand_as(policy.chosen)
+
+
+@register_loss("ipo", needs_reference=True)
+def ipo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """IPO: (h_mean - 1/(2 beta))^2, Eq. 17 of Azar et al. 2023, "A General Theoretical Paradigm to
+    Understand Learning from Human Preferences" (beta is the paper's tau).
+
+    h_mean uses per-token MEAN log-ratios, each completion's summed log-ratio divided by its token
+    count, not the sums of the paper's notation: the convention the IPO authors confirmed to TRL (its
+    results correspond to it), which keeps beta comparable across completion lengths.
+    Logged rewards are beta * summed log-ratios, as for DPO (and as TRL logs them).
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,) sums
+    h_mean = chosen_logratios / policy.chosen_tokens - rejected_logratios / policy.rejected_tokens  # (B,)
+    losses = (h_mean - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("simpo", needs_reference=False)
+def simpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: float = 2.0,
+               gamma_beta_ratio: float = 0.5, sft_weight: float = 0.0) -> LossOutput:
+    """SimPO: -log sigma(beta * (a_c - a_r) - gamma), Eq. 6 of Meng et al. 2024, "SimPO: Simple
+    Preference Optimization with a Reference-Free Reward", where a = log pi(y) / |y| is the policy's
+    per-token mean log-prob; no reference model.
+
+    The margin is set as in the authors' code: gamma = gamma_beta_ratio * beta (TRL's CPO trainer
+    takes gamma itself, `simpo_gamma`). sft_weight > 0 gives CPO-SimPO: + sft_weight * NLL of the
+    chosen completions, a token mean over the micro-batch (TRL CPO's `cpo_alpha` cross-entropy).
+    Logged rewards are beta * a, the SimPO implicit rewards.
+    """
+    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs
+    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma_beta_ratio * beta)
+    losses = losses + sft_weight * _chosen_nll(policy)
+    return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
+
+
+@register_loss("rpo", needs_reference=True)
+def rpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
+    """RPO: DPO + alpha * NLL of the chosen completions, Liu et al. 2024, "Provably Mitigating
+    Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial Regularizer" (arXiv 2405.16436).
+
+    The NLL is a token mean over the chosen completion tokens of the micro-batch,
+    -sum(chosen) / sum(chosen_tokens), as TRL's loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha].
+    Logged rewards are DPO's, beta * summed log-ratios.
+    """
+    dpo = dpo_loss(policy, reference, beta=beta)
+    return LossOutput(dpo.losses + alpha * _chosen_nll(policy), dpo.chosen_rewards, dpo.rejected_rewards)
+
+
+@register_loss("robust", needs_reference=True)
+def robust_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
+                label_smoothing: float = 0.1) -> LossOutput:
+    """Robust DPO: [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps), the de-biased
+    loss of Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback"
+    (arXiv 2403.00409), unbiased for the clean loss when labels flip with probability eps < 1/2.
+
+    eps = label_smoothing, default 0.1, the value TRL's docs cite from the paper (eps = 0 is DPO). Sums over
+    completion tokens; logged rewards are beta * summed log-ratios.
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust loss: label_smoothing is the label-flip rate and must be in [0, 0.5), "
+                         f"got {label_smoothing}")
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
+    losses = (-(1 - label_smoothing) * F.logsigmoid(logits)
+              + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("hinge", needs_reference=True)
+def hinge_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """Hinge: max(0, 1 - beta h), the SLiC calibration loss of Zhao et al. 2023, "SLiC-HF: Sequence
+    Likelihood Calibration with Human Feedback" (arXiv 2305.10425), on the reference-normalised
+    likelihoods as in Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization"
+    (RSO, arXiv 2309.06657), with margin 1/beta. Sums over completion tokens; logged rewards are
+    beta * summed log-ratios.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("orpo", needs_reference=False)
+def orpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: float = 0.1) -> LossOutput:
+    """ORPO: NLL(y_c) - lambda * log sigma(log odds(y_c) - log odds(y_r)), Eqs. 6-7 of Hong et al. 2024,
+    "ORPO: Monolithic Preference Optimization without Reference Model"; lambda = beta (TRL's name).
+
+    log odds(y) = a - log(1 - exp(a)), a = per-token mean log-prob of the policy (the length-normalised
+    likelihood; TRL derives this form from Eqs. 4 and 7). The NLL is a token mean over the chosen
+    completion tokens of the micro-batch; TRL's ORPO trainer also counts the prompt tokens in it, which
+    PairLogps does not carry. Logged rewards are beta * a, as TRL.
+    """
+    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs, < 0
+    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    chosen_log_odds = chosen_mean - torch.log(-torch.expm1(chosen_mean))  # log(e^a / (1 - e^a))
+    rejected_log_odds = rejected_mean - torch.log(-torch.expm1(rejected_mean))  # (B,)
+    losses = _chosen_nll(policy) - beta * F.logsigmoid(chosen_log_odds - rejected_log_odds)
+    return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
+
+
+@register_loss("sft", needs_reference=False)
+def sft_loss(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
+    """SFT: NLL of the chosen completions, a token mean over the micro-batch's chosen completion tokens,
+    -sum(chosen) / sum(chosen_tokens), as TRL's loss_type="sft" (each example gets the batch value).
+    Logged rewards are the policy's per-token mean log-probs of each completion (no beta).
+    """
+    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs
+    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    return LossOutput(_chosen_nll(policy), chosen_mean.detach(), rejected_mean.detach())
+
+
+@register_loss("sppo_hard", needs_reference=True)
+def sppo_hard_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """SPPO, hard-label version: (r_c - 1/(2 beta))^2 + (r_r + 1/(2 beta))^2 with r = summed log-ratio,
+    Eq. 4.7 of Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment"
+    (arXiv 2405.00675) with the win probability set to 1 for the chosen and 0 for the rejected
+    completion, as TRL's "sppo_hard". Logged rewards are beta * summed log-ratios.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("nca_pair", needs_reference=True)
+def nca_pair_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """NCA for a pair: -log sigma(r_c) - 1/2 log sigma(-r_c) - 1/2 log sigma(-r_r), r = beta * summed
+    log-ratio, the pairwise NCA loss of Chen et al. 2024, "Noise Contrastive Alignment of Language
+    Models with Explicit Rewards" (arXiv 2402.05369), as TRL's "nca_pair". Logged rewards are r.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+              - 0.5 * F.logsigmoid(-rejected_rewards))
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+@register_loss("apo_zero", needs_reference=True)
+def apo_zero_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """APO-zero: 1 - sigma(r_c) + sigma(r_r), r = beta * summed log-ratio, Eq. 7 of D'Oosterlinck et al.
+    2024, "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266): raise the
+    chosen and lower the rejected likelihood, for chosen outputs better than the model's.
+    Logged rewards are r.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+@register_loss("apo_down", needs_reference=True)
+def apo_down_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """APO-down: sigma(r_c) + 1 - sigma(r_c - r_r), r = beta * summed log-ratio, Eq. 8 of D'Oosterlinck
+    et al. 2024, "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266): lower
+    both likelihoods, the rejected more, for chosen outputs worse than the model's.
+    Logged rewards are r.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(chosen_rewards - rejected_rewards)
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+@register_loss("exo_pair", needs_reference=True)
+def exo_pair_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
+                  label_smoothing: float = 1e-3) -> LossOutput:
+    """EXO for a pair: KL(q || p) with q = (sigma(beta h), sigma(-beta h)) and target p = (1 - eps, eps),
+    Eq. 16 of Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment"
+    (arXiv 2402.00856), K = 2. eps = label_smoothing must be in (0, 1); default 1e-3 as the paper.
+    Sums over completion tokens; logged rewards are beta * summed log-ratios.
+    """
+    if not 0 < label_smoothing < 1:
+        raise ValueError(f"exo_pair loss: label_smoothing is the target probability eps and must be in (0, 1), "
+                         f"got {label_smoothing}")
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
+    losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-label_smoothing))
+              + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(label_smoothing)))
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("discopop", needs_reference=True)
+def discopop_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
+                  tau: float = 0.05) -> LossOutput:
+    """DiscoPOP (log-ratio modulated loss): (1 - m) * -log sigma(beta h) + m * exp(-beta h) with
+    m = sigma(beta h / tau), Eq. 5 of Lu et al. 2024, "Discovering Preference Optimization Algorithms
+    with and for Large Language Models" (arXiv 2406.08414); tau is TRL's discopop_tau. Sums over
+    completion tokens; logged rewards are beta * summed log-ratios.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
+    mix = torch.sigmoid(logits / tau)
+    losses = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())

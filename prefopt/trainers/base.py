@@ -1,7 +1,8 @@
 """Trainer: the one training loop, on Hugging Face Accelerate.
 
-A method subclasses Trainer, loads what it needs in __init__ (data, reference
-or reward models), and overrides at most:
+A method subclasses Trainer, loads what it needs in __init__ (its data first,
+so that bad data stops the run before any model loads, then `self.model` and
+any reference or reward model), and overrides at most:
 
 - `batches(step)`: this process's micro-batches for one optimizer step;
 - `compute_loss(batch) -> (loss, metrics)`: one micro-batch.
@@ -32,7 +33,7 @@ import torch
 
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError
-from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.models import load_tokenizer
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 
@@ -58,7 +59,7 @@ class Trainer:
         set_seed(recipe.seed)
         self.output_dir = Path(recipe.output_dir)
         self.tokenizer = load_tokenizer(recipe.model)
-        self.model = load_causal_lm(recipe.model)
+        self.model = None  # the policy: set by the method's __init__, after its data loads
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
         self.eval_data: list[dict] = []
 

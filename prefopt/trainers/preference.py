@@ -17,11 +17,6 @@ from prefopt.trainers.base import Trainer
 class PreferenceTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.terms = [(get_loss(term.name), term) for term in recipe.loss]
-        self.reference = None  # loaded only when a loss term uses one
-        if any(spec.needs_reference for spec, _ in self.terms):
-            reference = load_causal_lm(recipe.model, recipe.reference.name_or_path, key="reference.name_or_path")
-            self.reference = freeze(reference).to(self.accelerator.device)
         data, log = recipe.data, self.accelerator.print
         with self.accelerator.main_process_first():  # the first process fills the datasets cache
             self.train_data = load_pairs(data.train, self.tokenizer, data, recipe.seed, "data.train", log)
@@ -31,6 +26,12 @@ class PreferenceTrainer(Trainer):
             random.Random(recipe.seed).shuffle(self.train_data)
             held_out = max(1, round(data.eval_fraction * len(self.train_data)))
             self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
+        self.terms = [(get_loss(term.name), term) for term in recipe.loss]
+        self.model = load_causal_lm(recipe.model)
+        self.reference = None  # loaded only when a loss term uses one
+        if any(spec.needs_reference for spec, _ in self.terms):
+            reference = load_causal_lm(recipe.model, recipe.reference.name_or_path, key="reference.name_or_path")
+            self.reference = freeze(reference).to(self.accelerator.device)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pairs(examples, self.tokenizer.pad_token_id)

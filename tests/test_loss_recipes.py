@@ -1,0 +1,85 @@
+"""Losses in recipes: reference-free runs, weighted sums, user losses, and errors before models load."""
+
+import gc
+
+import pytest
+from conftest import read_metrics, write_recipe
+from transformers import PreTrainedModel
+
+from prefopt import recipe as recipe_lib
+from prefopt.cli import train_recipe
+from prefopt.errors import RecipeError
+from prefopt.trainers import PreferenceTrainer
+
+
+def live_models() -> int:
+    """Causal LMs alive in this process (their inner backbones are PreTrainedModels too: not counted)."""
+    gc.collect()
+    return sum(type(obj).__name__.endswith("ForCausalLM") for obj in gc.get_objects()
+               if isinstance(obj, PreTrainedModel))
+
+
+@pytest.mark.parametrize("loss", [{"name": "simpo"}, {"name": "orpo"}, [{"name": "sft"}, {"name": "simpo"}]])
+def test_reference_free_runs_hold_no_reference(sort_task, tmp_path, loss):
+    before = live_models()
+    recipe = recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", loss=loss))
+    trainer = PreferenceTrainer(recipe)
+    assert trainer.reference is None
+    assert live_models() - before == 1  # the policy alone
+    with_reference = PreferenceTrainer(recipe_lib.from_dict({**recipe.to_dict(), "loss": {"name": "dpo"}}))
+    assert with_reference.reference is not None and live_models() - before == 3  # + a policy and a reference
+
+
+def test_weighted_sum_dpo_plus_sft_equals_rpo(sort_task, tmp_path):
+    """RPO is DPO + alpha * NLL(chosen): a two-term recipe must give the same trajectory."""
+    runs = {}
+    for name, loss in (("rpo", {"name": "rpo", "beta": 0.1, "alpha": 0.3}),
+                       ("sum", [{"name": "dpo", "beta": 0.1}, {"name": "sft", "weight": 0.3}])):
+        train_recipe(write_recipe(tmp_path / f"{name}.yaml", sort_task, tmp_path / name, loss=loss,
+                                  train={"max_steps": 3}))
+        runs[name] = read_metrics(tmp_path / name)
+    assert [r["loss"] for r in runs["sum"]] == pytest.approx([r["loss"] for r in runs["rpo"]], abs=1e-6)
+    assert "loss/dpo" in runs["sum"][0] and "loss/sft" in runs["sum"][0]
+    resolved = recipe_lib.load(tmp_path / "sum" / "recipe.yaml")
+    assert [(t.name, t.weight) for t in resolved.loss] == [("dpo", 1.0), ("sft", 0.3)]
+
+
+USER_LOSS = '''
+import torch.nn.functional as F
+from prefopt.losses import LossOutput, register_loss
+
+
+@register_loss("scaled_dpo", needs_reference=True)
+def scaled_dpo(policy, reference, *, beta: float = 0.1, scale: float = 2.0):
+    """scale * DPO: a user's loss living in their own package."""
+    chosen, rejected = policy.chosen - reference.chosen, policy.rejected - reference.rejected
+    losses = -scale * F.logsigmoid(beta * (chosen - rejected))
+    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach())
+'''
+
+
+def test_user_loss_from_a_module(sort_task, tmp_path, monkeypatch):
+    (tmp_path / "mylosses.py").write_text(USER_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                              loss={"name": "mylosses:scaled_dpo", "beta": 0.1, "scale": 3.0},
+                              train={"max_steps": 1}))
+    (first,) = read_metrics(tmp_path / "run")
+    assert first["loss"] == pytest.approx(3.0 * 0.6931471805599453, abs=1e-5)  # 3 * ln 2 at step 1
+    with pytest.raises(RecipeError, match="has no argument 'scael'; did you mean 'scale'"):
+        recipe_lib.load(tmp_path / "r.yaml", ["loss.scael=1"])
+    with pytest.raises(RecipeError, match="cannot import loss 'nomodule:fn'"):
+        recipe_lib.load(tmp_path / "r.yaml", ["loss.name=nomodule:fn"])
+
+
+@pytest.mark.parametrize("loss,message", [
+    ({"name": "simpo", "gama": 1.0}, "loss 'simpo' has no argument 'gama'"),
+    ({"name": "robust", "label_smoothing": 0.5}, r"label-flip rate and must be in \[0, 0.5\)"),
+    ({"name": "exo_pair", "label_smoothing": 0.0}, r"must be in \(0, 1\)"),
+    ([{"name": "dpo"}, {"name": "ipo", "weight": "x"}], r"loss\[1\].weight: expected a number"),
+])
+def test_bad_loss_settings_fail_before_any_model_loads(sort_task, tmp_path, loss, message):
+    before = live_models()
+    with pytest.raises(RecipeError, match=message):
+        recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", loss=loss))
+    assert live_models() == before
