@@ -118,3 +118,19 @@ def test_cli_reports_bad_input_without_a_traceback(sort_task, tmp_path, capsys):
     assert main(["train", str(missing_data)]) == 2
     assert "file not found" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_conversational_rows_train_with_a_held_out_fraction(sort_task, tmp_path):
+    rows = [json.loads(line) for line in (sort_task / "train.jsonl").read_text().splitlines()[:40]]
+    chat = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    out = tmp_path / "run"
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out, train={"max_steps": 2},
+                              data={"train": str(data), "eval": None, "eval_fraction": 0.2}))
+    info = json.loads((out / "run.json").read_text())
+    assert (info["train_examples"], info["eval_examples"]) == (32, 8)
+    evals = read_metrics(out, "eval")
+    assert [r["step"] for r in evals] == [0, 2] and evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
