@@ -14,6 +14,22 @@ import torch.nn.functional as F
 from prefopt.losses import LossOutput, PairLogps, register_loss
 
 
+def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log pi - log pi_ref of the chosen and of the rejected completions, each (B,)."""
+    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
+
+
+def _mean_logps(policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean log-probs of the chosen and of the rejected completions, each (B,)."""
+    return policy.chosen / policy.chosen_tokens, policy.rejected / policy.rejected_tokens
+
+
+def _chosen_nll(policy: PairLogps) -> torch.Tensor:
+    """NLL of the chosen completions as one token mean over the micro-batch (TRL's "sft" loss and
+    CPO/SimPO's cross-entropy), -sum(chosen) / sum(chosen_tokens), expanded to (B,) so its mean is that."""
+    return (-policy.chosen.sum() / policy.chosen_tokens.sum()).expand_as(policy.chosen)
+
+
 @register_loss("dpo", needs_reference=True)
 def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
              label_smoothing: float = 0.0) -> LossOutput:
@@ -26,22 +42,10 @@ def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     Log-probs are sums over completion tokens; implicit rewards are
     beta * (log pi - log pi_ref) of each completion.
     """
-    chosen_logratios = policy.chosen - reference.chosen  # (B,)
-    rejected_logratios = policy.rejected - reference.rejected  # (B,)
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
-
-
-def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log pi - log pi_ref of the chosen and of the rejected completions, each (B,)."""
-    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
-
-
-def _chosen_nll(policy: PairLogps) -> torch.Tensor:
-    """NLL of the chosen completions as one token mean over the micro-batch (TRL's "sft" loss and
-    CPO/SimPO's cross-entropy), -sum(chosen) / sum(chosen_tokens), expanded to (B,) so its mean is that."""
-    return (-policy.chosen.sum() / policy.chosen_tokens.sum()).expand_as(policy.chosen)
 
 
 @register_loss("ipo", needs_reference=True)
@@ -72,8 +76,7 @@ def simpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: f
     chosen completions, a token mean over the micro-batch (TRL CPO's `cpo_alpha` cross-entropy).
     Logged rewards are beta * a, the SimPO implicit rewards.
     """
-    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs
-    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs
     losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma_beta_ratio * beta)
     losses = losses + sft_weight * _chosen_nll(policy)
     return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
@@ -135,8 +138,7 @@ def orpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: fl
     completion tokens of the micro-batch; TRL's ORPO trainer also counts the prompt tokens in it, which
     PairLogps does not carry. Logged rewards are beta * a, as TRL.
     """
-    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs, < 0
-    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs, < 0
     chosen_log_odds = chosen_mean - torch.log(-torch.expm1(chosen_mean))  # log(e^a / (1 - e^a))
     rejected_log_odds = rejected_mean - torch.log(-torch.expm1(rejected_mean))  # (B,)
     losses = _chosen_nll(policy) - beta * F.logsigmoid(chosen_log_odds - rejected_log_odds)
@@ -149,8 +151,7 @@ def sft_loss(policy: PairLogps, reference: PairLogps | None = None) -> LossOutpu
     -sum(chosen) / sum(chosen_tokens), as TRL's loss_type="sft" (each example gets the batch value).
     Logged rewards are the policy's per-token mean log-probs of each completion (no beta).
     """
-    chosen_mean = policy.chosen / policy.chosen_tokens  # (B,) per-token mean log-probs
-    rejected_mean = policy.rejected / policy.rejected_tokens  # (B,)
+    chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs
     return LossOutput(_chosen_nll(policy), chosen_mean.detach(), rejected_mean.detach())
 
 
