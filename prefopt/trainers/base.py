@@ -127,8 +127,7 @@ class Trainer:
         """One optimizer step over this process's micro-batches; returns metrics averaged over all processes."""
         acc, train = self.accelerator, self.recipe.train
         self.model.train()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
-        count = 0
+        means = MetricMeans()
         grad_norm = torch.zeros((), device=acc.device)
         for batch in self.batches(step):
             with acc.accumulate(self.model):
@@ -139,15 +138,12 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += loss.detach().float()
+            means.add("loss", loss)  # one value per micro-batch
             for key, value in metrics.items():
-                sums[key] += value.detach().float().mean()
-            count += 1
+                means.add(key, value)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        keys = sorted(sums)  # the same order on every process
-        means = acc.reduce(torch.stack([sums[k] for k in keys]) / count, reduction="mean")
-        record = dict(zip(keys, means.tolist()))
+        record = means.result(acc)
         record.update(grad_norm=float(grad_norm), lr=lr)
         return record
 
@@ -160,16 +156,14 @@ class Trainer:
         self.model.eval()
         size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
         mine = self.eval_data[acc.process_index :: self.world_size]
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
+        means = MetricMeans()
         for i in range(0, len(mine), size):
             examples = mine[i : i + size]
             loss, metrics = self.compute_loss(self.to_device(self.collate(examples)))
-            sums["loss"] += loss.float() * len(examples)  # loss is a mean over the micro-batch
+            means.add("loss", loss, weight=len(examples))  # loss is a mean over the micro-batch
             for key, value in metrics.items():
-                sums[key] += value.float().sum() if value.dim() else value.float() * len(examples)
-        keys = sorted(set(sums) | {"loss"})
-        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
-        return {k: v / len(self.eval_data) for k, v in zip(keys, totals.tolist())}
+                means.add(key, value)
+        return means.result(acc)
 
     # ----- set-up -----------------------------------------------------------------------------
 
@@ -308,6 +302,36 @@ class Trainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+class MetricMeans:
+    """Sums and counts of metric values, averaged over micro-batches and processes.
+
+    A value is a scalar (counted `weight` times) or a (B,) tensor of per-example
+    values, where NaN marks an example the metric does not apply to (the reward
+    of a desirable completion, say, on an undesirable one): it is skipped.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        value = value.detach().float()
+        if value.dim() == 0:
+            value, counts = value * weight, torch.tensor(float(weight), device=value.device)
+        else:
+            present = ~torch.isnan(value)
+            value, counts = value[present].sum(), present.sum().float()
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts[key] = self.counts.get(key, 0.0) + counts
+
+    def result(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)  # the same order on every process
+        totals = accelerator.reduce(torch.stack([self.sums[k] for k in keys] + [self.counts[k] for k in keys]),
+                                    reduction="sum").tolist()
+        sums, counts = totals[: len(keys)], totals[len(keys) :]
+        return {k: total / count for k, total, count in zip(keys, sums, counts) if count}
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
