@@ -268,9 +268,17 @@ def _check(recipe: Recipe, where: str) -> None:
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
     if not recipe.loss:
         _fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
+    specs = []
     for i, term in enumerate(recipe.loss):
         key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
-        get_loss(term.name, where=f"{where}: {key}.name").check_params(term.params, where=f"{where}: {key}")
+        specs.append(get_loss(term.name, where=f"{where}: {key}.name"))
+        specs[-1].check_params(term.params, where=f"{where}: {key}")
+    kinds = {spec.name: spec.data for spec in specs}
+    if {"paired", "unpaired"} <= set(kinds.values()):
+        _fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
+    if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
+        _fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
+              "it is estimated from mismatched prompt/completion pairs within the micro-batch")
 
 
 # Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.

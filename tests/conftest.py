@@ -42,7 +42,7 @@ def fresh_accelerate_state():
 
 
 def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> Path:
-    """A small DPO recipe on the session's sorting task; `sections` update its sections."""
+    """A small DPO recipe on the session's sorting task; `sections` update its sections (and replace `loss`)."""
     recipe = {
         "output_dir": str(output_dir),
         "seed": 0,
@@ -55,7 +55,7 @@ def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> P
                   "progress_bar": False},
     }
     for key, value in sections.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key != "loss":  # a loss block replaces the default one
             recipe.setdefault(key, {}).update(value)
         else:
             recipe[key] = value

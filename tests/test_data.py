@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from prefopt.data import load_pairs
+from prefopt.data import load_examples
 from prefopt.data.collate import collate_pairs
 from prefopt.data.formats import BadRow, canonical_pair
-from prefopt.data.tokenize import tokenize_pairs
+from prefopt.data.tokenize import tokenize_examples
 from prefopt.errors import DataError
 from prefopt.recipe import DataConfig, DataSource
 
@@ -26,7 +26,7 @@ def test_standard_rows_keep_the_exact_boundary_and_get_eos(tokenizer):
     """Prompt and completion are tokenized apart. "Hello wor" + "ld" joined would let BPE merge
     across the boundary; apart, the prompt ids are exactly the prompt's own tokenization."""
     row = {"prompt": "Hello wor", "chosen": "ld, the sky", "rejected": "ld is green."}
-    (pair,), _ = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
+    (pair,), _ = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
     eos = tokenizer.eos_token_id
     assert pair["prompt_ids"] == tokenizer("Hello wor")["input_ids"]
     assert pair["chosen_ids"] == tokenizer("ld, the sky", add_special_tokens=False)["input_ids"] + [eos]
@@ -37,7 +37,7 @@ def test_standard_rows_keep_the_exact_boundary_and_get_eos(tokenizer):
 
 def test_eos_is_not_doubled(tokenizer):
     row = {"prompt": "sort: 2 1 =>", "chosen": " 1 2<|endoftext|>", "rejected": " 2 1"}
-    (pair,), _ = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
+    (pair,), _ = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
     assert pair["chosen_ids"].count(tokenizer.eos_token_id) == 1
     assert pair["rejected_ids"][-1] == tokenizer.eos_token_id
 
@@ -49,7 +49,7 @@ def test_conversational_rows_render_the_chat_template(tokenizer):
     ex = canonical_pair(row, tokenizer)
     assert ex == {"prompt": "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n",
                   "chosen": "It is blue.<|im_end|>\n", "rejected": "It is green.<|im_end|>\n", "chat": True}
-    (pair,), _ = tokenize_pairs([ex], tokenizer, 64, 32)
+    (pair,), _ = tokenize_examples([ex], tokenizer, 64, 32)
     assert tokenizer.decode(pair["prompt_ids"] + pair["chosen_ids"]) == ex["prompt"] + ex["chosen"]
     assert tokenizer.eos_token_id not in pair["chosen_ids"]  # the template's end of turn ends a chat reply
 
@@ -81,7 +81,7 @@ def test_bad_rows_say_why(tokenizer, row, reason):
 def test_truncation_keeps_prompt_end_and_fits_max_length(tokenizer):
     row = {"prompt": "sort: " + " ".join("9876543210" * 3) + " =>", "chosen": " 1 2 3 4 5 6 7 8 9" * 3,
            "rejected": " 1"}
-    (pair,), report = tokenize_pairs([canonical_pair(row, tokenizer)], tokenizer, max_length=30,
+    (pair,), report = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, max_length=30,
                                      max_prompt_length=12)
     full_prompt = tokenizer(row["prompt"])["input_ids"]
     assert pair["prompt_ids"] == full_prompt[-12:]
@@ -107,13 +107,13 @@ def test_bad_dataset_stops_with_row_and_file(tokenizer, tmp_path):
         {"prompt": "a", "chosen": "b", "rejected": 7},
     ])
     with pytest.raises(DataError) as err:
-        load_pairs([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+        load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
     message = str(err.value)
     assert "2 of 3 rows" in message and "pairs.jsonl" in message
     assert "row 1: 'chosen' is an empty string" in message and "row 2: 'rejected' is int 7" in message
     assert "data.on_bad_row=drop" in message
     logged = []
-    pairs = load_pairs([DataSource(str(path))], tokenizer, cfg(on_bad_row="drop"), 0, "data.train",
+    pairs = load_examples([DataSource(str(path))], tokenizer, cfg(on_bad_row="drop"), 0, "data.train",
                        log=logged.append)
     assert len(pairs) == 1 and "dropped 2 of 3 rows" in logged[0]
 
@@ -121,15 +121,15 @@ def test_bad_dataset_stops_with_row_and_file(tokenizer, tmp_path):
 def test_missing_column_and_missing_file(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "no_rejected.jsonl", [{"prompt": "a", "chosen": "b"}])
     with pytest.raises(DataError, match=r"data.train\[0\] \(.*no_rejected.jsonl\): missing column 'rejected'"):
-        load_pairs([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+        load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
     with pytest.raises(DataError, match="file not found: .*nope.jsonl"):
-        load_pairs([DataSource(str(tmp_path / "nope.jsonl"))], tokenizer, cfg(), 0, "data.train")
+        load_examples([DataSource(str(tmp_path / "nope.jsonl"))], tokenizer, cfg(), 0, "data.train")
 
 
 def test_mixture_weights_scale_rows(tokenizer, tmp_path):
     rows = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(10)]
     first = write_jsonl(tmp_path / "first.jsonl", rows)
     second = write_jsonl(tmp_path / "second.csv.jsonl", rows[:4])
-    pairs = load_pairs([DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)], tokenizer,
+    pairs = load_examples([DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)], tokenizer,
                        cfg(), 0, "data.train", log=lambda s: None)
     assert len(pairs) == 5 + 8

@@ -47,3 +47,29 @@ def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, 
     inputs = {"input_ids": torch.zeros(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
               "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
     return DPOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, return_outputs=False)
+
+
+def trl_kto_loss(token_logps, completion_mask, labels, kl_logps, ref_logps, ref_kl_logps, *, beta=0.1,
+                 desirable_weight=1.0, undesirable_weight=1.0) -> torch.Tensor:
+    """TRL's KTOTrainer._compute_loss ("kto", KL on, reference log-probs precomputed) on a stand-in.
+
+    token_logps: (N, T-1) per-token log-probs, completion_mask: (N, T); labels: (N,) bool;
+    kl_logps: (N,) the policy's summed log-probs of the mismatched KL rows (TRL computes them with
+    a second forward, here returned by the stand-in); ref_logps, ref_kl_logps: (N,)."""
+    from trl import KTOTrainer
+
+    shift_mask = completion_mask[:, 1:].to(token_logps.dtype)
+    outputs = SimpleNamespace(log_probs=token_logps * shift_mask, entropy=torch.zeros_like(token_logps),
+                              mean_logits=torch.zeros_like(token_logps))
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
+        precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        _compute_kl_logps=lambda model, batch: kl_logps,
+    )
+    n, t = completion_mask.shape
+    inputs = {"input_ids": torch.zeros(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
+              "completion_mask": completion_mask, "label": labels, "ref_logps": ref_logps,
+              "ref_KL_logps": ref_kl_logps}
+    return KTOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, return_outputs=False)

@@ -30,3 +30,28 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_to
         attention_mask[i, : lengths[i]] = 1
         completion_mask[i, len(prompt) : lengths[i]] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_rows(examples: list[dict], pad_token_id: int, kl: bool) -> dict[str, torch.Tensor]:
+    """Unpaired rows -> a batch of N sequences plus `label` (N,) bool (True: desirable).
+
+    Pairs are laid out as their chosen rows then their rejected rows, and the
+    batch gets `pairs` (a 0-d tensor) so that pairwise accuracy can be read. With
+    `kl`, N mismatched sequences follow (prompt i with completion i - 1, cycled
+    within the batch, as the KTO paper and TRL estimate the KL reference point).
+    """
+    if "chosen_ids" in examples[0]:
+        examples = ([{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True}
+                     for ex in examples] +
+                    [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False}
+                     for ex in examples])
+        extra = {"pairs": torch.ones((), dtype=torch.bool)}
+    else:
+        extra = {}
+    prompts = [ex["prompt_ids"] for ex in examples]
+    completions = [ex["completion_ids"] for ex in examples]
+    if kl:
+        prompts, completions = prompts + prompts, completions + completions[-1:] + completions[:-1]
+    batch = pad_sequences(prompts, completions, pad_token_id)
+    batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    return {**batch, **extra}

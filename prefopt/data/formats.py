@@ -6,11 +6,14 @@ Accepted rows, as in the wider ecosystem:
 - conversational: the same keys holding lists of `{role, content}` messages,
   rendered to text with the tokenizer's chat template;
 - implicit prompt: no `prompt`; `chosen` and `rejected` are full texts or
-  conversations sharing a prefix, which becomes the prompt.
+  conversations sharing a prefix, which becomes the prompt;
+- unpaired feedback: `prompt`, `completion` and an optional boolean `label`
+  (thumbs up; missing means true, as for SFT data), strings or messages.
 
 A canonical example is `{"prompt": str, "chosen": str, "rejected": str,
-"chat": bool}`: text ready to tokenize. `chat` says the text was rendered by a
-chat template (it already holds any special tokens the template adds).
+"chat": bool}` (or `"completion": str, "label": bool` for unpaired rows): text
+ready to tokenize. `chat` says the text was rendered by a chat template (it
+already holds any special tokens the template adds).
 """
 
 from __future__ import annotations
@@ -35,20 +38,36 @@ def canonical_pair(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     else:
         _check_field(row, "prompt", allow_empty=True)
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    kinds = {is_messages(v) for v in (prompt, chosen, rejected)}
+    return _render(tokenizer, prompt, {"chosen": chosen, "rejected": rejected})
+
+
+def canonical_unpaired(row: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """One unpaired row -> canonical example, or BadRow saying why not."""
+    _check_field(row, "prompt", allow_empty=True)
+    _check_field(row, "completion")
+    label = row.get("label", True)
+    if not isinstance(label, bool):
+        raise BadRow(f"'label' is {type(label).__name__} {label!r:.80}; expected true (thumbs up) or false")
+    return {**_render(tokenizer, row["prompt"], {"completion": row["completion"]}), "label": label}
+
+
+def _render(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[str, Any]:
+    """Prompt and completions, all strings or all message lists -> text, with the chat template if messages."""
+    kinds = {is_messages(v) for v in (prompt, *completions.values())}
     if len(kinds) > 1:
-        raise BadRow("mixes plain strings and message lists in prompt/chosen/rejected; use one format per row")
+        raise BadRow(f"mixes plain strings and message lists in prompt/{'/'.join(completions)}; "
+                     "use one format per row")
     if not is_messages(prompt):
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": False}
+        return {"prompt": prompt, **completions, "chat": False}
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
-    completions = []
-    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+    out = {"prompt": prompt_text, "chat": True}
+    for key, messages in completions.items():
         full = render_chat(tokenizer, prompt + messages, add_generation_prompt=False)
         if not full.startswith(prompt_text):
             raise BadRow(f"the chat template renders the prompt differently once the {key} reply is appended, "
                          "so the prompt/completion boundary is ambiguous; fix the template or give plain strings")
-        completions.append(full[len(prompt_text):])
-    return {"prompt": prompt_text, "chosen": completions[0], "rejected": completions[1], "chat": True}
+        out[key] = full[len(prompt_text):]
+    return out
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -41,28 +41,40 @@ def load_source(source: DataSource, where: str):
         raise DataError(f"{where}: could not load {source.path!r} (split {source.split!r}): {first_line}") from None
 
 
-def load_rows(sources: list[DataSource], seed: int, where: str,
-              required: tuple[str, ...]) -> list[tuple[str, int, dict[str, Any]]]:
-    """All sources -> [(origin, row index in its source, row)], mixed by weight.
+def row_format(columns: list[str], origin: str) -> str:
+    """"paired" (prompt/chosen/rejected) or "unpaired" (prompt/completion/label), from a source's columns."""
+    if "chosen" in columns or "rejected" in columns:
+        required = ("chosen", "rejected")
+    elif "completion" in columns:
+        required = ("prompt", "completion")
+    else:
+        required = ("chosen", "rejected")
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{origin}: missing column {', '.join(map(repr, missing))}; its columns are "
+                        f"{', '.join(columns)}. Preference rows need prompt/chosen/rejected (strings or message "
+                        "lists), or chosen/rejected conversations sharing a prompt; unpaired rows need "
+                        "prompt/completion and an optional boolean label")
+    return "paired" if "chosen" in required else "unpaired"
+
+
+def load_rows(sources: list[DataSource], seed: int, where: str) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """All sources -> [(origin, row format, row index in its source, row)], mixed by weight.
 
     `weight` scales the rows taken from a source: 1.0 all of them, 0.5 a random
-    half, 2.0 every row twice. `required` columns must exist in every source.
+    half, 2.0 every row twice. The format is "paired" or "unpaired" (row_format).
     """
     rng = random.Random(seed)
     out = []
     for i, source in enumerate(sources):
         origin = f"{where}[{i}] ({source.path})"
         dataset = load_source(source, origin)
-        missing = [c for c in required if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{origin}: missing column {', '.join(map(repr, missing))}; its columns are "
-                            f"{', '.join(dataset.column_names)}. Preference rows need prompt/chosen/rejected "
-                            "(strings or message lists), or chosen/rejected conversations sharing a prompt")
+        fmt = row_format(dataset.column_names, origin)
         if source.weight < 0:
             raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
         n = len(dataset)
         whole, fraction = divmod(source.weight, 1.0)
         index = list(range(n)) * int(whole) + sorted(rng.sample(range(n), round(fraction * n)))
         rows = dataset.to_list()
-        out.extend((origin, j, rows[j]) for j in index)
+        out.extend((origin, fmt, j, rows[j]) for j in index)
     return out

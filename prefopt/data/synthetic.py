@@ -7,6 +7,7 @@
                           save_pretrained and so loaded like any hub model
     out_dir/train.jsonl   preference pairs: prompt "sort: 7 2 9 =>",
     out_dir/eval.jsonl    chosen " 2 7 9" (sorted), rejected a wrong order
+    out_dir/sft.jsonl     the training prompts with their sorted answer as `completion` (SFT rows)
 
 The model starts from random weights: the task checks that the trainer learns,
 not what a pretrained model already knows.
@@ -99,6 +100,7 @@ def write_sort_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200,
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     splits = {"train": [sort_pair(rng) for _ in range(n_train)], "eval": [sort_pair(rng) for _ in range(n_eval)]}
+    splits["sft"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in splits["train"]]
     for name, rows in splits.items():
         with open(out_dir / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

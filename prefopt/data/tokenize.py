@@ -21,9 +21,10 @@ class TruncationReport:
         return f"{self.prompts_cut} prompts and {self.completions_cut} completions truncated"
 
 
-def tokenize_pairs(examples: list[dict], tokenizer, max_length: int,
-                   max_prompt_length: int) -> tuple[list[dict], TruncationReport]:
-    """Canonical examples -> [{prompt_ids, chosen_ids, rejected_ids}] and what was truncated.
+def tokenize_examples(examples: list[dict], tokenizer, max_length: int, max_prompt_length: int,
+                      completion_keys: tuple[str, ...] = ("chosen", "rejected")) -> tuple[list[dict], TruncationReport]:
+    """Canonical examples -> [{prompt_ids, chosen_ids, rejected_ids}] (or one `<key>_ids` per completion
+    key, plus any other field such as `label`) and what was truncated.
 
     Plain-text prompts get the tokenizer's own special tokens (a BOS, if it adds
     one); chat-rendered text already holds the template's. Plain-text
@@ -35,22 +36,24 @@ def tokenize_pairs(examples: list[dict], tokenizer, max_length: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) and save it with the model")
-    prompts = _encode(tokenizer, [ex["prompt"] for ex in examples], [not ex["chat"] for ex in examples])
-    chosens = _encode(tokenizer, [ex["chosen"] for ex in examples], [False] * len(examples))
-    rejecteds = _encode(tokenizer, [ex["rejected"] for ex in examples], [False] * len(examples))
+    chat = [ex["chat"] for ex in examples]
+    prompts = _encode(tokenizer, [ex["prompt"] for ex in examples], [not c for c in chat])
+    completions = {key: _encode(tokenizer, [ex[key] for ex in examples], [False] * len(examples))
+                   for key in completion_keys}
     report = TruncationReport()
     out = []
-    for ex, prompt_ids, chosen_ids, rejected_ids in zip(examples, prompts, chosens, rejecteds):
-        if not ex["chat"]:
-            chosen_ids = _with_eos(chosen_ids, eos)
-            rejected_ids = _with_eos(rejected_ids, eos)
+    for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             report.prompts_cut += 1
         room = max_length - len(prompt_ids)
-        for ids in (chosen_ids, rejected_ids):
+        row = {k: v for k, v in ex.items() if k not in ("prompt", "chat", *completion_keys)}
+        row["prompt_ids"] = prompt_ids
+        for key in completion_keys:
+            ids = completions[key][i] if chat[i] else _with_eos(completions[key][i], eos)
             report.completions_cut += len(ids) > room
-        out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]})
+            row[f"{key}_ids"] = ids[:room]
+        out.append(row)
     return out, report
 
 

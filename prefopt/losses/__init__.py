@@ -5,7 +5,8 @@ A loss is a pure function of tensors with keyword-only hyper-parameters:
     def my_loss(policy: PairLogps, reference: PairLogps | None, *, beta: float) -> LossOutput
 
 registered with what it needs, so that the trainer never loads a reference
-model for a reference-free loss. A recipe's `loss:` block is the name plus the
+model for a reference-free loss, and feeds it the data it takes: pairs
+(PairLogps) or unpaired thumbs-up/down completions (UnpairedLogps). A recipe's `loss:` block is the name plus the
 function's keyword arguments, checked against its signature before any model
 loads.
 """
@@ -33,10 +34,43 @@ class PairLogps:
 
 
 @dataclass(frozen=True)
+class UnpairedLogps:
+    """Per-row completion log-probs of one model for unpaired (prompt, completion, label) rows."""
+
+    logps: torch.Tensor  # (N,) summed over completion tokens
+    tokens: torch.Tensor  # (N,) completion token counts
+    desirable: torch.Tensor  # (N,) bool: thumbs up
+    kl_logps: torch.Tensor | None = None  # (N,) log-probs of mismatched pairs: prompt i, completion i - 1
+
+
+@dataclass(frozen=True)
 class LossOutput:
     losses: torch.Tensor  # (B,) per-example losses; the trainer takes their mean
     chosen_rewards: torch.Tensor  # (B,) detached implicit rewards, for logging
-    rejected_rewards: torch.Tensor  # (B,)
+    rejected_rewards: torch.Tensor  # (B,); unpaired losses: (N,) each, NaN on rows of the other label
+
+
+class RunningMean:
+    """The mean of every value given to update() so far, over all processes; checkpointed with the run.
+
+    `reduce` sums a tensor over processes (the trainer passes Accelerate's); frozen
+    (as during evaluation) update() only reads the mean.
+    """
+
+    def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+        self.reduce, self.total, self.count, self.frozen = reduce, 0.0, 0.0, False
+
+    def update(self, value: torch.Tensor) -> float:
+        if not self.frozen:
+            total, count = self.reduce(torch.stack([value.detach().double(), value.new_ones((), dtype=torch.float64)]))
+            self.total, self.count = self.total + total.item(), self.count + count.item()
+        return self.total / self.count if self.count else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total, self.count = state["total"], state["count"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +78,9 @@ class LossSpec:
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool  # False: the trainer loads no reference model
+    data: str = "paired"  # "paired" (PairLogps), "unpaired" (UnpairedLogps) or "any" (either)
+    kl: bool = False  # unpaired: also score mismatched prompt/completion rows (UnpairedLogps.kl_logps)
+    state: type | None = None  # e.g. RunningMean: made by the trainer, passed as the third argument
 
     def hyperparameters(self) -> dict[str, inspect.Parameter]:
         params = inspect.signature(self.fn).parameters.values()
@@ -65,11 +102,15 @@ class LossSpec:
         for key, param in valid.items():
             if param.default is inspect.Parameter.empty and key not in params:
                 raise RecipeError(f"{where}.{key}: missing required argument of loss {self.name!r}")
-        # Values a loss rejects (a flip rate >= 0.5, say) fail here, on a one-pair batch, not after models load.
-        one = torch.ones(1, dtype=torch.float64)
-        probe = PairLogps(-one, -2 * one, one, one)
+        # Values a loss rejects (a flip rate >= 0.5, say) fail here, on a tiny batch, not after models load.
+        one = torch.ones(2, dtype=torch.float64)
+        if self.data == "unpaired":
+            probe = UnpairedLogps(-one, one, torch.tensor([True, False]), -one if self.kl else None)
+        else:
+            probe = PairLogps(-one, -2 * one, one, one)
+        state = [self.state()] if self.state else []
         try:
-            self.fn(probe, probe if self.needs_reference else None, **params)
+            self.fn(probe, probe if self.needs_reference else None, *state, **params)
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}") from None
 
@@ -77,11 +118,12 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool) -> Callable:
-    """Decorator: `@register_loss("dpo", needs_reference=True)` above a loss function."""
+def register_loss(name: str, *, needs_reference: bool, data: str = "paired", kl: bool = False,
+                  state: type | None = None) -> Callable:
+    """Decorator: `@register_loss("dpo", needs_reference=True)` above a loss function (see LossSpec)."""
 
     def add(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
-        LOSSES[name] = LossSpec(name=name, fn=fn, needs_reference=needs_reference)
+        LOSSES[name] = LossSpec(name=name, fn=fn, needs_reference=needs_reference, data=data, kl=kl, state=state)
         return fn
 
     return add
@@ -114,4 +156,4 @@ def _import_loss(name: str, where: str) -> LossSpec:
     return registered[0] if registered else LossSpec(name=name, fn=fn, needs_reference=True)
 
 
-from prefopt.losses import preference  # noqa: E402,F401  (registers the preference losses)
+from prefopt.losses import preference, unpaired  # noqa: E402,F401  (register the losses)

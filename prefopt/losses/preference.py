@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, PairLogps, register_loss
+from prefopt.losses import LossOutput, PairLogps, UnpairedLogps, register_loss
+from prefopt.losses.unpaired import split_rewards
 
 
 def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +146,16 @@ def orpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: fl
     return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 
 
-@register_loss("sft", needs_reference=False)
-def sft_loss(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
-    """SFT: NLL of the chosen completions, a token mean over the micro-batch's chosen completion tokens,
-    -sum(chosen) / sum(chosen_tokens), as TRL's loss_type="sft" (each example gets the batch value).
-    Logged rewards are the policy's per-token mean log-probs of each completion (no beta).
+@register_loss("sft", needs_reference=False, data="any")
+def sft_loss(policy: PairLogps | UnpairedLogps, reference: None = None) -> LossOutput:
+    """SFT: NLL of the chosen completions (pairs) or of the desirable ones (prompt/completion rows), one
+    token mean over the micro-batch, -sum(logps) / sum(tokens), as TRL's loss_type="sft" (each example
+    gets the batch value). Logged rewards are the policy's per-token mean log-probs (no beta).
     """
+    if isinstance(policy, UnpairedLogps):
+        desirable = policy.desirable
+        nll = -policy.logps[desirable].sum() / policy.tokens[desirable].sum().clamp(min=1)
+        return LossOutput(nll.expand_as(policy.logps), *split_rewards(policy.logps / policy.tokens, desirable))
     chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs
     return LossOutput(_chosen_nll(policy), chosen_mean.detach(), rejected_mean.detach())
 

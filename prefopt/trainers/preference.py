@@ -1,4 +1,9 @@
-"""PreferenceTrainer: offline pairs (prompt, chosen, rejected) for DPO and its family."""
+"""PreferenceTrainer: offline feedback for DPO and its family.
+
+Pairs (prompt, chosen, rejected) feed the pair losses; unpaired rows (prompt,
+completion, thumbs up/down) feed KTO, BCO and SFT, with pairs split into a
+desirable and an undesirable row. What a loss takes is in its LossSpec.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,10 @@ import random
 
 import torch
 
-from prefopt.data import load_pairs
-from prefopt.data.collate import collate_pairs
+from prefopt.data import as_rows, load_examples
+from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.logprobs import completion_logps
-from prefopt.losses import PairLogps, get_loss
+from prefopt.losses import PairLogps, UnpairedLogps, get_loss
 from prefopt.models import freeze, load_causal_lm
 from prefopt.trainers.base import Trainer
 
@@ -17,46 +22,73 @@ from prefopt.trainers.base import Trainer
 class PreferenceTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
-        data, log = recipe.data, self.accelerator.print
-        with self.accelerator.main_process_first():  # the first process fills the datasets cache
-            self.train_data = load_pairs(data.train, self.tokenizer, data, recipe.seed, "data.train", log)
+        self.terms = [(get_loss(term.name), term) for term in recipe.loss]
+        kinds = {spec.data for spec, _ in self.terms}
+        data, log, acc = recipe.data, self.accelerator.print, self.accelerator
+        def load(sources, where):
+            return load_examples(sources, self.tokenizer, data, recipe.seed, where, "paired" in kinds, log)
+
+        with acc.main_process_first():  # the first process fills the datasets cache
+            self.train_data = load(data.train, "data.train")
             if data.eval:
-                self.eval_data = load_pairs(data.eval, self.tokenizer, data, recipe.seed, "data.eval", log)
+                self.eval_data = load(data.eval, "data.eval")
         if data.eval_fraction:
             random.Random(recipe.seed).shuffle(self.train_data)
             held_out = max(1, round(data.eval_fraction * len(self.train_data)))
             self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
-        self.terms = [(get_loss(term.name), term) for term in recipe.loss]
+        # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
+        self.unpaired = "unpaired" in kinds or any("completion_ids" in ex for ex in self.train_data)
+        if self.unpaired:
+            self.train_data = as_rows(self.train_data)
+            if not all("chosen_ids" in ex for ex in self.eval_data):
+                self.eval_data = as_rows(self.eval_data)
+        self.kl = any(spec.kl for spec, _ in self.terms)
+        # per-term state (BCO's running reward shift), summed over processes and saved with checkpoints
+        self.states = [spec.state(lambda t: acc.reduce(t, reduction="sum")) if spec.state else None
+                       for spec, _ in self.terms]
+        for state in filter(None, self.states):
+            acc.register_for_checkpointing(state)
         self.model = load_causal_lm(recipe.model)
         self.reference = None  # loaded only when a loss term uses one
         if any(spec.needs_reference for spec, _ in self.terms):
             reference = load_causal_lm(recipe.model, recipe.reference.name_or_path, key="reference.name_or_path")
-            self.reference = freeze(reference).to(self.accelerator.device)
+            self.reference = freeze(reference).to(acc.device)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.unpaired:
+            return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl)
         return collate_pairs(examples, self.tokenizer.pad_token_id)
 
     def compute_loss(self, batch):
-        policy = pair_logps(self.model, batch)
+        logps = unpaired_logps if self.unpaired else pair_logps
+        policy = logps(self.model, batch)
         reference = None
         if self.reference is not None:
             with torch.no_grad(), self.accelerator.autocast():
-                reference = pair_logps(self.reference, batch)
-        outputs = [spec.fn(policy, reference, **term.params) for spec, term in self.terms]
+                reference = logps(self.reference, batch)
+        for state in filter(None, self.states):
+            state.frozen = not self.model.training  # evaluation reads the running state, never moves it
+        outputs = [spec.fn(policy, reference, *([state] if state else []), **term.params)
+                   for (spec, term), state in zip(self.terms, self.states)]
         loss = sum(term.weight * out.losses.mean() for (_, term), out in zip(self.terms, outputs))
         metrics = {f"loss/{term.name}": out.losses.detach() for (_, term), out in zip(self.terms, outputs)
                    if len(outputs) > 1}
         chosen_rewards, rejected_rewards = outputs[0].chosen_rewards, outputs[0].rejected_rewards  # the first term's
-        metrics.update({
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            # a tie (as at step 0, policy == reference) is a coin flip: it counts half
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float()
-            + 0.5 * (chosen_rewards == rejected_rewards).float(),
-            "rewards/margin": chosen_rewards - rejected_rewards,
-            "logps/chosen": policy.chosen.detach(),
-            "logps/rejected": policy.rejected.detach(),
-        })
+        # per row, NaN where a metric does not apply; unpaired "chosen" rows are the desirable ones
+        metrics["rewards/chosen"], metrics["rewards/rejected"] = chosen_rewards, rejected_rewards
+        if self.unpaired:
+            desirable = policy.desirable
+            metrics["logps/chosen"] = torch.where(desirable, policy.logps.detach(), torch.nan)
+            metrics["logps/rejected"] = torch.where(desirable, torch.nan, policy.logps.detach())
+            if "pairs" not in batch:
+                return loss, metrics
+            chosen_rewards, rejected_rewards = chosen_rewards.chunk(2)[0], rejected_rewards.chunk(2)[1]
+        else:
+            metrics["logps/chosen"], metrics["logps/rejected"] = policy.chosen.detach(), policy.rejected.detach()
+        # a tie (as at step 0, policy == reference) is a coin flip: it counts half
+        metrics["rewards/accuracy"] = ((chosen_rewards > rejected_rewards).float()
+                                       + 0.5 * (chosen_rewards == rejected_rewards).float())
+        metrics["rewards/margin"] = chosen_rewards - rejected_rewards
         return loss, metrics
 
 
@@ -66,3 +98,10 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> PairLogps:
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = counts.chunk(2)
     return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+
+
+def unpaired_logps(model, batch: dict[str, torch.Tensor]) -> UnpairedLogps:
+    """Rows, and the mismatched KL rows after them if the batch has any, through the model in one forward."""
+    logps, counts = completion_logps(model, batch)  # (N,) or (2N,)
+    n = batch["label"].numel()
+    return UnpairedLogps(logps[:n], counts[:n], batch["label"], logps[n:] if logps.numel() > n else None)
