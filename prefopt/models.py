@@ -23,20 +23,76 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str = "model.name_or_path"):
-    """A causal LM from the hub or a local directory, with the recipe's dtype, weights via safetensors."""
+def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str = "model.name_or_path",
+                   quantize: bool = False):
+    """A causal LM from the hub or a local directory, with the recipe's dtype, weights via safetensors.
+
+    quantize: 4-bit NF4 weights through bitsandbytes (QLoRA), which needs a CUDA GPU.
+    """
     from transformers import AutoModelForCausalLM
 
     name_or_path = name_or_path or cfg.name_or_path
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, "use_safetensors": None}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = _four_bit_config(cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
         raise RecipeError(f"{key}: cannot load a causal LM from {name_or_path!r}: {_first_line(exc)} "
                           "(give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or a directory written by "
                           "save_pretrained)") from None
+
+
+def load_policy(cfg: ModelConfig):
+    """The trainable policy: the full model, a new LoRA adapter on it, or a saved adapter to continue."""
+    model = load_causal_lm(cfg, quantize=cfg.load_in_4bit)
+    if cfg.lora is None and cfg.adapter is None:
+        return model
+    import peft
+
+    if cfg.load_in_4bit:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.adapter is not None:
+        try:
+            return peft.PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+        except Exception as exc:
+            raise RecipeError(f"model.adapter: cannot load a PEFT adapter from {cfg.adapter!r}: "
+                              f"{_first_line(exc)}") from None
+    lora = cfg.lora
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise RecipeError(f"model.lora.target_modules: {_first_line(exc)}") from None
+
+
+def load_reference_copy(cfg: ModelConfig, name_or_path: str | None):
+    """A frozen copy of the starting policy: another checkpoint, the base, or the base plus the adapter
+    being continued (merged: a reference never trains)."""
+    model = load_causal_lm(cfg, name_or_path, key="reference.name_or_path")
+    if cfg.adapter is not None and name_or_path is None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
+    return freeze(model)
+
+
+def _four_bit_config(cfg: ModelConfig):
+    if not torch.cuda.is_available():
+        raise RecipeError("model.load_in_4bit: 4-bit (QLoRA) weights need a CUDA GPU; on this machine drop "
+                          "model.load_in_4bit and train the LoRA adapter on full-precision weights")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError("model.load_in_4bit needs bitsandbytes: pip install 'prefopt[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if cfg.dtype in ("bfloat16", "auto") else DTYPES[cfg.dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def freeze(model):

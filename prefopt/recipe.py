@@ -23,17 +23,35 @@ from prefopt.errors import RecipeError
 
 
 @dataclass
+class LoraConfig:
+    r: int = 16  # rank of the adapter matrices
+    alpha: float = 32.0  # scaling: the update is (alpha / r) * B A
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"  # module names, or "all-linear" (every linear but the LM head)
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str  # hub id or local directory, loaded with from_pretrained
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # dtype of the weights
     trust_remote_code: bool = False  # run modelling code shipped with a hub model
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
+    lora: LoraConfig | None = None  # train a new LoRA adapter (peft) instead of every weight
+    adapter: str | None = None  # continue training this saved PEFT adapter (hub id or directory)
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (CUDA and bitsandbytes); needs lora or adapter
 
 
 @dataclass
 class ReferenceConfig:
-    kind: Literal["copy"] = "copy"  # copy: a frozen copy of the starting policy
-    name_or_path: str | None = None  # a different checkpoint for the reference; None: model.name_or_path
+    # copy: a frozen copy of the starting policy (with a continued adapter, the adapter as it started);
+    # adapter_off: the LoRA policy with its adapter disabled, i.e. the base weights, no second copy;
+    # precomputed: log-probs computed once before training, cached on disk, the model then freed;
+    # none: no reference (reference-free losses); auto: adapter_off with LoRA, none if no loss needs one, else copy
+    kind: Literal["auto", "copy", "adapter_off", "precomputed", "none"] = "auto"
+    name_or_path: str | None = None  # copy/precomputed: a different checkpoint; None: the starting policy
+    cache_dir: str | None = None  # precomputed: where cached log-probs live; None: ~/.cache/prefopt/reference
+    sync_every: int = 0  # TR-DPO (Gorbatovski et al. 2024): every N steps mix the policy into a copy reference
+    sync_alpha: float = 0.5  # reference <- alpha * policy + (1 - alpha) * reference
 
 
 @dataclass
@@ -273,12 +291,39 @@ def _check(recipe: Recipe, where: str) -> None:
         key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
         specs.append(get_loss(term.name, where=f"{where}: {key}.name"))
         specs[-1].check_params(term.params, where=f"{where}: {key}")
+    _check_reference(recipe, specs, where)
     kinds = {spec.name: spec.data for spec in specs}
     if {"paired", "unpaired"} <= set(kinds.values()):
         _fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
         _fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
               "it is estimated from mismatched prompt/completion pairs within the micro-batch")
+
+
+def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
+    """Resolve reference.kind auto, and refuse combinations that cannot work, before anything loads."""
+    model, ref = recipe.model, recipe.reference
+    adapters = model.lora is not None or model.adapter is not None
+    needs = any(spec.needs_reference for spec in specs)
+    if model.lora is not None and model.adapter is not None:
+        _fail(where, "model.lora", "give model.lora (a new adapter) or model.adapter (continue one), not both")
+    if model.load_in_4bit and not adapters:
+        _fail(where, "model.load_in_4bit", "4-bit weights cannot be trained directly: add model.lora (QLoRA)")
+    if ref.kind == "auto":
+        ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
+    if ref.kind == "none" and needs:
+        _fail(where, "reference.kind", f"none, but loss {next(s.name for s in specs if s.needs_reference)!r} needs "
+              "a reference; use copy, adapter_off (LoRA) or precomputed")
+    if ref.kind == "adapter_off" and not adapters:
+        _fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
+    if ref.kind == "precomputed" and any(spec.kl for spec in specs):
+        _fail(where, "reference.kind", "precomputed cannot serve KTO's KL term, whose mismatched pairs change "
+              "with every batch; use copy or adapter_off")
+    if ref.sync_every < 0 or not 0.0 < ref.sync_alpha <= 1.0:
+        _fail(where, "reference.sync_every", "needs sync_every >= 0 and 0 < sync_alpha <= 1")
+    if ref.sync_every and (ref.kind != "copy" or adapters):
+        _fail(where, "reference.sync_every", "mixing the policy into the reference needs reference.kind=copy "
+              "and a fully trained policy (no LoRA)")
 
 
 # Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.

@@ -26,7 +26,8 @@ def test_reference_free_runs_hold_no_reference(sort_task, tmp_path, loss):
     trainer = PreferenceTrainer(recipe)
     assert trainer.reference is None
     assert live_models() - before == 1  # the policy alone
-    with_reference = PreferenceTrainer(recipe_lib.from_dict({**recipe.to_dict(), "loss": {"name": "dpo"}}))
+    with_reference = PreferenceTrainer(recipe_lib.from_dict({**recipe.to_dict(), "loss": {"name": "dpo"},
+                                                                 "reference": {"kind": "auto"}}))
     assert with_reference.reference is not None and live_models() - before == 3  # + a policy and a reference
 
 

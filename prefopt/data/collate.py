@@ -6,6 +6,7 @@ then rejected, so that both go through the model in one forward:
     input_ids       (2B, T)  prompt + completion ids, right-padded with pad_token_id
     attention_mask  (2B, T)  1 on real tokens
     completion_mask (2B, T)  1 on completion tokens (the ones the loss scores)
+    ref_logps       (2B,)    precomputed reference log-probs, when the examples carry them
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     prompts = [ex["prompt_ids"] for ex in examples]
     completions = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
-    return pad_sequences(prompts + prompts, completions, pad_token_id)
+    batch = pad_sequences(prompts + prompts, completions, pad_token_id)
+    if "ref_chosen" in examples[0]:
+        batch["ref_logps"] = torch.tensor([ex["ref_chosen"] for ex in examples] +
+                                          [ex["ref_rejected"] for ex in examples])
+    return batch
 
 
 def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -41,10 +46,10 @@ def collate_rows(examples: list[dict], pad_token_id: int, kl: bool) -> dict[str,
     within the batch, as the KTO paper and TRL estimate the KL reference point).
     """
     if "chosen_ids" in examples[0]:
-        examples = ([{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True}
-                     for ex in examples] +
-                    [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False}
-                     for ex in examples])
+        examples = ([{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True,
+                      "ref_logps": ex.get("ref_chosen")} for ex in examples] +
+                    [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False,
+                      "ref_logps": ex.get("ref_rejected")} for ex in examples])
         extra = {"pairs": torch.ones((), dtype=torch.bool)}
     else:
         extra = {}
@@ -54,4 +59,6 @@ def collate_rows(examples: list[dict], pad_token_id: int, kl: bool) -> dict[str,
         prompts, completions = prompts + prompts, completions + completions[-1:] + completions[:-1]
     batch = pad_sequences(prompts, completions, pad_token_id)
     batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    if examples[0].get("ref_logps") is not None:  # precomputed reference log-probs, (N,)
+        batch["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples])
     return {**batch, **extra}

@@ -7,15 +7,18 @@ desirable and an undesirable row. What a loss takes is in its LossSpec.
 
 from __future__ import annotations
 
+import gc
 import random
+from pathlib import Path
 
 import torch
 
+from prefopt import reference as refs
 from prefopt.data import as_rows, load_examples
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.logprobs import completion_logps
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
-from prefopt.models import freeze, load_causal_lm
+from prefopt.models import load_policy, load_reference_copy
 from prefopt.trainers.base import Trainer
 
 
@@ -48,11 +51,66 @@ class PreferenceTrainer(Trainer):
                        for spec, _ in self.terms]
         for state in filter(None, self.states):
             acc.register_for_checkpointing(state)
-        self.model = load_causal_lm(recipe.model)
-        self.reference = None  # loaded only when a loss term uses one
-        if any(spec.needs_reference for spec, _ in self.terms):
-            reference = load_causal_lm(recipe.model, recipe.reference.name_or_path, key="reference.name_or_path")
-            self.reference = freeze(reference).to(acc.device)
+        if recipe.reference.kind == "precomputed":  # before the policy loads: one model in memory at a time
+            self._precompute_reference()
+        self.model = load_policy(recipe.model)
+        self.reference = None  # a frozen model of its own: reference.kind copy only
+        if recipe.reference.kind == "copy":
+            self.reference = load_reference_copy(recipe.model, recipe.reference.name_or_path).to(acc.device)
+            if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
+                acc.register_for_checkpointing(self.reference)
+
+    def _precompute_reference(self) -> None:
+        """Reference log-probs of every train and eval example, from the cache or computed once and cached."""
+        recipe, acc = self.recipe, self.accelerator
+        ref, model_cfg = recipe.reference, recipe.model
+        sources = [ref.name_or_path or model_cfg.name_or_path]
+        if model_cfg.adapter and not ref.name_or_path:
+            sources.append(model_cfg.adapter)
+        cache_dir = Path(ref.cache_dir or Path.home() / ".cache" / "prefopt" / "reference")
+        size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+        logps, model = (unpaired_logps if self.unpaired else pair_logps), None
+        for split, examples in (("train", self.train_data), ("eval", self.eval_data)):
+            if not examples:
+                continue
+            path = cache_dir / f"{refs.cache_key(sources, examples, f'{model_cfg.dtype}/{acc.mixed_precision}')}.pt"
+            values = refs.load_cached(path, len(examples))
+            if values is None:
+                model = model or load_reference_copy(model_cfg, ref.name_or_path).to(acc.device)
+                values = refs.compute_logps(model, examples, self.collate, logps, size, acc)
+                if acc.is_main_process:
+                    refs.save_cached(path, values)
+            acc.print(f"[prefopt] reference log-probs of data.{split}: "
+                      f"{'computed and cached in' if model else 'reused from'} {path}")
+            refs.attach(examples, values)
+        del model  # the reference is not needed again
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        record = super().train_step(step)
+        ref = self.recipe.reference
+        if ref.sync_every and step % ref.sync_every == 0:
+            refs.sync_reference(self.reference, self.accelerator.unwrap_model(self.model), ref.sync_alpha)
+        return record
+
+    def reference_logps(self, batch, policy, logps):
+        """The reference's log-probs of this batch, wherever reference.kind says they come from."""
+        kind = self.recipe.reference.kind
+        if kind == "none":
+            return None
+        if kind == "precomputed":
+            ref = batch["ref_logps"]  # (N,) in the batch's sequence order
+            if self.unpaired:
+                return UnpairedLogps(ref, policy.tokens, policy.desirable)
+            chosen, rejected = ref.chunk(2)
+            return PairLogps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens)
+        with torch.no_grad(), self.accelerator.autocast():
+            if kind == "adapter_off":
+                with refs.adapter_disabled(self.model, self.accelerator.unwrap_model(self.model)):
+                    return logps(self.model, batch)
+            return logps(self.reference, batch)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.unpaired:
@@ -62,10 +120,7 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, batch):
         logps = unpaired_logps if self.unpaired else pair_logps
         policy = logps(self.model, batch)
-        reference = None
-        if self.reference is not None:
-            with torch.no_grad(), self.accelerator.autocast():
-                reference = logps(self.reference, batch)
+        reference = self.reference_logps(batch, policy, logps)
         for state in filter(None, self.states):
             state.frozen = not self.model.training  # evaluation reads the running state, never moves it
         outputs = [spec.fn(policy, reference, *([state] if state else []), **term.params)

@@ -1,0 +1,111 @@
+"""Where reference log-probs come from (recipe `reference.kind`):
+
+- copy: a frozen model of its own (PreferenceTrainer keeps it; TR-DPO can mix the policy into it);
+- adapter_off: the LoRA policy itself with its adapter disabled, one set of base weights in memory;
+- precomputed: computed once before training, cached on disk under a fingerprint of the reference
+  weights, the tokenized data and the precision, reused while all three stay the same;
+- none: reference-free losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, their index, config and adapter config
+
+
+@contextmanager
+def adapter_disabled(model, peft_model):
+    """Run `model` (possibly wrapped for DDP) as its base: adapter off, evaluation mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TR-DPO soft update (Gorbatovski et al. 2024, Eq. 4): reference <- alpha * policy + (1 - alpha) * reference."""
+    for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
+
+
+def source_dirs(name_or_path: str) -> Path:
+    """The directory a model was loaded from: a local directory, or the hub snapshot in the local cache."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path))
+
+
+def cache_key(sources: list[str], examples: list[dict], precision: str) -> str:
+    """Hash of the reference's files (content), the tokenized examples and the precision."""
+    digest = hashlib.blake2b(digest_size=16)
+    for source in sources:
+        for path in sorted(source_dirs(source).rglob("*")):
+            if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+                digest.update(path.name.encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+    for ex in examples:
+        digest.update(json.dumps([ex.get(k) for k in keys]).encode())
+    digest.update(precision.encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_logps(model, examples: list[dict], collate, logps, batch_size: int, accelerator) -> list[list[float]]:
+    """Each example's reference log-probs: [chosen, rejected] for a pair, [logps] for a row.
+
+    The examples are split across processes and the results gathered, so every process gets all.
+    """
+    from accelerate.utils import gather_object
+
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    values = []
+    for i in range(0, len(mine), batch_size):
+        chunk = [examples[j] for j in mine[i : i + batch_size]]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
+        with accelerator.autocast():
+            out = logps(model, batch)
+        rows = torch.stack([out.chosen, out.rejected], 1) if hasattr(out, "chosen") else out.logps[:, None]
+        values.extend(rows.float().tolist())
+    gathered = gather_object(list(zip(mine, values))) if accelerator.num_processes > 1 else list(zip(mine, values))
+    by_index = dict(gathered)
+    return [by_index[i] for i in range(len(examples))]
+
+
+def load_cached(path: Path, n: int) -> list[list[float]] | None:
+    if not path.exists():
+        return None
+    values = torch.load(path)
+    return values.tolist() if len(values) == n else None
+
+
+def save_cached(path: Path, values: list[list[float]]) -> None:
+    """Atomically: a crash never leaves a half-written cache that a later run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(torch.tensor(values, dtype=torch.float64), tmp)
+    os.replace(tmp, path)
+
+
+def attach(examples: list[dict], values: list[list[float]]) -> None:
+    """Store each example's reference log-probs on it, for the collators to batch."""
+    for ex, value in zip(examples, values, strict=True):
+        if "chosen_ids" in ex:
+            ex["ref_chosen"], ex["ref_rejected"] = value
+        else:
+            (ex["ref_logps"],) = value
