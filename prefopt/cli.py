@@ -3,6 +3,7 @@
     prefopt train RECIPE [key.sub=value ...]
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
     prefopt synth sort OUT_DIR                  write the tiny model and sorting data alone
+    prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
 
@@ -32,12 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--train", type=int, default=2000, help="training pairs")
     synth.add_argument("--eval", type=int, default=200, help="held-out pairs")
     synth.add_argument("--seed", type=int, default=0)
+    merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             train_recipe(args.recipe, args.overrides)
         elif args.command == "quickstart":
             quickstart(args.overrides)
+        elif args.command == "merge":
+            from prefopt.models import merge_adapter
+
+            print(f"wrote {merge_adapter(args.run_dir, args.out)}")
         else:
             from prefopt.data.synthetic import write_sort_task
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
 from prefopt.errors import RecipeError
@@ -78,6 +81,26 @@ def load_reference_copy(cfg: ModelConfig, name_or_path: str | None):
 
         model = peft.PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
     return freeze(model)
+
+
+def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Merge a LoRA run's adapter (run_dir/final) into its base model, saved in Hugging Face format."""
+    import peft
+
+    from prefopt import recipe as recipe_lib
+
+    run_dir = Path(run_dir)
+    final = run_dir / "final"
+    if not (final / "adapter_config.json").exists():
+        raise RecipeError(f"{final} holds no LoRA adapter (adapter_config.json); only LoRA runs need merging")
+    recipe = recipe_lib.load(run_dir / "recipe.yaml")
+    cfg = recipe.model
+    base_cfg = dataclasses.replace(cfg, dtype="bfloat16") if cfg.load_in_4bit else cfg  # merge into real weights
+    merged = peft.PeftModel.from_pretrained(load_causal_lm(base_cfg), final).merge_and_unload()
+    out_dir = Path(out_dir or run_dir / "merged")
+    merged.save_pretrained(out_dir)
+    load_tokenizer(cfg).save_pretrained(out_dir)
+    return out_dir
 
 
 def _four_bit_config(cfg: ModelConfig):
