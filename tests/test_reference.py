@@ -148,6 +148,9 @@ def test_resume_continues_exactly(sort_task, tmp_path, sections):
     whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
+    if "model" in sections:  # a LoRA checkpoint holds the adapter, not the base weights
+        saved = (tmp_path / "b" / "checkpoints" / "step-4" / "model.safetensors").stat().st_size
+        assert saved < 0.1 * (sort_task / "model" / "model.safetensors").stat().st_size
 
 
 @pytest.mark.parametrize("sections,message", [

@@ -173,6 +173,16 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        self.partial_checkpoints = len(trainable) < len(dict(self.model.named_parameters()))
+        if self.partial_checkpoints:
+            def keep_trainable(models, weights, output_dir):
+                for state in weights:
+                    for key in [k for k in state if k not in trainable]:
+                        del state[key]
+
+            self.accelerator.register_save_state_pre_hook(keep_trainable)
         # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_factor)
         self.accelerator.register_for_checkpointing(self.scheduler)
@@ -283,7 +293,7 @@ class Trainer:
         if not checkpoints:
             return 0
         step, path = checkpoints[-1]
-        self.accelerator.load_state(str(path))
+        self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
         return step
 
     def save_final(self) -> Path:
