@@ -4,6 +4,8 @@
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
     prefopt synth sort OUT_DIR                  write the tiny model and sorting data alone
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
+    prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a reward model on a preference set
+    prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
 
@@ -36,12 +38,41 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
     merge.add_argument("run_dir")
     merge.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
+    evaluate = commands.add_parser("eval", help="evaluate a saved reward model on a preference set")
+    evaluate.add_argument("model", help="a run directory or a reward model directory / hub id")
+    evaluate.add_argument("--data", required=True, help="preference pairs: hub id or local file")
+    evaluate.add_argument("--out", help="also write the JSON report here")
+    label = commands.add_parser("label", help="turn prompts and sampled completions into chosen/rejected pairs")
+    label.add_argument("--input", required=True, help="jsonl rows {prompt, completions: [...]} (or {prompt} "
+                       "with --policy)")
+    label.add_argument("--out", required=True, help="jsonl pairs {prompt, chosen, rejected, *_score}")
+    label.add_argument("--reward", action="append", default=[], help="reward model; repeat for an ensemble")
+    label.add_argument("--verifier", help="a scoring function module:function(prompts, completions)")
+    label.add_argument("--aggregate", default="mean", help="ensemble: mean, min or mean_minus_std")
+    label.add_argument("--std-coef", type=float, default=1.0)
+    label.add_argument("--policy", help="sample the completions from this model")
+    label.add_argument("--n", type=int, default=4, help="completions sampled per prompt (with --policy)")
+    label.add_argument("--max-new-tokens", type=int, default=128)
+    label.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             train_recipe(args.recipe, args.overrides)
         elif args.command == "quickstart":
             quickstart(args.overrides)
+        elif args.command == "eval":
+            import json
+
+            from prefopt.scoring import evaluate_reward_model
+
+            report = json.dumps(evaluate_reward_model(args.model, args.data), indent=2)
+            print(report)
+            if args.out:
+                Path(args.out).write_text(report + "\n")
+        elif args.command == "label":
+            from prefopt.labeling import label_file
+
+            print(label_file(args))
         elif args.command == "merge":
             from prefopt.models import merge_adapter
 
@@ -58,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_recipe(path: str | Path, overrides: list[str] = ()):
     from prefopt import recipe as recipe_lib
-    from prefopt.trainers import PreferenceTrainer
+    from prefopt.trainers import trainer_for
 
     recipe = recipe_lib.load(path, overrides)
-    trainer = PreferenceTrainer(recipe)
+    trainer = trainer_for(recipe)
     try:
         return trainer.fit()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,12 +28,14 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str = "model.name_or_path",
-                   quantize: bool = False):
+                   quantize: bool = False, reward_head: bool = False):
     """A causal LM from the hub or a local directory, with the recipe's dtype, weights via safetensors.
 
     quantize: 4-bit NF4 weights through bitsandbytes (QLoRA), which needs a CUDA GPU.
+    reward_head: the model as a sequence classifier with one output (AutoModelForSequenceClassification,
+    num_labels=1): a reward model; a causal LM checkpoint gets a new scalar head.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name_or_path = name_or_path or cfg.name_or_path
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, "use_safetensors": None}
@@ -40,17 +43,22 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantize:
         kwargs["quantization_config"] = _four_bit_config(cfg)
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+    if reward_head:
+        kwargs["num_labels"] = 1
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return auto.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
-        raise RecipeError(f"{key}: cannot load a causal LM from {name_or_path!r}: {_first_line(exc)} "
+        kind = "reward model" if reward_head else "causal LM"
+        raise RecipeError(f"{key}: cannot load a {kind} from {name_or_path!r}: {_first_line(exc)} "
                           "(give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or a directory written by "
                           "save_pretrained)") from None
 
 
-def load_policy(cfg: ModelConfig):
-    """The trainable policy: the full model, a new LoRA adapter on it, or a saved adapter to continue."""
-    model = load_causal_lm(cfg, quantize=cfg.load_in_4bit)
+def load_policy(cfg: ModelConfig, reward_head: bool = False):
+    """The trainable model (a policy, or with reward_head a reward model): all weights, a new LoRA
+    adapter, or a saved adapter to continue."""
+    model = load_causal_lm(cfg, quantize=cfg.load_in_4bit, reward_head=reward_head)
     if cfg.lora is None and cfg.adapter is None:
         return model
     import peft
@@ -65,7 +73,8 @@ def load_policy(cfg: ModelConfig):
                               f"{_first_line(exc)}") from None
     lora = cfg.lora
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                             target_modules=lora.target_modules,
+                             task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")  # SEQ_CLS trains the head too
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found in the model
@@ -96,10 +105,17 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     recipe = recipe_lib.load(run_dir / "recipe.yaml")
     cfg = recipe.model
     base_cfg = dataclasses.replace(cfg, dtype="bfloat16") if cfg.load_in_4bit else cfg  # merge into real weights
-    merged = peft.PeftModel.from_pretrained(load_causal_lm(base_cfg), final).merge_and_unload()
+    from prefopt.losses import get_loss
+
+    reward_head = get_loss(recipe.loss[0].name).data == "rewards"
+    base = load_causal_lm(base_cfg, reward_head=reward_head)
+    merged = peft.PeftModel.from_pretrained(base, final).merge_and_unload()
     out_dir = Path(out_dir or run_dir / "merged")
     merged.save_pretrained(out_dir)
     load_tokenizer(cfg).save_pretrained(out_dir)
+    for extra in final.glob("*.json"):  # e.g. a reward model's normalization statistics
+        if not (out_dir / extra.name).exists() and extra.name != "adapter_config.json":
+            shutil.copy(extra, out_dir / extra.name)
     return out_dir
 
 

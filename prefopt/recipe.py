@@ -293,6 +293,8 @@ def _check(recipe: Recipe, where: str) -> None:
         specs[-1].check_params(term.params, where=f"{where}: {key}")
     _check_reference(recipe, specs, where)
     kinds = {spec.name: spec.data for spec in specs}
+    if "rewards" in kinds.values() and len(kinds) > 1:
+        _fail(where, "loss", f"a reward-model loss trains a reward model and cannot be mixed with {kinds}")
     if {"paired", "unpaired"} <= set(kinds.values()):
         _fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:

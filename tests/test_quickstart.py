@@ -1,10 +1,15 @@
 """The quickstart recipe, exactly as `make quickstart` runs it, learns the sorting task."""
 
+import json
 import math
+from pathlib import Path
 
 from conftest import read_metrics
 
 from prefopt.cli import main
+from prefopt.data.synthetic import write_sort_task
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def test_quickstart_learns(tmp_path, monkeypatch, capsys):
@@ -17,3 +22,13 @@ def test_quickstart_learns(tmp_path, monkeypatch, capsys):
     assert last["rewards/accuracy"] >= 0.9
     out = capsys.readouterr().out
     assert "eval metric" in out and "rewards/accuracy" in out and "step 200" in out
+
+
+def test_reward_quickstart_reaches_95_percent_held_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_sort_task("runs/quickstart-assets")
+    assert main(["train", str(RECIPES / "reward" / "quickstart.yaml"), "train.progress_bar=false"]) == 0
+    assert main(["eval", "runs/reward", "--data", "runs/quickstart-assets/eval.jsonl", "--out", "report.json"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pairs"] == 200 and report["accuracy"] >= 0.95
+    assert read_metrics(tmp_path / "runs" / "reward", "eval")[0]["rewards/accuracy"] < 0.7  # it was learnt

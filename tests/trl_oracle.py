@@ -73,3 +73,18 @@ def trl_kto_loss(token_logps, completion_mask, labels, kl_logps, ref_logps, ref_
               "completion_mask": completion_mask, "label": labels, "ref_logps": ref_logps,
               "ref_KL_logps": ref_kl_logps}
     return KTOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, return_outputs=False)
+
+
+def trl_reward_loss(chosen, rejected, margin=None, center_coef=None) -> torch.Tensor:
+    """TRL's RewardTrainer.compute_loss on a stand-in whose model returns the given rewards as logits."""
+    from trl import RewardTrainer
+
+    logits = torch.cat([chosen, rejected])[:, None]  # (2B, 1), chosen first as TRL's collator lays them out
+    stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accelerator(),
+                           args=SimpleNamespace(center_rewards_coefficient=center_coef),
+                           _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(len(logits), 3, dtype=torch.long),
+              "attention_mask": torch.ones(len(logits), 3, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = margin
+    return RewardTrainer.compute_loss(stub, lambda **kwargs: SimpleNamespace(logits=logits), inputs)

@@ -7,6 +7,7 @@ then rejected, so that both go through the model in one forward:
     attention_mask  (2B, T)  1 on real tokens
     completion_mask (2B, T)  1 on completion tokens (the ones the loss scores)
     ref_logps       (2B,)    precomputed reference log-probs, when the examples carry them
+    margin          (B,)     the data's per-pair margin, when it has one
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
     prompts = [ex["prompt_ids"] for ex in examples]
     completions = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = pad_sequences(prompts + prompts, completions, pad_token_id)
+    if "margin" in examples[0]:
+        batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples])  # (B,)
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([ex["ref_chosen"] for ex in examples] +
                                           [ex["ref_rejected"] for ex in examples])

@@ -38,7 +38,13 @@ def canonical_pair(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     else:
         _check_field(row, "prompt", allow_empty=True)
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    return _render(tokenizer, prompt, {"chosen": chosen, "rejected": rejected})
+    example = _render(tokenizer, prompt, {"chosen": chosen, "rejected": rejected})
+    if row.get("margin") is not None:  # how much better chosen is (reward models, Llama 2's margin loss)
+        margin = row["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise BadRow(f"'margin' is {type(margin).__name__} {margin!r:.80}; expected a number")
+        example["margin"] = float(margin)
+    return example
 
 
 def canonical_unpaired(row: dict[str, Any], tokenizer) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def sort_score(prompt: str, completion: str) -> float:
     return float(completion.split() == sorted(numbers, key=int))
 
 
+def sort_scores(prompts: list[str], completions: list[str]) -> list[float]:
+    """sort_score over a batch: the verifier as a scoring function (prefopt label --verifier, PPO)."""
+    return [sort_score(p, c) for p, c in zip(prompts, completions)]
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on `corpus`, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -44,6 +44,15 @@ class UnpairedLogps:
 
 
 @dataclass(frozen=True)
+class PairRewards:
+    """A reward model's scalar rewards of each pair's completions (reward-model losses)."""
+
+    chosen: torch.Tensor  # (B,)
+    rejected: torch.Tensor  # (B,)
+    margin: torch.Tensor | None = None  # (B,) how much better chosen is, from the data's `margin` column
+
+
+@dataclass(frozen=True)
 class LossOutput:
     losses: torch.Tensor  # (B,) per-example losses; the trainer takes their mean
     chosen_rewards: torch.Tensor  # (B,) detached implicit rewards, for logging
@@ -78,7 +87,7 @@ class LossSpec:
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool  # False: the trainer loads no reference model
-    data: str = "paired"  # "paired" (PairLogps), "unpaired" (UnpairedLogps) or "any" (either)
+    data: str = "paired"  # "paired" (PairLogps), "unpaired" (UnpairedLogps), "any" (either), "rewards" (PairRewards)
     kl: bool = False  # unpaired: also score mismatched prompt/completion rows (UnpairedLogps.kl_logps)
     state: type | None = None  # e.g. RunningMean: made by the trainer, passed as the third argument
 
@@ -106,6 +115,8 @@ class LossSpec:
         one = torch.ones(2, dtype=torch.float64)
         if self.data == "unpaired":
             probe = UnpairedLogps(-one, one, torch.tensor([True, False]), -one if self.kl else None)
+        elif self.data == "rewards":
+            probe = PairRewards(one, -one)
         else:
             probe = PairLogps(-one, -2 * one, one, one)
         state = [self.state()] if self.state else []
@@ -156,4 +167,4 @@ def _import_loss(name: str, where: str) -> LossSpec:
     return registered[0] if registered else LossSpec(name=name, fn=fn, needs_reference=True)
 
 
-from prefopt.losses import preference, unpaired  # noqa: E402,F401  (register the losses)
+from prefopt.losses import preference, reward, unpaired  # noqa: E402,F401  (register the losses)

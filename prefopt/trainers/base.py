@@ -148,24 +148,44 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Per-example metrics averaged over the whole eval set (split across processes)."""
-        if not self.eval_data:
+    def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
+        """Per-example metrics averaged over the eval set, or `examples` (split across processes)."""
+        examples = self.eval_data if examples is None else examples
+        if not examples:
             return {}
         acc = self.accelerator
         self.model.eval()
         size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
-        mine = self.eval_data[acc.process_index :: self.world_size]
+        mine = examples[acc.process_index :: self.world_size]
         means = MetricMeans()
         for i in range(0, len(mine), size):
-            examples = mine[i : i + size]
-            loss, metrics = self.compute_loss(self.to_device(self.collate(examples)))
-            means.add("loss", loss, weight=len(examples))  # loss is a mean over the micro-batch
+            chunk = mine[i : i + size]
+            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk)))
+            means.add("loss", loss, weight=len(chunk))  # loss is a mean over the micro-batch
             for key, value in metrics.items():
                 means.add(key, value)
         return means.result(acc)
 
     # ----- set-up -----------------------------------------------------------------------------
+
+    def load_data(self, pairs_only: bool) -> None:
+        """data.train and data.eval (or a held-out data.eval_fraction) -> self.train_data, self.eval_data."""
+        from prefopt.data import load_examples
+
+        recipe, acc = self.recipe, self.accelerator
+        data = recipe.data
+
+        def load(sources, where):
+            return load_examples(sources, self.tokenizer, data, recipe.seed, where, pairs_only, acc.print)
+
+        with acc.main_process_first():  # the first process fills the datasets cache
+            self.train_data = load(data.train, "data.train")
+            if data.eval:
+                self.eval_data = load(data.eval, "data.eval")
+        if data.eval_fraction:
+            random.Random(recipe.seed).shuffle(self.train_data)
+            held_out = max(1, round(data.eval_fraction * len(self.train_data)))
+            self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
 
     def _prepare(self) -> None:
         optim = self.recipe.optim
@@ -296,8 +316,9 @@ class Trainer:
         self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
         return step
 
-    def save_final(self) -> Path:
-        """The trained policy in Hugging Face format in output_dir/final, written atomically."""
+    def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
+        """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
+        written atomically."""
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
@@ -308,6 +329,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()

@@ -8,13 +8,12 @@ desirable and an undesirable row. What a loss takes is in its LossSpec.
 from __future__ import annotations
 
 import gc
-import random
 from pathlib import Path
 
 import torch
 
 from prefopt import reference as refs
-from prefopt.data import as_rows, load_examples
+from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.logprobs import completion_logps
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
@@ -27,18 +26,8 @@ class PreferenceTrainer(Trainer):
         super().__init__(recipe)
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         kinds = {spec.data for spec, _ in self.terms}
-        data, log, acc = recipe.data, self.accelerator.print, self.accelerator
-        def load(sources, where):
-            return load_examples(sources, self.tokenizer, data, recipe.seed, where, "paired" in kinds, log)
-
-        with acc.main_process_first():  # the first process fills the datasets cache
-            self.train_data = load(data.train, "data.train")
-            if data.eval:
-                self.eval_data = load(data.eval, "data.eval")
-        if data.eval_fraction:
-            random.Random(recipe.seed).shuffle(self.train_data)
-            held_out = max(1, round(data.eval_fraction * len(self.train_data)))
-            self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
+        acc = self.accelerator
+        self.load_data(pairs_only="paired" in kinds)
         # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
         self.unpaired = "unpaired" in kinds or any("completion_ids" in ex for ex in self.train_data)
         if self.unpaired:

@@ -1,0 +1,68 @@
+"""Pair labelling: prompts with several completions -> chosen/rejected pairs by a scorer (best vs worst of n),
+the first step of iterative / online DPO."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from prefopt.errors import PrefoptError
+from prefopt.scoring import RewardScorer
+
+
+def best_vs_worst(prompts: list, completions: list[list[str]], scorer) -> tuple[list[dict], int]:
+    """For each prompt, the best- and worst-scored completion as a pair; prompts whose scores all tie are
+    skipped (there is no preference to learn), and counted."""
+    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
+    scores = scorer(flat_prompts, [c for cs in completions for c in cs]).tolist()
+    pairs, ties, start = [], 0, 0
+    for prompt, candidates in zip(prompts, completions):
+        mine = scores[start : start + len(candidates)]
+        start += len(candidates)
+        best, worst = max(range(len(mine)), key=mine.__getitem__), min(range(len(mine)), key=mine.__getitem__)
+        if mine[best] == mine[worst]:
+            ties += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": candidates[best], "rejected": candidates[worst],
+                      "chosen_score": mine[best], "rejected_score": mine[worst]})
+    return pairs, ties
+
+
+@torch.no_grad()
+def sample(model_path: str, prompts: list[str], n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
+    """n sampled completions per prompt from a causal LM (left-padded batches, stop at EOS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, do_sample=True, temperature=temperature, num_return_sequences=n,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def label_file(args) -> str:
+    rows = [json.loads(line) for line in Path(args.input).read_text().splitlines() if line.strip()]
+    prompts = [row["prompt"] for row in rows]
+    if args.policy:
+        completions = sample(args.policy, prompts, args.n, args.max_new_tokens, args.temperature)
+    elif all(isinstance(row.get("completions"), list) and len(row["completions"]) >= 2 for row in rows):
+        completions = [row["completions"] for row in rows]
+    else:
+        raise PrefoptError(f"{args.input}: each row needs 'completions' (a list of at least 2), or pass --policy")
+    if bool(args.reward) == bool(args.verifier):
+        raise PrefoptError("give --reward (one or more reward models) or --verifier module:function, not both")
+    if args.verifier:
+        module, _, name = args.verifier.partition(":")
+        scorer = RewardScorer(getattr(importlib.import_module(module), name))
+    else:
+        scorer = RewardScorer(args.reward, aggregate=args.aggregate, std_coef=args.std_coef)
+    pairs, ties = best_vs_worst(prompts, completions, scorer)
+    Path(args.out).write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return f"wrote {len(pairs)} pairs to {args.out} ({ties} prompts skipped: every completion scored the same)"
