@@ -66,3 +66,21 @@ def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> P
 def read_metrics(output_dir: Path, split: str = "train") -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def assert_resume_matches(sort_task: Path, tmp_path: Path, **sections) -> None:
+    """4 steps straight, against 2 steps then the same recipe continued to 4 from the step-2 checkpoint:
+    the same losses (constant schedule, so that stopping at 2 changes nothing before the resume)."""
+    import pytest
+
+    from prefopt.cli import train_recipe
+
+    sections = {"optim": {"schedule": "constant", "warmup_steps": 0, "lr": 1e-2}, **sections}
+    sections["train"] = {"max_steps": 4, "save_every": 2, **sections.get("train", {})}
+    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
+    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
+    train_recipe(path, ["train.max_steps=2"])
+    train_recipe(path)
+    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_metrics, write_recipe
+from conftest import assert_resume_matches, read_metrics, write_recipe
 from test_loss_recipes import live_models
 
 from prefopt import recipe as recipe_lib
@@ -139,15 +139,7 @@ def test_tr_dpo_sync_with_alpha_one_makes_the_reference_the_policy(sort_task, tm
     {"reference": {"kind": "copy", "sync_every": 2, "sync_alpha": 0.5}},
 ], ids=["lora", "tr-dpo"])
 def test_resume_continues_exactly(sort_task, tmp_path, sections):
-    sections = dict(sections, optim={"schedule": "constant", "warmup_steps": 0, "lr": 1e-2},
-                    train={"max_steps": 4, "save_every": 2})
-    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
-    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
-    train_recipe(path, ["train.max_steps=2"])
-    train_recipe(path)
-    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
+    assert_resume_matches(sort_task, tmp_path, **sections)
     if "model" in sections:  # a LoRA checkpoint holds the adapter, not the base weights
         saved = (tmp_path / "b" / "checkpoints" / "step-4" / "model.safetensors").stat().st_size
         assert saved < 0.1 * (sort_task / "model" / "model.safetensors").stat().st_size

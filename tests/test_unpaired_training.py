@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import read_metrics, write_recipe
+from conftest import assert_resume_matches, read_metrics, write_recipe
 from test_loss_recipes import live_models
 
 from prefopt import recipe as recipe_lib
@@ -60,13 +60,6 @@ def test_unpaired_recipe_errors(sort_task, tmp_path, sections, message):
 def test_bco_reward_shift_is_restored_on_resume(sort_task, tmp_path):
     """4 steps straight, against 2 steps, then the same recipe continued to 4 from the step-2 checkpoint.
     The running reward shift enters every loss, so a shift not restored would change steps 3 and 4."""
-    sections = dict(loss={"name": "bco", "beta": 0.5}, optim={"schedule": "constant", "warmup_steps": 0},
-                    train={"max_steps": 4, "save_every": 2, "micro_batch_size": 4})
-    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
-    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
-    train_recipe(path, ["train.max_steps=2"])
-    train_recipe(path)
-    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(whole, resumed):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert_resume_matches(sort_task, tmp_path, loss={"name": "bco", "beta": 0.5},
+                          optim={"schedule": "constant", "warmup_steps": 0, "lr": 1e-3},
+                          train={"micro_batch_size": 4})
