@@ -17,8 +17,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH) -e .
 	touch $@
 
-$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+$(VENV)/.test: pyproject.toml Makefile $(VENV)/.runtime
 	$(BIN)/python -m pip install -q $(TORCH) -e ".[test]"
+	# TRL 1.12, the last with PPO, beside 1.16: the PPO tests run its code in a subprocess
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/trl-1.12 trl==1.12.0
 	touch $@
 
 quickstart: $(VENV)/.runtime

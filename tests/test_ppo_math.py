@@ -1,0 +1,131 @@
+"""PPO maths: KL estimators, reward shaping, GAE, whitening, clipped losses, critic-free advantages and the
+adaptive KL controller, by hand and against TRL 1.12's PPO code on the same tensors."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefopt.losses.ppo import (
+    AdaptiveKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    kl_estimate,
+    masked_whiten,
+    shape_rewards,
+)
+
+TRL_112 = Path(sys.prefix) / "trl-1.12"  # installed by `make test`
+
+
+def test_kl_estimators_by_hand():
+    """log pi = -1, log pi_ref = -2: k1 = 1; r = e^-1, k3 = (e^-1 - 1) + 1 = e^-1 = 0.3678794412."""
+    logps, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert kl_estimate(logps, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_estimate(logps, ref, "k3").item() == pytest.approx(math.exp(-1), abs=1e-7)
+    assert kl_estimate(ref, ref, "k3").item() == 0.0
+
+
+def test_shaped_rewards_put_the_score_on_the_last_token():
+    """kl [[1, 2, 3], [4, 5, 6]], lengths 3 and 2, beta 0.1, scores (10, 20):
+    [[-0.1, -0.2, -0.3 + 10], [-0.4, -0.5 + 20, 0]]."""
+    kl = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = shape_rewards(torch.tensor([10.0, 20.0]), kl, mask, 0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.1, -0.2, 9.7], [-0.4, 19.5, 0.0]]))
+
+
+def test_gae_by_hand():
+    """rewards [0, 0, 1], values [0.5, 0.6, 0.7], gamma 1, lam 0.5:
+    delta = [0 + 0.6 - 0.5, 0 + 0.7 - 0.6, 1 + 0 - 0.7] = [0.1, 0.1, 0.3];
+    A_2 = 0.3, A_1 = 0.1 + 0.5 * 0.3 = 0.25, A_0 = 0.1 + 0.5 * 0.25 = 0.225; returns = A + V.
+    A second row of length 2 ends at its own last token (its third value is ignored)."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 0.6, 9.9]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert advantages[0].tolist() == pytest.approx([0.225, 0.25, 0.3])
+    assert returns[0].tolist() == pytest.approx([0.725, 0.85, 1.0])
+    # row 2: delta = [0.6 - 0.5, 1 - 0.6] = [0.1, 0.4]; A = [0.1 + 0.2, 0.4, 0]
+    assert advantages[1].tolist() == pytest.approx([0.3, 0.4, 0.0])
+
+
+def test_group_advantages_by_hand():
+    """Two prompts, k = 3: scores [1, 2, 3 | 0, 0, 3].
+    rloo: 1 - 2.5, 2 - 2, 3 - 1.5 | 0 - 1.5, 0 - 1.5, 3 - 0 = [-1.5, 0, 1.5, -1.5, -1.5, 3];
+    grpo: group 1 mean 2, std 1 -> [-1, 0, 1] / (1 + 1e-4); group 2 mean 1, std sqrt(3) -> [-1, -1, 2] / (sqrt 3 + 1e-4);
+    reinforce: minus the batch mean 1.5."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 3.0])
+    assert group_advantages(scores, 3, "rloo").tolist() == pytest.approx([-1.5, 0, 1.5, -1.5, -1.5, 3])
+    s3 = math.sqrt(3) + 1e-4
+    assert group_advantages(scores, 3, "grpo").tolist() == pytest.approx(
+        [-1 / 1.0001, 0, 1 / 1.0001, -1 / s3, -1 / s3, 2 / s3], abs=1e-6)
+    assert group_advantages(scores, 3, "reinforce").tolist() == pytest.approx([-0.5, 0.5, 1.5, -1.5, -1.5, 1.5])
+
+
+def test_clipped_losses_by_hand():
+    """One token, advantage 2, ratio e^0.5 = 1.6487 > 1.2: clipped, loss = -2 * 1.2 = -2.4, clipfrac 1,
+    approx KL 0.5 * 0.25 = 0.125. Value: V 1.0, V_old 0.5, R 2: clip(V) = 0.7; max((1 - 2)^2, (0.7 - 2)^2)
+    = 1.69, loss 0.845, clipfrac 1."""
+    one = torch.ones(1, 1)
+    loss, stats = clipped_policy_loss(0.5 * one, 0 * one, 2 * one, one, clip=0.2)
+    assert loss.item() == pytest.approx(-2.4) and stats["clipfrac"].item() == 1.0
+    assert stats["approx_kl"].item() == pytest.approx(0.125)
+    value_loss, value_clipfrac = clipped_value_loss(one, 0.5 * one, 2 * one, one, clip=0.2)
+    assert value_loss.item() == pytest.approx(0.845) and value_clipfrac.item() == 1.0
+
+
+def test_adaptive_kl_controller_by_hand():
+    """beta 0.1, target 6, horizon 100: KL 9 -> e = clip(0.5) = 0.2, 10 steps -> beta * (1 + 0.2 * 0.1) = 0.102;
+    KL 5.4 -> e = -0.1 -> 0.102 * 0.99; no target: fixed."""
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert controller.update(9.0, 10) == pytest.approx(0.102)
+    assert controller.update(5.4, 10) == pytest.approx(0.102 * 0.99)
+    assert AdaptiveKLController(0.1).update(100.0, 10) == 0.1
+
+
+def test_matches_trl_112_ppo_code(tmp_path):
+    """Full-length completions (no padding), where TRL's conventions and ours are the same. TRL puts the
+    score one past the last token and keeps one more value, so reward shaping is compared by hand only."""
+    assert TRL_112.is_dir(), f"TRL 1.12 is missing at {TRL_112}: `make test` installs it"
+    g = torch.Generator().manual_seed(0)
+    b, t = 4, 6
+    logps = -torch.rand(b, t, generator=g, dtype=torch.float64) * 2
+    inputs = {
+        "logps": logps, "ref_logps": logps + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64),
+        "new_logps": logps + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64),
+        "rewards": torch.randn(b, t, generator=g, dtype=torch.float64),
+        "values": torch.randn(b, t, generator=g, dtype=torch.float64),
+        "new_values": torch.randn(b, t, generator=g, dtype=torch.float64),
+        "returns": torch.randn(b, t, generator=g, dtype=torch.float64),
+        "advantages": torch.randn(b, t, generator=g, dtype=torch.float64),
+        "mask": torch.ones(b, t, dtype=torch.float64), "gamma": 0.99, "lam": 0.9, "clip": 0.2, "value_clip": 0.3,
+    }
+    torch.save(inputs, tmp_path / "in.pt")
+    env = {**os.environ, "PYTHONPATH": str(TRL_112), "TRL_EXPERIMENTAL_SILENCE": "1"}
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "trl112_ppo_oracle.py"),
+                             str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trl = torch.load(tmp_path / "out.pt")
+    mask = inputs["mask"]
+    close = lambda a, b: torch.allclose(torch.as_tensor(a, dtype=torch.float64), b.double(), atol=1e-6)  # noqa: E731
+    for estimator in ("k1", "k3"):
+        assert close(kl_estimate(inputs["logps"], inputs["ref_logps"], estimator), trl[f"kl_{estimator}"])
+    advantages, returns = gae(inputs["rewards"], inputs["values"], mask, gamma=0.99, lam=0.9)
+    assert close(advantages, trl["advantages"]) and close(returns, trl["returns"])
+    assert close(masked_whiten(inputs["rewards"], mask), trl["whitened"])
+    assert close(masked_whiten(inputs["rewards"], mask, shift_mean=False), trl["whitened_keep_mean"])
+    policy_loss, stats = clipped_policy_loss(inputs["new_logps"], inputs["logps"], inputs["advantages"], mask, 0.2)
+    assert close(policy_loss, trl["pg_loss"]) and close(stats["clipfrac"], trl["pg_clipfrac"])
+    assert close(stats["approx_kl"], trl["approxkl"])
+    value_loss, value_clipfrac = clipped_value_loss(inputs["new_values"], inputs["values"], inputs["returns"], mask,
+                                                    0.3)
+    assert close(value_loss, trl["vf_loss"]) and close(value_clipfrac, trl["vf_clipfrac"])
+    assert 0 < stats["clipfrac"] < 1 and 0 < value_clipfrac < 1  # both branches of each max are exercised
