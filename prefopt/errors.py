@@ -11,3 +11,15 @@ class RecipeError(PrefoptError, ValueError):
 
 class DataError(PrefoptError, ValueError):
     """A dataset cannot be read, or rows in it cannot be used."""
+
+
+def import_object(reference: str, where: str):
+    """A user's "package.module:name" (a loss, a scoring function), or a RecipeError saying why not."""
+    import importlib
+
+    module_name, _, name = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RecipeError(f"{where}: cannot import {reference!r}: {exc} (is {module_name!r} on PYTHONPATH? the "
+                          "form is package.module:name)") from None

@@ -3,13 +3,12 @@ the first step of iterative / online DPO."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import torch
 
-from prefopt.errors import PrefoptError
+from prefopt.errors import PrefoptError, import_object
 from prefopt.scoring import RewardScorer
 
 
@@ -59,8 +58,7 @@ def label_file(args) -> str:
     if bool(args.reward) == bool(args.verifier):
         raise PrefoptError("give --reward (one or more reward models) or --verifier module:function, not both")
     if args.verifier:
-        module, _, name = args.verifier.partition(":")
-        scorer = RewardScorer(getattr(importlib.import_module(module), name))
+        scorer = RewardScorer(import_object(args.verifier, "--verifier"))
     else:
         scorer = RewardScorer(args.reward, aggregate=args.aggregate, std_coef=args.std_coef)
     pairs, ties = best_vs_worst(prompts, completions, scorer)

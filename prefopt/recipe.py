@@ -113,15 +113,62 @@ class TrainConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How PPO-family methods sample completions (Hugging Face generate, KV cache, left padding)."""
+
+    samples_per_prompt: int = 4  # completions per prompt (k): RLOO and GRPO compare them
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ends
+
+
+@dataclass
+class RewardModelConfig:
+    """What scores the completions: reward models (an ensemble when several) or a Python function."""
+
+    models: list[str] = field(default_factory=list)  # run directories or model directories / hub ids
+    function: str | None = None  # "module:function", called as function(prompts, completions) -> scores
+    aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
+    std_coef: float = 1.0  # lambda of mean_minus_std
+    normalize: bool = False  # (r - mean) / std with each reward model's stored statistics
+
+
+@dataclass
+class PPOConfig:
+    """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and its critic-free variants."""
+
+    advantage: Literal["gae", "rloo", "grpo", "reinforce"] = "gae"  # gae uses a value head on the policy
+    epochs: int = 1  # passes over each rollout
+    num_mini_batches: int = 1  # optimizer steps per pass; train.batch_size completions each
+    clip: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0  # entropy bonus
+    kl_coef: float = 0.05  # beta
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_penalty: Literal["reward", "loss"] = "reward"  # subtract beta KL from the reward, or add it to the loss
+    target_kl: float | None = None  # adaptive beta toward this KL per completion (Ziegler et al. 2019)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
+
+
+@dataclass
 class Recipe:
     model: ModelConfig
     data: DataConfig
     output_dir: str = "runs/default"  # recipe.yaml, metrics.jsonl, checkpoints/, final/
     seed: int = 0
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    loss: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
+    loss: list[LossConfig] = field(default_factory=lambda: [LossConfig()])  # offline methods
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ppo: PPOConfig | None = None  # online: present, the recipe runs PPOTrainer on prompt-only data
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-ready data (loss params inlined)."""
@@ -284,6 +331,9 @@ def _check(recipe: Recipe, where: str) -> None:
     if train.batch_size % train.micro_batch_size:
         _fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
+    if recipe.ppo is not None:
+        _check_ppo(recipe, where)
+        return
     if not recipe.loss:
         _fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
     specs = []
@@ -300,6 +350,30 @@ def _check(recipe: Recipe, where: str) -> None:
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
         _fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
               "it is estimated from mismatched prompt/completion pairs within the micro-batch")
+
+
+def _check_ppo(recipe: Recipe, where: str) -> None:
+    ppo, rollout, reward, train, ref = recipe.ppo, recipe.rollout, recipe.reward_model, recipe.train, recipe.reference
+    if bool(reward.models) == bool(reward.function):
+        _fail(where, "reward_model", "give reward_model.models (reward models) or reward_model.function "
+              "(module:function), exactly one")
+    k = rollout.samples_per_prompt
+    if k < 1 or (ppo.advantage == "rloo" and k < 2):
+        _fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage} (rloo needs 2)")
+    if train.batch_size % k:
+        _fail(where, "train.batch_size", f"{train.batch_size} completions per step must be a multiple of "
+              f"rollout.samples_per_prompt ({k}): a prompt's completions stay together")
+    cycle = ppo.epochs * ppo.num_mini_batches
+    if train.save_every % cycle:
+        _fail(where, "train.save_every", f"must be a multiple of ppo.epochs x ppo.num_mini_batches ({cycle}), so "
+              "that checkpoints fall between rollouts")
+    if ref.kind == "auto":
+        ref.kind = "none" if ppo.kl_coef == 0 else "adapter_off" if recipe.model.lora or recipe.model.adapter else "copy"
+    if ref.kind == "adapter_off" and not (recipe.model.lora or recipe.model.adapter):
+        _fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
+    if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
+        _fail(where, "reference.kind", f"{ref.kind} cannot give the per-token reference log-probs of fresh "
+              "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
 
 
 def _check_reference(recipe: Recipe, specs: list, where: str) -> None:

@@ -69,7 +69,7 @@ def test_user_loss_from_a_module(sort_task, tmp_path, monkeypatch):
     assert first["loss"] == pytest.approx(3.0 * 0.6931471805599453, abs=1e-5)  # 3 * ln 2 at step 1
     with pytest.raises(RecipeError, match="has no argument 'scael'; did you mean 'scale'"):
         recipe_lib.load(tmp_path / "r.yaml", ["loss.scael=1"])
-    with pytest.raises(RecipeError, match="cannot import loss 'nomodule:fn'"):
+    with pytest.raises(RecipeError, match="cannot import 'nomodule:fn'"):
         recipe_lib.load(tmp_path / "r.yaml", ["loss.name=nomodule:fn"])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefopt.data.formats import BadRow, canonical_pair, canonical_unpaired
+from prefopt.data.formats import BadRow, canonical_pair, canonical_prompt, canonical_unpaired
 from prefopt.data.sources import load_rows
 from prefopt.data.tokenize import tokenize_examples
 from prefopt.errors import DataError
@@ -19,6 +19,10 @@ def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: i
     {prompt_ids, completion_ids, label}. With pairs_only, unpaired rows are an error.
     """
     rows = load_rows(sources, seed, where)
+    prompts_origin = next((origin for origin, fmt, _, _ in rows if fmt == "prompts"), None)
+    if prompts_origin:
+        raise DataError(f"{prompts_origin} holds prompts alone; offline methods need completions (prompt/chosen/"
+                        "rejected or prompt/completion), online methods (a ppo: section) take prompts")
     unpaired_origin = next((origin for origin, fmt, _, _ in rows if fmt == "unpaired"), None)
     if pairs_only and unpaired_origin:
         raise DataError(f"{unpaired_origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
@@ -59,3 +63,27 @@ def as_rows(examples: list[dict]) -> list[dict]:
         else:
             rows.append(ex)
     return rows
+
+
+def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
+                 log=print) -> list[dict]:
+    """Prompts for online methods: {prompt (as given: text or messages), prompt_ids}, from any source with a
+    `prompt` column (preference sets included). Prompts longer than max_prompt_length keep their end."""
+    rows = load_rows(sources, seed, where)
+    kept, examples, bad = [], [], []
+    for origin, _, index, row in rows:
+        try:
+            examples.append(canonical_prompt(row, tokenizer))
+            kept.append(row["prompt"])
+        except BadRow as reason:
+            bad.append(f"{origin} row {index}: {reason}")
+    if bad:
+        if cfg.on_bad_row == "error":
+            raise DataError(f"{len(bad)} of {len(rows)} prompts in {where} cannot be used:\n  " + "\n  ".join(
+                bad[:SHOWN_BAD_ROWS]) + "\nFix them, or set data.on_bad_row=drop to drop them with a count.")
+        log(f"[prefopt] dropped {len(bad)} of {len(rows)} prompts in {where}")
+    if not examples:
+        raise DataError(f"{where}: no usable prompts")
+    tokenized, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length, ())
+    log(f"[prefopt] {where}: {len(tokenized)} prompts ({report.prompts_cut} truncated)")
+    return [{"prompt": prompt, "prompt_ids": ex["prompt_ids"]} for prompt, ex in zip(kept, tokenized)]

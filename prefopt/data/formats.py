@@ -57,6 +57,13 @@ def canonical_unpaired(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     return {**_render(tokenizer, row["prompt"], {"completion": row["completion"]}), "label": label}
 
 
+def canonical_prompt(row: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A prompt-only row (online methods) -> {"prompt": text, "chat": bool}: messages get the chat template
+    with the generation prompt."""
+    _check_field(row, "prompt")
+    return _render(tokenizer, row["prompt"], {})
+
+
 def _render(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[str, Any]:
     """Prompt and completions, all strings or all message lists -> text, with the chat template if messages."""
     kinds = {is_messages(v) for v in (prompt, *completions.values())}

@@ -42,11 +42,14 @@ def load_source(source: DataSource, where: str):
 
 
 def row_format(columns: list[str], origin: str) -> str:
-    """"paired" (prompt/chosen/rejected) or "unpaired" (prompt/completion/label), from a source's columns."""
+    """"paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label) or "prompts" (prompt alone,
+    for online methods), from a source's columns."""
     if "chosen" in columns or "rejected" in columns:
         required = ("chosen", "rejected")
     elif "completion" in columns:
         required = ("prompt", "completion")
+    elif "prompt" in columns:
+        return "prompts"
     else:
         required = ("chosen", "rejected")
     missing = [c for c in required if c not in columns]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefopt.errors import RecipeError
+from prefopt.errors import RecipeError, import_object
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,7 @@ def get_loss(name: str, where: str = "loss.name") -> LossSpec:
 
 
 def _import_loss(name: str, where: str) -> LossSpec:
-    import importlib
-
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RecipeError(f"{where}: cannot import loss {name!r}: {exc} (is {module_name!r} on PYTHONPATH?)") from None
+    fn = import_object(name, where)
     registered = [spec for spec in LOSSES.values() if spec.fn is fn]
     return registered[0] if registered else LossSpec(name=name, fn=fn, needs_reference=True)
 

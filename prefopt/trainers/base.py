@@ -110,7 +110,7 @@ class Trainer:
         for step in progress:
             for key, value in self.train_step(step).items():
                 window[key].append(value)
-            if step % train.log_every == 0 or step == train.max_steps:
+            if window and (step % train.log_every == 0 or step == train.max_steps):
                 record = {key: sum(values) / len(values) for key, values in window.items()}
                 window.clear()
                 self._log(record, step=step, split="train")
@@ -143,6 +143,8 @@ class Trainer:
                 means.add(key, value)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
+        if not means.sums:  # the method had nothing to train on this step (PPO's approximate-KL stop)
+            return {}
         record = means.result(acc)
         record.update(grad_norm=float(grad_norm), lr=lr)
         return record
@@ -250,7 +252,7 @@ class Trainer:
     def _log(self, record: dict[str, float], step: int, split: str) -> None:
         if not record or not self.accelerator.is_main_process:
             return
-        line = {"step": step, "split": split, "loss": record["loss"]}
+        line = {"step": step, "split": split, **({"loss": record["loss"]} if "loss" in record else {})}
         line.update({k: v for k, v in sorted(record.items()) if k != "loss"})
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")

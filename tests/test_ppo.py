@@ -1,0 +1,109 @@
+"""PPO on the shared loop: runs for each advantage estimator, resumes exactly, runs on two processes,
+stops an epoch on approximate KL, and trains a LoRA policy with its value head."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_resume_matches, read_metrics, write_recipe
+
+from prefopt import recipe as recipe_lib
+from prefopt.cli import train_recipe
+from prefopt.errors import RecipeError
+from prefopt.trainers import PPOTrainer
+
+
+def length_score(prompts, completions):
+    """A reward the tiny random model can move (it never sorts): longer completions score higher."""
+    return [len(c) / 10 for c in completions]
+
+
+def ppo_sections(**ppo):
+    return dict(data={"eval": None}, reward_model={"function": "test_ppo:length_score"},
+                rollout={"samples_per_prompt": 2, "max_new_tokens": 8},
+                ppo={"advantage": "gae", "epochs": 1, "num_mini_batches": 2, **ppo},
+                train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "save_every": 2, "log_every": 1})
+
+
+@pytest.mark.parametrize("advantage", ["gae", "rloo", "grpo", "reinforce"])
+def test_ppo_runs_and_logs(sort_task, tmp_path, advantage):
+    out = tmp_path / "run"
+    sections = ppo_sections(advantage=advantage)
+    sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out, **sections))
+    train = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy", "rollout/score", "rollout/kl",
+                "rollout/kl_per_token", "rollout/length", "rollout/eos", "rollout/shaped_reward"):
+        assert key in train[0], key
+    assert ("value/loss" in train[0]) == (advantage == "gae")
+    evals = read_metrics(out, "eval")
+    assert [r["step"] for r in evals] == [0, 4] and evals[0]["score"] >= 0
+    assert (out / "final" / "config.json").exists() and (out / "samples.jsonl").exists()
+    assert (out / "final" / "value_head.pt").exists() == (advantage == "gae")
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_resume_continues_exactly(sort_task, tmp_path, advantage):
+    """Stopped at step 2 (a rollout boundary) and resumed: the same rollouts (restored RNG), the same
+    value head, optimizer and KL controller, so the same losses."""
+    sections = ppo_sections(advantage=advantage, target_kl=0.01)
+    sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-3}
+    assert_resume_matches(sort_task, tmp_path, **sections)
+
+
+def test_approx_kl_stop_skips_the_rest_of_an_epoch(sort_task, tmp_path):
+    """epochs 2 x mini-batches 2, bound ~0. Step 1 sees the rollout's own policy (approximate KL 0) and
+    step 2 ends epoch 1 anyway; step 3 starts epoch 2, its approximate KL passes the bound, so step 4,
+    the rest of that epoch, is skipped."""
+    out = tmp_path / "run"
+    sections = ppo_sections(epochs=2, approx_kl_stop=1e-12)
+    sections["train"].update(max_steps=4, save_every=4)
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out, **sections))
+    train = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3]  # step 4 was skipped
+    assert train[0]["policy/approx_kl"] == 0.0 and train[2]["policy/approx_kl"] > 1e-12
+
+
+def test_lora_policy_trains_adapter_and_value_head(sort_task, tmp_path):
+    sections = ppo_sections()
+    sections["model"] = {"lora": {"r": 4, "alpha": 8}}
+    recipe = recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+    assert recipe.reference.kind == "adapter_off"
+    trainer = PPOTrainer(recipe)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head.") for n in trainable)
+    assert any(n.startswith("value_head.") for n in trainable) and trainer.reference is None
+    trainer.fit()
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"reward_model": {}}, "give reward_model.models"),
+    ({"rollout": {"samples_per_prompt": 1}, "ppo": {"advantage": "rloo"}}, "too few for advantage rloo"),
+    ({"rollout": {"samples_per_prompt": 3}}, "must be a multiple of rollout.samples_per_prompt"),
+    ({"reference": {"kind": "precomputed"}}, "cannot give the per-token reference log-probs"),
+    ({"train": {"batch_size": 8, "micro_batch_size": 4, "save_every": 3}}, "multiple of ppo.epochs"),
+])
+def test_ppo_recipe_errors(sort_task, tmp_path, sections, message):
+    merged = ppo_sections()
+    for key, value in sections.items():
+        merged[key] = {**merged.get(key, {}), **value} if key != "reward_model" else value
+    with pytest.raises(RecipeError, match=message):
+        recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **merged))
+
+
+def test_ppo_on_two_processes(sort_task, tmp_path):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", sort_task, out, **ppo_sections(advantage="grpo"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "prefopt", "train", str(path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["accumulation_steps"] == 1
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
