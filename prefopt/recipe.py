@@ -138,7 +138,9 @@ class RewardModelConfig:
 class PPOConfig:
     """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and its critic-free variants."""
 
-    advantage: Literal["gae", "rloo", "grpo", "reinforce"] = "gae"  # gae uses a value head on the policy
+    advantage: Literal["gae", "rloo", "grpo", "reinforce"] = "gae"  # gae learns a value function (critic)
+    critic: Literal["head", "separate"] = "head"  # gae: a value head on the policy's backbone, or its own model
+    critic_name_or_path: str | None = None  # separate critic's starting weights; None: model.name_or_path
     epochs: int = 1  # passes over each rollout
     num_mini_batches: int = 1  # optimizer steps per pass; train.batch_size completions each
     clip: float = 0.2  # policy ratio clip epsilon

@@ -109,10 +109,12 @@ class RewardScorer:
     @torch.no_grad()
     def _score(self, model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
         from prefopt.data.collate import pad_sequences
-        from prefopt.data.formats import canonical_unpaired
+        from prefopt.data.formats import is_messages, render_example
         from prefopt.data.tokenize import tokenize_examples
 
-        rows = [canonical_unpaired({"prompt": p, "completion": c}, tokenizer) for p, c in zip(prompts, completions)]
+        # no emptiness checks: a sampled completion may be nothing but EOS, and still gets a score
+        rows = [render_example(tokenizer, p, {"completion": [{"role": "assistant", "content": c}] if is_messages(p)
+                                              else c}) for p, c in zip(prompts, completions)]
         rows, _ = tokenize_examples(rows, tokenizer, self.max_length, self.max_length - 1, ("completion",))
         scores = []
         for i in range(0, len(rows), self.batch_size):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_resume_matches, read_metrics, write_recipe
 
 from prefopt import recipe as recipe_lib
@@ -46,11 +47,12 @@ def test_ppo_runs_and_logs(sort_task, tmp_path, advantage):
     assert (out / "final" / "value_head.pt").exists() == (advantage == "gae")
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_ppo_resume_continues_exactly(sort_task, tmp_path, advantage):
+@pytest.mark.parametrize("ppo", [{"advantage": "gae"}, {"advantage": "gae", "critic": "separate"},
+                                 {"advantage": "grpo"}], ids=["gae", "gae-separate-critic", "grpo"])
+def test_ppo_resume_continues_exactly(sort_task, tmp_path, ppo):
     """Stopped at step 2 (a rollout boundary) and resumed: the same rollouts (restored RNG), the same
-    value head, optimizer and KL controller, so the same losses."""
-    sections = ppo_sections(advantage=advantage, target_kl=0.01)
+    value head (and critic), optimizer and KL controller, so the same losses."""
+    sections = ppo_sections(**ppo, target_kl=0.01)
     sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-3}
     assert_resume_matches(sort_task, tmp_path, **sections)
 
@@ -107,3 +109,15 @@ def test_ppo_on_two_processes(sort_task, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 2 and info["accumulation_steps"] == 1
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_separate_critic_trains_beside_the_policy(sort_task, tmp_path):
+    sections = ppo_sections(critic="separate")
+    trainer = PPOTrainer(recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections)))
+    trainable = {n.split(".")[0] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == {"policy", "critic", "value_head"}
+    before = {n: p.detach().clone() for n, p in trainer.model.critic.named_parameters()}
+    trainer.fit()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.accelerator.unwrap_model(trainer.model)
+               .critic.named_parameters())
+    assert (tmp_path / "run" / "final" / "critic" / "config.json").exists()

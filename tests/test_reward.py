@@ -113,3 +113,9 @@ def test_lora_reward_model_trains_its_head_and_merges(sort_task, tmp_path):
         out / "merged", str(sort_task / "eval.jsonl"))
     assert merged["margin_mean"] == pytest.approx(lora["margin_mean"], abs=1e-5)
     assert (out / "merged" / "reward_normalization.json").exists()
+
+
+def test_scorer_scores_empty_completions(reward_runs):
+    """A sampled completion can be EOS alone, which decodes to "": it is scored (prompt + EOS), not refused."""
+    scores = RewardScorer(reward_runs[0])(["sort: 2 1 =>", "sort: 2 1 =>"], ["", " 1 2"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -38,7 +38,7 @@ def canonical_pair(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     else:
         _check_field(row, "prompt", allow_empty=True)
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    example = _render(tokenizer, prompt, {"chosen": chosen, "rejected": rejected})
+    example = render_example(tokenizer, prompt, {"chosen": chosen, "rejected": rejected})
     if row.get("margin") is not None:  # how much better chosen is (reward models, Llama 2's margin loss)
         margin = row["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
@@ -54,17 +54,17 @@ def canonical_unpaired(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     label = row.get("label", True)
     if not isinstance(label, bool):
         raise BadRow(f"'label' is {type(label).__name__} {label!r:.80}; expected true (thumbs up) or false")
-    return {**_render(tokenizer, row["prompt"], {"completion": row["completion"]}), "label": label}
+    return {**render_example(tokenizer, row["prompt"], {"completion": row["completion"]}), "label": label}
 
 
 def canonical_prompt(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     """A prompt-only row (online methods) -> {"prompt": text, "chat": bool}: messages get the chat template
     with the generation prompt."""
     _check_field(row, "prompt")
-    return _render(tokenizer, row["prompt"], {})
+    return render_example(tokenizer, row["prompt"], {})
 
 
-def _render(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[str, Any]:
+def render_example(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[str, Any]:
     """Prompt and completions, all strings or all message lists -> text, with the chat template if messages."""
     kinds = {is_messages(v) for v in (prompt, *completions.values())}
     if len(kinds) > 1:

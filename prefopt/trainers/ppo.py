@@ -20,18 +20,19 @@ from prefopt.data import load_prompts
 from prefopt.errors import RecipeError, import_object
 from prefopt.logprobs import token_logps
 from prefopt.losses import ppo as ppo_math
-from prefopt.models import load_policy, load_reference_copy
+from prefopt.models import load_causal_lm, load_policy, load_reference_copy
 from prefopt.scoring import RewardScorer
 from prefopt.trainers.base import Trainer
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy, and for GAE a scalar value head on its last hidden state: one module to prepare."""
+    """The policy, and for GAE a scalar value head on the last hidden state of the policy's backbone or of a
+    separate critic model (trained alongside): one module to prepare."""
 
-    def __init__(self, policy, value_head: bool):
+    def __init__(self, policy, value_head: bool, critic=None):
         super().__init__()
-        self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
+        self.policy, self.critic = policy, critic
+        hidden = (critic or policy).config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:  # start from V = 0: the first advantages are the rewards themselves
             nn.init.zeros_(self.value_head.weight)
@@ -39,10 +40,13 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False, output_hidden_states=self.value_head is not None)
-        values = None if self.value_head is None else self.value_head(out.hidden_states[-1]).squeeze(-1).float()
-        return out.logits, values  # (N, L, V), (N, L)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        out = self.policy(**kwargs, output_hidden_states=self.value_head is not None and self.critic is None)
+        if self.value_head is None:
+            return out.logits, None
+        hidden = (out if self.critic is None else self.critic(**kwargs, output_hidden_states=True)).hidden_states[-1]
+        return out.logits, self.value_head(hidden).squeeze(-1).float()  # (N, L, V), (N, L)
 
     def save_pretrained(self, path, state_dict=None, **kwargs):
         """The policy in Hugging Face (or PEFT) format; the value head beside it as value_head.pt."""
@@ -51,6 +55,8 @@ class PolicyWithValueHead(nn.Module):
         self.policy.save_pretrained(path, state_dict=state_dict, **kwargs)
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), f"{path}/value_head.pt")
+        if self.critic is not None:
+            self.critic.save_pretrained(f"{path}/critic")
 
 
 class PPOTrainer(Trainer):
@@ -65,7 +71,10 @@ class PPOTrainer(Trainer):
         source = import_object(reward.function, "reward_model.function") if reward.function else reward.models
         self.scorer = RewardScorer(source, reward.aggregate, reward.std_coef, reward.normalize,
                                    device=str(acc.device))
-        self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=ppo.advantage == "gae")
+        critic = None
+        if ppo.advantage == "gae" and ppo.critic == "separate":
+            critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
+        self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=ppo.advantage == "gae", critic=critic)
         self.reference = None
         if recipe.reference.kind == "copy":
             self.reference = load_reference_copy(recipe.model, recipe.reference.name_or_path).to(acc.device)
@@ -78,6 +87,9 @@ class PPOTrainer(Trainer):
         prompts = self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches // self.recipe.rollout.samples_per_prompt
         if len(self.train_data) < prompts:
             raise RecipeError(f"a rollout takes {prompts} prompts but data.train has {len(self.train_data)}")
+        if prompts % self.world_size:
+            raise RecipeError(f"a rollout's {prompts} prompts (train.batch_size x ppo.num_mini_batches / "
+                              f"rollout.samples_per_prompt) do not split evenly over {self.world_size} processes")
 
     # ----- rollouts -------------------------------------------------------------------------------
 
