@@ -104,6 +104,7 @@ class TrainConfig:
     max_steps: int = 100  # optimizer steps
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     log_every: int = 1  # write train metrics (averaged since the last write) every N steps
     eval_every: int = 50  # evaluate every N steps (always at step 0 and at the end); 0: only then
     save_every: int = 50  # checkpoint every N steps; 0: no intermediate checkpoints

@@ -1,4 +1,5 @@
-"""Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation."""
+"""Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation:
+DDP for DPO and reward models. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
 
 import json
 import os
@@ -10,24 +11,61 @@ from conftest import read_metrics, write_recipe
 
 from prefopt.cli import train_recipe
 
+FSDP2_CPU = """
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+"""
 
-def test_two_processes_match_one_with_double_accumulation(sort_task, tmp_path):
-    sections = dict(train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "eval_every": 5})
-    one = tmp_path / "one"
-    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
-    two = tmp_path / "two"
-    path = write_recipe(tmp_path / "two.yaml", sort_task, two, **sections)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "prefopt", "train", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert result.returncode == 0, result.stderr[-3000:]
 
-    info = {name: json.loads((d / "run.json").read_text()) for name, d in (("one", one), ("two", two))}
-    assert info["two"]["world_size"] == 2 and info["two"]["accumulation_steps"] == 1
-    assert info["one"]["world_size"] == 1 and info["one"]["accumulation_steps"] == 2
+def compare(one, two, tolerance=1e-5):
     for split in ("train", "eval"):
         a, b = read_metrics(one, split), read_metrics(two, split)
         assert [r["step"] for r in a] == [r["step"] for r in b] and a
         for ra, rb in zip(a, b):
             for key, value in ra.items():
-                assert rb[key] == pytest.approx(value, abs=1e-5), (split, ra["step"], key)
+                assert rb[key] == pytest.approx(value, abs=tolerance), (split, ra["step"], key)
+
+
+def run_two(launcher: list[str], path) -> None:
+    command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loss", [{"name": "dpo", "beta": 0.1}, {"name": "bradley_terry", "center_coef": 0.01}],
+                         ids=["dpo", "reward"])
+def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, loss):
+    sections = dict(loss=loss, train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "eval_every": 5})
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
+    run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+            write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+    info = {name: json.loads((d / "run.json").read_text()) for name, d in (("one", one), ("two", two))}
+    assert info["two"]["world_size"] == 2 and info["two"]["accumulation_steps"] == 1
+    assert info["one"]["world_size"] == 1 and info["one"]["accumulation_steps"] == 2
+    compare(one, two)
+
+
+def test_fsdp2_on_cpu_is_refused_rather_than_silently_ddp(sort_task, tmp_path):
+    """Accelerate 1.15 selects FSDP only on GPU-class devices (accelerate/state.py); with an FSDP2 config on
+    CPU it would run plain DDP (MULTI_CPU). prefopt stops with a clear error instead. FSDP2 is for a GPU."""
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(FSDP2_CPU)
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                        train={"max_steps": 1, "batch_size": 8, "micro_batch_size": 4})
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefopt",
+               "train", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode != 0
+    assert "the launch config asks for FSDP, but Accelerate runs it as MULTI_CPU on cpu" in result.stderr

@@ -134,3 +134,15 @@ def test_conversational_rows_train_with_a_held_out_fraction(sort_task, tmp_path)
     assert (info["train_examples"], info["eval_examples"]) == (32, 8)
     evals = read_metrics(out, "eval")
     assert [r["step"] for r in evals] == [0, 2] and evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("model", [{}, {"lora": {"r": 4, "alpha": 8}}], ids=["full", "lora"])
+def test_gradient_checkpointing_changes_memory_not_the_loss(sort_task, tmp_path, model):
+    runs = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        train_recipe(write_recipe(tmp_path / f"{flag}.yaml", sort_task, out, model=model,
+                                  train={"max_steps": 3, "gradient_checkpointing": flag}))
+        runs[flag] = [r["loss"] for r in read_metrics(out)]
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert runs[True][-1] != runs[True][0]  # it trained

@@ -56,6 +56,11 @@ class Trainer:
         self.accumulation_steps = train.batch_size // per_step
         self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation_steps,
                                        mixed_precision=self._mixed_precision(train.mixed_precision))
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and self.accelerator.distributed_type.name != "FSDP":
+            # Accelerate turns FSDP on for GPU-class devices only; on CPU it would silently run plain DDP
+            raise RecipeError(f"the launch config asks for FSDP, but Accelerate runs it as "
+                              f"{self.accelerator.distributed_type.name} on {self.accelerator.device.type}: FSDP needs "
+                              "GPUs; on CPU launch with torchrun or the ddp config")
         set_seed(recipe.seed)
         self.output_dir = Path(recipe.output_dir)
         self.tokenizer = load_tokenizer(recipe.model)
@@ -159,13 +164,17 @@ class Trainer:
         self.model.eval()
         size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
         mine = examples[acc.process_index :: self.world_size]
+        # every process runs as many forwards as the busiest one (sharded models gather in lockstep);
+        # a process out of examples runs one of them again and counts nothing
+        batches = math.ceil(math.ceil(len(examples) / self.world_size) / size)
         means = MetricMeans()
-        for i in range(0, len(mine), size):
-            chunk = mine[i : i + size]
-            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk)))
-            means.add("loss", loss, weight=len(chunk))  # loss is a mean over the micro-batch
-            for key, value in metrics.items():
-                means.add(key, value)
+        for i in range(batches):
+            chunk = mine[i * size : (i + 1) * size]
+            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk or examples[:1])))
+            if chunk:
+                means.add("loss", loss, weight=len(chunk))  # loss is a mean over the micro-batch
+                for key, value in metrics.items():
+                    means.add(key, value)
         return means.result(acc)
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -191,6 +200,11 @@ class Trainer:
 
     def _prepare(self) -> None:
         optim = self.recipe.optim
+        if self.recipe.train.gradient_checkpointing:  # recompute activations in backward: less memory, more time
+            policy = getattr(self.model, "policy", self.model)
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(policy, "enable_input_require_grads"):  # LoRA: frozen embeddings still pass gradients on
+                policy.enable_input_require_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
@@ -234,6 +248,23 @@ class Trainer:
             raise RecipeError(f"train.batch_size is {needed} but the training set has only {len(self.train_data)} "
                               "usable examples; lower train.batch_size or add data")
 
+    def prepare_frozen(self, model):
+        """A frozen model (reference, critic-free scorer) placed like the policy: under FSDP2 its decoder layers
+        are sharded too (Accelerate shards only models it trains), elsewhere it moves to the device."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return model.to(self.accelerator.device)
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(self.accelerator.device)
+        layers = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module)
+        fully_shard(model)
+        return model
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
@@ -245,6 +276,7 @@ class Trainer:
                 "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
+                "distributed_type": str(self.accelerator.distributed_type),
                 "torch": torch.__version__, "transformers": transformers.__version__}
 
     # ----- logging ----------------------------------------------------------------------------

@@ -63,6 +63,9 @@ class PPOTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
         acc, data, ppo = self.accelerator, recipe.data, recipe.ppo
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise RecipeError(f"PPO under {acc.distributed_type.name} is not supported yet: generation needs the "
+                              "sharded weights gathered; launch with the ddp (or single_gpu) config")
         with acc.main_process_first():
             self.train_data = load_prompts(data.train, self.tokenizer, data, recipe.seed, "data.train", acc.print)
             if data.eval:
@@ -77,7 +80,7 @@ class PPOTrainer(Trainer):
         self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=ppo.advantage == "gae", critic=critic)
         self.reference = None
         if recipe.reference.kind == "copy":
-            self.reference = load_reference_copy(recipe.model, recipe.reference.name_or_path).to(acc.device)
+            self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
         acc.register_for_checkpointing(self.kl_controller)
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout

@@ -45,7 +45,7 @@ class PreferenceTrainer(Trainer):
         self.model = load_policy(recipe.model)
         self.reference = None  # a frozen model of its own: reference.kind copy only
         if recipe.reference.kind == "copy":
-            self.reference = load_reference_copy(recipe.model, recipe.reference.name_or_path).to(acc.device)
+            self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
                 acc.register_for_checkpointing(self.reference)
 
