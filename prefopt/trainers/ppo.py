@@ -114,8 +114,10 @@ class PPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(self.model).policy
         was_training = policy.training
         policy.eval()
-        kwargs = {"do_sample": True, "temperature": rollout.temperature, "top_p": rollout.top_p} if sample else {
-            "do_sample": False}
+        # top_k=0: sample from the whole (temperature-scaled, top-p) distribution whose log-probs the update uses,
+        # not the top 50 that a model's default generation config would keep
+        kwargs = {"do_sample": True, "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": 0} if sample \
+            else {"do_sample": False}
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=rollout.max_new_tokens,
                               num_return_sequences=k, pad_token_id=self.tokenizer.pad_token_id,
                               eos_token_id=self.tokenizer.eos_token_id, **kwargs)
