@@ -22,7 +22,7 @@ from prefopt.logprobs import token_logps
 from prefopt.losses import ppo as ppo_math
 from prefopt.models import load_causal_lm, load_policy, load_reference_copy
 from prefopt.scoring import RewardScorer
-from prefopt.trainers.base import Trainer
+from prefopt.trainers.base import MetricMeans, Trainer
 
 
 class PolicyWithValueHead(nn.Module):
@@ -273,11 +273,13 @@ class PPOTrainer(Trainer):
         acc = self.accelerator
         mine = examples[acc.process_index :: self.world_size]
         size = self.recipe.train.eval_batch_size or 64
-        sums = torch.zeros(4, device=acc.device)
+        means = MetricMeans()
+        for key in ("score", "eos", "length"):  # every process has every key, even one with no prompts
+            means.add(key, torch.empty(0, device=acc.device))
         for i in range(0, len(mine), size):
             batch = self.generate(mine[i : i + size], sample=False)
-            sums += torch.stack([batch["scores"].sum(), batch["ended"].float().sum(), batch["mask"].sum(),
-                                 torch.tensor(float(len(batch["scores"])), device=acc.device)])
-        score, ended, tokens, count = acc.reduce(sums, reduction="sum").tolist()
-        return {"score": score / count, "eos": ended / count, "length": tokens / count} if count else {}
+            means.add("score", batch["scores"])
+            means.add("eos", batch["ended"].float())
+            means.add("length", batch["mask"].sum(1))
+        return means.result(acc)
 
