@@ -105,7 +105,7 @@ class Trainer:
             (self.output_dir / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
             self._truncate_metrics(start)
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
-                  f"{self.accumulation_steps} accumulation = {train.batch_size} pairs per step"
+                  f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
                   + (f"; resuming after step {start}" if start else ""))
         if start == 0:
             self._log(self.evaluate(), step=0, split="eval")
