@@ -34,8 +34,8 @@ import torch
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError
 from prefopt.models import load_tokenizer
-
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
+from prefopt.trainers.metrics import MetricMeans
 
 
 class Trainer:
@@ -296,7 +296,7 @@ class Trainer:
             return
         lines = path.read_text().splitlines()
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step] if step else []
-        _write_atomic(path, "".join(ln + "\n" for ln in kept))
+        write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def _summary(self) -> list[dict]:
         """Eval records of this run; the main process prints the first and last side by side."""
@@ -328,10 +328,10 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed}
-            _write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
+            write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             self._prune_checkpoints(root)
         acc.wait_for_everyone()
         return final
@@ -369,62 +369,3 @@ class Trainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
-
-
-class MetricMeans:
-    """Sums and counts of metric values, averaged over micro-batches and processes.
-
-    A value is a scalar (counted `weight` times) or a (B,) tensor of per-example
-    values, where NaN marks an example the metric does not apply to (the reward
-    of a desirable completion, say, on an undesirable one): it is skipped.
-    """
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-
-    def add(self, key: str, value: torch.Tensor, weight: float = 1.0) -> None:
-        value = value.detach().float()
-        if value.dim() == 0:
-            value, counts = value * weight, torch.tensor(float(weight), device=value.device)
-        else:
-            present = ~torch.isnan(value)
-            value, counts = value[present].sum(), present.sum().float()
-        self.sums[key] = self.sums.get(key, 0.0) + value
-        self.counts[key] = self.counts.get(key, 0.0) + counts
-
-    def result(self, accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)  # the same order on every process
-        totals = accelerator.reduce(torch.stack([self.sums[k] for k in keys] + [self.counts[k] for k in keys]),
-                                    reduction="sum").tolist()
-        sums, counts = totals[: len(keys)], totals[len(keys) :]
-        return {k: total / count for k, total, count in zip(keys, sums, counts) if count}
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints under root that were completely written, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        if path.name.startswith("step-") and (path / STATE_FILE).exists():
-            found.append((json.loads((path / STATE_FILE).read_text())["step"], path))
-    return sorted(found)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):x}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

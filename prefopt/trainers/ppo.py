@@ -22,7 +22,8 @@ from prefopt.logprobs import token_logps
 from prefopt.losses import ppo as ppo_math
 from prefopt.models import load_causal_lm, load_policy, load_reference_copy
 from prefopt.scoring import RewardScorer
-from prefopt.trainers.base import MetricMeans, Trainer
+from prefopt.trainers.base import Trainer
+from prefopt.trainers.metrics import MetricMeans
 
 
 class PolicyWithValueHead(nn.Module):
