@@ -1,13 +1,15 @@
 """Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation:
-DDP for DPO and reward models. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
+DDP for DPO, reward models and PPO. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import read_metrics, write_recipe
+from test_ppo import ppo_sections
 
 from prefopt.cli import train_recipe
 
@@ -39,14 +41,26 @@ def compare(one, two, tolerance=1e-5):
 
 def run_two(launcher: list[str], path) -> None:
     command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    tests = str(Path(__file__).parent)  # for test_ppo:length_score
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loss", [{"name": "dpo", "beta": 0.1}, {"name": "bradley_terry", "center_coef": 0.01}],
-                         ids=["dpo", "reward"])
-def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, loss):
-    sections = dict(loss=loss, train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "eval_every": 5})
+TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "eval_every": 5}
+PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every": 4, "log_every": 1}
+
+
+@pytest.mark.parametrize("sections", [
+    {"loss": {"name": "dpo", "beta": 0.1}, "train": TRAIN},
+    {"loss": {"name": "bradley_terry", "center_coef": 0.01}, "train": TRAIN},
+    # PPO: samples drawn by (seed, step, global row), whitening and mini-batches over the gathered rollout
+    {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN},
+    {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN},
+], ids=["dpo", "reward", "ppo-gae", "ppo-rloo"])
+def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, sections):
+    if "ppo" in sections:  # greedy evaluation split over the processes
+        sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
     run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],

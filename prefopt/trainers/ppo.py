@@ -26,6 +26,22 @@ from prefopt.trainers.base import Trainer
 from prefopt.trainers.metrics import MetricMeans
 
 
+class GumbelSampler:
+    """A logits processor that makes greedy decoding draw from softmax(scores): it adds Gumbel noise (Gumbel-max
+    trick) that depends only on (seed, decoding step, global row). One process drawing all rows and N processes
+    drawing their shares therefore draw the same samples, and a resumed run draws the rollout it would have."""
+
+    def __init__(self, seed: int, rows: torch.Tensor, total_rows: int, prompt_width: int):
+        self.seed, self.rows, self.total_rows, self.prompt_width = seed, rows, total_rows, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        generator = torch.Generator(scores.device).manual_seed(hash((self.seed, step)) & (2**63 - 1))
+        uniform = torch.rand(self.total_rows, scores.shape[-1], generator=generator, device=scores.device)
+        uniform = uniform[self.rows.to(scores.device)].clamp_(min=1e-20)  # this process's rows
+        return scores - torch.log(-torch.log(uniform))
+
+
 class PolicyWithValueHead(nn.Module):
     """The policy, and for GAE a scalar value head on the last hidden state of the policy's backbone or of a
     separate critic model (trained alongside): one module to prepare."""
@@ -107,23 +123,32 @@ class PPOTrainer(Trainer):
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
 
     @torch.no_grad()
-    def generate(self, examples: list[dict], sample: bool) -> dict[str, torch.Tensor]:
-        """Completions of the examples' prompts (k each when sampling), cut after their first EOS."""
+    def generate(self, examples: list[dict], sampler: GumbelSampler | None = None) -> dict[str, torch.Tensor]:
+        """Completions of the examples' prompts, cut after their first EOS: sampled by `sampler`
+        (rollout.samples_per_prompt each, at rollout.temperature and top_p), or greedy without one."""
+        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
         rollout = self.recipe.rollout
-        k = rollout.samples_per_prompt if sample else 1
+        k = rollout.samples_per_prompt if sampler else 1
         prompt_ids, prompt_mask = self._pad_prompts([ex["prompt_ids"] for ex in examples])
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        processors = LogitsProcessorList()
+        if sampler:  # the whole temperature-scaled (top-p) distribution the update's log-probs are taken under,
+            # not the top 50 or the repetition penalty of a model's own generation config
+            sampler.prompt_width = prompt_ids.shape[1]
+            processors.append(TemperatureLogitsWarper(rollout.temperature))
+            if rollout.top_p < 1:
+                processors.append(TopPLogitsWarper(rollout.top_p))
+            processors.append(sampler)
+        config = GenerationConfig(do_sample=False, max_new_tokens=rollout.max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         policy = self.accelerator.unwrap_model(self.model).policy
         was_training = policy.training
         policy.eval()
-        # top_k=0: sample from the whole (temperature-scaled, top-p) distribution whose log-probs the update uses,
-        # not the top 50 that a model's default generation config would keep
-        kwargs = {"do_sample": True, "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": 0} if sample \
-            else {"do_sample": False}
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=rollout.max_new_tokens,
-                              num_return_sequences=k, pad_token_id=self.tokenizer.pad_token_id,
-                              eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                              logits_processor=processors)
         policy.train(was_training)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         responses = out[:, prompt_ids.shape[1] :]  # (N, R)
         is_eos = responses == self.tokenizer.eos_token_id
         ended = is_eos.any(1)
@@ -133,7 +158,8 @@ class PPOTrainer(Trainer):
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in examples for _ in range(k)]
         scores = self.scorer(prompts, texts).to(responses.device).float()  # (N,)
-        return {"input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": torch.cat([prompt_mask, mask], 1),
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses,
+                "input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": torch.cat([prompt_mask, mask], 1),
                 "mask": mask.float(), "ended": ended, "scores": scores, "texts": texts, "prompts": prompts}
 
     def _response_logps(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -143,25 +169,17 @@ class PPOTrainer(Trainer):
         return token_logps(logits, batch["input_ids"][:, -width:])
 
     @torch.no_grad()
-    def _rollout(self, cycle: int) -> None:
-        recipe, acc = self.recipe, self.accelerator
-        ppo, k = recipe.ppo, recipe.rollout.samples_per_prompt
-        per_rollout = recipe.train.batch_size * ppo.num_mini_batches // k  # prompts, over all processes
-        n = len(self.train_data)
-        per_epoch = n // per_rollout
-        epoch, index = divmod(cycle, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed + epoch)).tolist()
-        chosen = order[index * per_rollout : (index + 1) * per_rollout][acc.process_index :: self.world_size]
-        batch = self.generate([self.train_data[i] for i in chosen], sample=True)
-        mask = batch["mask"]
+    def _score_tokens(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-token log-probs of the responses under the policy (as sampled, without dropout) and the reference,
+        and the values for GAE: (N, R) each, 0 past the response."""
+        acc, mask = self.accelerator, batch["mask"]
         was_training = self.model.training
-        self.model.eval()  # no dropout in the log-probs the ratio is taken against
+        self.model.eval()
         logits, values = self.model(batch["input_ids"], batch["attention_mask"])
         logps = self._response_logps(logits, batch) * mask
         del logits
-        if recipe.reference.kind == "none":
-            ref_logps = logps
-        else:
+        ref_logps = logps
+        if self.recipe.reference.kind != "none":
             with acc.autocast():
                 if self.reference is None:  # adapter_off
                     with refs.adapter_disabled(self.model, acc.unwrap_model(self.model).policy):
@@ -172,38 +190,70 @@ class PPOTrainer(Trainer):
                                                 use_cache=False).logits
             ref_logps = self._response_logps(ref_logits, batch) * mask
         self.model.train(was_training)
-        scores = batch["scores"].clone()
+        values = torch.zeros_like(mask) if values is None else values[:, -mask.shape[1] - 1 : -1] * mask
+        return {"old_logps": logps, "ref_logps": ref_logps, "old_values": values}
+
+    def _gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process's rows, in process order, on every process: prompts left-padded and responses
+        right-padded to the widest, so the rollout is laid out as one process would lay it out."""
+        acc = self.accelerator
+        if self.world_size == 1:
+            return tensors
+        gathered = {}
+        for key, value in tensors.items():
+            if value.dim() == 2:
+                pad = self.tokenizer.pad_token_id if key.endswith("_ids") else 0
+                value = acc.pad_across_processes(value, dim=1, pad_index=pad, pad_first=key.startswith("prompt_"))
+            gathered[key] = acc.gather(value)
+        return gathered
+
+    @torch.no_grad()
+    def _rollout(self, cycle: int) -> None:
+        """Sample the rollout of `cycle`: each process generates and scores its share of the prompts, then all
+        rows are gathered and every process computes the same rewards, advantages and whitening from them."""
+        recipe, acc = self.recipe, self.accelerator
+        ppo, k = recipe.ppo, recipe.rollout.samples_per_prompt
+        per_rollout = recipe.train.batch_size * ppo.num_mini_batches // k  # prompts, over all processes
+        n = len(self.train_data)
+        epoch, index = divmod(cycle, n // per_rollout)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed + epoch)).tolist()
+        share = per_rollout // self.world_size
+        first = index * per_rollout + acc.process_index * share
+        rows = torch.arange(share * k) + acc.process_index * share * k
+        sampler = GumbelSampler(hash((recipe.seed, cycle)), rows, per_rollout * k, prompt_width=0)
+        batch = self.generate([self.train_data[i] for i in order[first : first + share]], sampler)
+        local = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask", "scores")}
+        local["ended"] = batch["ended"].float()
+        buffer = self._gather({**local, **self._score_tokens(batch)})
+        mask, ended = buffer.pop("mask"), buffer.pop("ended").bool()
+        scores = buffer.pop("scores")
+        buffer["input_ids"] = torch.cat([buffer.pop("prompt_ids"), buffer.pop("response_ids")], 1)
+        buffer["attention_mask"] = torch.cat([buffer.pop("prompt_mask"), mask.long()], 1)
+        penalised = scores.clone()
         if recipe.rollout.missing_eos_penalty is not None:
-            scores[~batch["ended"]] -= recipe.rollout.missing_eos_penalty
-        kl = ppo_math.kl_estimate(logps, ref_logps, ppo.kl_estimator) * mask  # (N, R)
+            penalised[~ended] -= recipe.rollout.missing_eos_penalty
+        kl = ppo_math.kl_estimate(buffer["old_logps"], buffer["ref_logps"], ppo.kl_estimator) * mask  # (N, R)
         beta = self.kl_controller.value
-        in_reward = beta if ppo.kl_penalty == "reward" else 0.0
-        rewards = ppo_math.shape_rewards(scores, kl, mask, in_reward)
+        rewards = ppo_math.shape_rewards(penalised, kl, mask, beta if ppo.kl_penalty == "reward" else 0.0)
         if ppo.advantage == "gae":
-            values = values[:, -mask.shape[1] - 1 : -1] * mask
-            advantages, returns = ppo_math.gae(rewards, values, mask, ppo.gamma, ppo.lam)
+            advantages, returns = ppo_math.gae(rewards, buffer["old_values"], mask, ppo.gamma, ppo.lam)
         else:
             sequence = ppo_math.group_advantages(rewards.sum(1), k, ppo.advantage)  # score - beta KL, per completion
-            advantages, returns, values = sequence[:, None] * mask, torch.zeros_like(mask), torch.zeros_like(mask)
+            advantages, returns = sequence[:, None] * mask, torch.zeros_like(mask)
         if ppo.whiten_advantages:
             advantages = ppo_math.masked_whiten(advantages, mask)
-        self.buffer = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mask": mask,
-                       "old_logps": logps, "ref_logps": ref_logps, "advantages": advantages, "returns": returns,
-                       "old_values": values}
+        self.buffer = {**buffer, "mask": mask, "advantages": advantages, "returns": returns}
         self.buffer_cycle = cycle
-        lengths = mask.sum(1)
-        stats = {"rollout/score": batch["scores"].mean(), "rollout/shaped_reward": rewards.sum(1).mean(),
-                 "rollout/kl_per_token": (kl.sum() / mask.sum()), "rollout/kl": kl.sum(1).mean(),
-                 "rollout/length": lengths.mean(), "rollout/eos": batch["ended"].float().mean(),
-                 "rollout/kl_coef": torch.tensor(beta, device=mask.device)}
+        stats = {"rollout/score": scores.mean(), "rollout/shaped_reward": rewards.sum(1).mean(),
+                 "rollout/kl_per_token": kl.sum() / mask.sum(), "rollout/kl": kl.sum(1).mean(),
+                 "rollout/length": mask.sum(1).mean(), "rollout/eos": ended.float().mean(), "rollout/kl_coef": beta}
         if ppo.advantage == "gae":
+            values = buffer["old_values"]
             residual = ppo_math.masked_mean((returns - values - ppo_math.masked_mean(returns - values, mask)) ** 2, mask)
             total = ppo_math.masked_mean((returns - ppo_math.masked_mean(returns, mask)) ** 2, mask)
             stats["value/explained_variance"] = 1 - residual / total
-        keys = sorted(stats)
-        reduced = acc.reduce(torch.stack([stats[key].float() for key in keys]), reduction="mean").tolist()
-        self.stats = dict(zip(keys, reduced))
-        self.kl_controller.update(self.stats["rollout/kl"], len(chosen) * k * self.world_size)
+        self.stats = {key: float(value) for key, value in stats.items()}
+        self.kl_controller.update(self.stats["rollout/kl"], len(mask))
         if acc.is_main_process:
             with open(self.output_dir / "samples.jsonl", "a") as f:
                 for i in range(min(3, len(batch["texts"]))):
@@ -222,13 +272,14 @@ class PPOTrainer(Trainer):
             self.stop_epoch = False
         if self.stop_epoch:  # approximate KL passed ppo.approx_kl_stop: the rest of this epoch is skipped
             return
-        n = len(self.buffer["mask"])
+        n = len(self.buffer["mask"])  # the whole rollout, the same on every process
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             self.recipe.seed * 100_003 + cycle * 1009 + epoch)).tolist()
         size = n // ppo.num_mini_batches
-        rows = order[mini * size : (mini + 1) * size]
-        for i in range(0, len(rows), train.micro_batch_size):
-            index = torch.tensor(rows[i : i + train.micro_batch_size], device=self.buffer["mask"].device)
+        rows, micro = order[mini * size : (mini + 1) * size], train.micro_batch_size
+        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        for chunk in chunks[self.accelerator.process_index :: self.world_size]:  # dealt as the base loop deals
+            index = torch.tensor(chunk, device=self.buffer["mask"].device)
             yield {key: value[index] for key, value in self.buffer.items()}
 
     def compute_loss(self, batch):
@@ -278,7 +329,7 @@ class PPOTrainer(Trainer):
         for key in ("score", "eos", "length"):  # every process has every key, even one with no prompts
             means.add(key, torch.empty(0, device=acc.device))
         for i in range(0, len(mine), size):
-            batch = self.generate(mine[i : i + size], sample=False)
+            batch = self.generate(mine[i : i + size])
             means.add("score", batch["scores"])
             means.add("eos", batch["ended"].float())
             means.add("length", batch["mask"].sum(1))
