@@ -1,13 +1,25 @@
 """Per-token and per-sequence log-probs of target tokens.
 
-The vocabulary projection dominates memory: logits are (N, T, V) in the model's
-dtype. We never make an fp32 copy of all of them; the log-softmax is taken one
-sequence at a time in fp32 and only the target token's log-prob is kept.
+The vocabulary projection dominates memory: logits are (N, T, V). Two ways to
+the log-probs of the completion tokens, the same numbers either way:
+
+- full logits (`chunk_size=0`): the model returns (N, T, V) logits in its dtype;
+  the log-softmax is taken in fp32 for the scored positions only, a chunk at a time;
+- chunked LM head (`chunk_size>0`): the model returns its final hidden states
+  instead (the LM head is bypassed for the forward), and the head and the fp32
+  log-softmax run on `chunk_size` scored positions at a time, recomputed in the
+  backward pass, so neither (N, T, V) logits nor prompt-position logits ever exist.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+from torch.utils.checkpoint import checkpoint
+
+# config attributes of models that transform the LM head's output (softcapping, scaling): they take full logits
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -17,20 +29,69 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     rows = []
     for row_logits, row_targets in zip(logits, targets):  # one (T, V) fp32 slice at a time
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+        rows.append(_logps(row_logits, row_targets))
     return torch.stack(rows)
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the completion tokens of each sequence, and their counts.
+def _logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    batch: input_ids, attention_mask, completion_mask, each (N, T), right-padded;
-    completion_mask is 1 on completion tokens. Returns (N,) sums and (N,) counts.
+
+def _head_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _logps(head(hidden), targets)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DistributedDataParallel and friends
+        model = model.module
+    return model
+
+
+def plain_head(config) -> bool:
+    """Whether a model's logits are its output embedding applied to the last hidden state, and nothing more."""
+    config = config.get_text_config()
+    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_TRANSFORMS)
+
+
+@contextmanager
+def hidden_states_as_logits(model):
+    """Within the block, the model's forward returns its final hidden states as `logits`; yields the LM head."""
+    head = _unwrap(model).get_output_embeddings()
+    head.forward = lambda hidden: hidden  # an instance attribute: the class's forward is back on exit
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the completion tokens of each sequence, and their counts: (N,) each.
+
+    batch: any layout of prefopt.data.collate (padded or packed), which names the positions whose logits score
+    each completion token (token_index, token_target, token_sequence) and the counts (completion_tokens).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    # the logits at position t predict token t + 1
-    logps = token_logps(logits[:, :-1], batch["input_ids"][:, 1:])  # (N, T-1)
-    mask = batch["completion_mask"][:, 1:].to(logps.dtype)  # (N, T-1)
-    return (logps * mask).sum(-1), mask.sum(-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    mask = inputs["attention_mask"]
+    if mask is not None and mask.dim() == 4 and _unwrap(model).config._attn_implementation == "eager":
+        dtype = next(model.parameters()).dtype  # eager attention adds the mask to its scores
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    index, targets = batch["token_index"], batch["token_target"]
+    size = chunk_size or 1024
+    if chunk_size:
+        with hidden_states_as_logits(model) as head:
+            states = model(**inputs).logits.flatten(0, 1)  # (R x T, hidden)
+        pieces = [checkpoint(_head_logps, head, states[index[i : i + size]], targets[i : i + size],
+                             use_reentrant=False) if torch.is_grad_enabled() else
+                  _head_logps(head, states[index[i : i + size]], targets[i : i + size])
+                  for i in range(0, len(index), size)]
+    else:
+        states = model(**inputs).logits.flatten(0, 1)  # (R x T, V)
+        pieces = [_logps(states[index[i : i + size]], targets[i : i + size]) for i in range(0, len(index), size)]
+    logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    counts = batch["completion_tokens"]
+    sums = logps.new_zeros(len(counts)).index_add(0, batch["token_sequence"], logps)
+    return sums, counts.to(sums.dtype)

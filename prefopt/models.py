@@ -144,3 +144,10 @@ def freeze(model):
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated blocks (the classes it names in `_no_split_modules`): the unit of sharding and
+    of compilation."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]

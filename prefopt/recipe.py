@@ -111,6 +111,12 @@ class TrainConfig:
     keep_checkpoints: int | None = 2  # keep the newest N checkpoints; None: keep all
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
     progress_bar: bool = True
+    # speed and memory; none changes the loss (docs/benchmarks.md)
+    logps_chunk_size: int = 1024  # LM head + fp32 log-softmax on this many completion tokens at a time; 0: full logits
+    packing: bool = True  # sequences end to end without padding (position ids restart per sequence)
+    share_prompt: bool | None = None  # with packing, one prompt forward for chosen and rejected; None: where it can
+    group_by_length: bool = True  # micro-batches of similar lengths within each global batch (same gradient)
+    compile: bool = False  # torch.compile each decoder layer
 
 
 @dataclass
@@ -328,6 +334,10 @@ def _check(recipe: Recipe, where: str) -> None:
         _fail(where, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
     if data.eval is not None and data.eval_fraction:
         _fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
+    if train.logps_chunk_size < 0:
+        _fail(where, "train.logps_chunk_size", f"must be 0 (full logits) or positive, got {train.logps_chunk_size}")
+    if train.share_prompt and not train.packing:
+        _fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
     for name in ("batch_size", "micro_batch_size", "max_steps", "log_every"):
         if getattr(train, name) < 1:
             _fail(where, f"train.{name}", f"must be at least 1, got {getattr(train, name)}")

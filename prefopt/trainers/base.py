@@ -33,7 +33,7 @@ import torch
 
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError
-from prefopt.models import load_tokenizer
+from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
 from prefopt.trainers.metrics import MetricMeans
 
@@ -84,6 +84,8 @@ class Trainer:
         epoch, index = divmod(step - 1, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist()
         batch = order[index * train.batch_size : (index + 1) * train.batch_size]
+        if train.group_by_length:  # similar lengths share a micro-batch: less padding, the same global batch
+            batch.sort(key=lambda i: example_length(self.train_data[i]))
         micro = train.micro_batch_size
         chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
         for chunk in chunks[self.accelerator.process_index :: self.world_size]:
@@ -200,6 +202,9 @@ class Trainer:
 
     def _prepare(self) -> None:
         optim = self.recipe.optim
+        if self.recipe.train.compile:  # each decoder layer on its own: one graph, reused by every layer
+            for layer in decoder_layers(getattr(self.model, "policy", self.model)):
+                layer.compile(dynamic=True)
         if self.recipe.train.gradient_checkpointing:  # recompute activations in backward: less memory, more time
             policy = getattr(self.model, "policy", self.model)
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -258,10 +263,8 @@ class Trainer:
         from torch.distributed.fsdp import fully_shard
 
         model.to(self.accelerator.device)
-        layers = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layers:
-                fully_shard(module)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
         fully_shard(model)
         return model
 
@@ -369,3 +372,8 @@ class Trainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def example_length(example: dict) -> int:
+    """Tokens of an example: its prompt and every completion."""
+    return sum(len(value) for key, value in example.items() if key.endswith("_ids"))

@@ -8,6 +8,7 @@ desirable and an undesirable row. What a loss takes is in its LossSpec.
 from __future__ import annotations
 
 import gc
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from prefopt import reference as refs
 from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
-from prefopt.logprobs import completion_logps
+from prefopt.errors import RecipeError
+from prefopt.logprobs import completion_logps, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
 from prefopt.models import load_policy, load_reference_copy
 from prefopt.trainers.base import Trainer
@@ -40,6 +42,7 @@ class PreferenceTrainer(Trainer):
                        for spec, _ in self.terms]
         for state in filter(None, self.states):
             acc.register_for_checkpointing(state)
+        self._choose_layout()
         if recipe.reference.kind == "precomputed":  # before the policy loads: one model in memory at a time
             self._precompute_reference()
         self.model = load_policy(recipe.model)
@@ -48,6 +51,29 @@ class PreferenceTrainer(Trainer):
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
                 acc.register_for_checkpointing(self.reference)
+
+    def _choose_layout(self) -> None:
+        """The speed switches of train.* that this model and backend allow (none changes the loss)."""
+        from transformers import AutoConfig
+
+        train, model_cfg, acc = self.recipe.train, self.recipe.model, self.accelerator
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        text = config.get_text_config()
+        # the LM head runs outside the model's forward: not where its weight is sharded between forwards
+        plugin = acc.state.deepspeed_plugin
+        sharded = acc.distributed_type.name == "FSDP" or (plugin is not None and plugin.zero_stage == 3)
+        self.chunk_size = train.logps_chunk_size if plain_head(config) and not sharded else 0
+        sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
+            getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+        masks = model_cfg.attn_implementation in (None, "sdpa", "eager") and not sliding
+        self.share_prompt = train.packing and (masks if train.share_prompt is None else train.share_prompt)
+        if self.share_prompt and not masks:
+            raise RecipeError("train.share_prompt needs a custom attention mask: attention sdpa or eager, and no "
+                              f"sliding window (model.attn_implementation is {model_cfg.attn_implementation}); "
+                              "set train.share_prompt: false")
+        acc.print(f"[prefopt] layout: {'packed' if train.packing else 'padded'}"
+                  f"{', prompt shared by chosen and rejected' if self.share_prompt else ''}; log-probs "
+                  + (f"through the LM head {self.chunk_size} tokens at a time" if self.chunk_size else "from full logits"))
 
     def _precompute_reference(self) -> None:
         """Reference log-probs of every train and eval example, from the cache or computed once and cached."""
@@ -58,7 +84,7 @@ class PreferenceTrainer(Trainer):
             sources.append(model_cfg.adapter)
         cache_dir = Path(ref.cache_dir or Path.home() / ".cache" / "prefopt" / "reference")
         size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
-        logps, model = (unpaired_logps if self.unpaired else pair_logps), None
+        logps, model = self.logps_function(), None
         for split, examples in (("train", self.train_data), ("eval", self.eval_data)):
             if not examples:
                 continue
@@ -102,12 +128,16 @@ class PreferenceTrainer(Trainer):
             return logps(self.reference, batch)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        layout = {"packing": self.recipe.train.packing, "share_prompt": self.share_prompt}
         if self.unpaired:
-            return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl)
-        return collate_pairs(examples, self.tokenizer.pad_token_id)
+            return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl, **layout)
+        return collate_pairs(examples, self.tokenizer.pad_token_id, **layout)
+
+    def logps_function(self):
+        return partial(unpaired_logps if self.unpaired else pair_logps, chunk_size=self.chunk_size)
 
     def compute_loss(self, batch):
-        logps = unpaired_logps if self.unpaired else pair_logps
+        logps = self.logps_function()
         policy = logps(self.model, batch)
         reference = self.reference_logps(batch, policy, logps)
         for state in filter(None, self.states):
@@ -136,16 +166,16 @@ class PreferenceTrainer(Trainer):
         return loss, metrics
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> PairLogps:
+def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> PairLogps:
     """Chosen and rejected through the model in one forward (the batch holds chosen first)."""
-    logps, counts = completion_logps(model, batch)  # (2B,) each
+    logps, counts = completion_logps(model, batch, chunk_size)  # (2B,) each
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = counts.chunk(2)
     return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
 
 
-def unpaired_logps(model, batch: dict[str, torch.Tensor]) -> UnpairedLogps:
+def unpaired_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> UnpairedLogps:
     """Rows, and the mismatched KL rows after them if the batch has any, through the model in one forward."""
-    logps, counts = completion_logps(model, batch)  # (N,) or (2N,)
+    logps, counts = completion_logps(model, batch, chunk_size)  # (N,) or (2N,)
     n = batch["label"].numel()
     return UnpairedLogps(logps[:n], counts[:n], batch["label"], logps[n:] if logps.numel() > n else None)
