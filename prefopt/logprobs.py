@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 # config attributes of models that transform the LM head's output (softcapping, scaling): they take full logits
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

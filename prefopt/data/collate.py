@@ -22,6 +22,7 @@ Every layout says which logits score which token, so one function reads them all
     token_target      (K,)  ...this token id,
     token_sequence    (K,)  ...of this sequence (0 .. N-1)
     completion_tokens (N,)  completion length of each sequence
+    num_tokens        ()    prompt + completion tokens of all sequences (the work, whatever the layout)
 
 and, from the examples: ref_logps (2B,), precomputed reference log-probs when the
 examples carry them; margin (B,), the data's per-pair margin when it has one.
@@ -47,9 +48,10 @@ def collate_pairs(examples: list[dict], pad_token_id: int, packing: bool = False
 
 def layout(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, packing: bool = False,
            share_prompt: bool = False) -> dict[str, torch.Tensor]:
-    if packing:
-        return pack_sequences(prompts, completions, pad_token_id, share_prompt)
-    return pad_sequences(prompts, completions, pad_token_id)
+    batch = (pack_sequences(prompts, completions, pad_token_id, share_prompt) if packing
+             else pad_sequences(prompts, completions, pad_token_id))
+    batch["num_tokens"] = torch.tensor(sum(len(p) + len(c) for p, c in zip(prompts, completions)))
+    return batch
 
 
 def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,10 +134,14 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns metrics averaged over all processes."""
         acc, train = self.accelerator, self.recipe.train
+        start = time.perf_counter()
         self.model.train()
         means = MetricMeans()
         grad_norm = torch.zeros((), device=acc.device)
+        tokens = None  # prompt + completion tokens of every sequence, where the batches count them
         for batch in self.batches(step):
+            if "num_tokens" in batch:
+                tokens = batch.pop("num_tokens") + (0 if tokens is None else tokens)
             with acc.accumulate(self.model):
                 loss, metrics = self.compute_loss(batch)
                 acc.backward(loss)
@@ -154,6 +159,11 @@ class Trainer:
             return {}
         record = means.result(acc)
         record.update(grad_norm=float(grad_norm), lr=lr)
+        if tokens is not None:
+            record["num_tokens"] = acc.reduce(tokens.float(), reduction="sum").item()
+        record["step_seconds"] = time.perf_counter() - start
+        if tokens is not None:
+            record["tokens_per_second"] = record["num_tokens"] / record["step_seconds"]
         return record
 
     @torch.no_grad()
