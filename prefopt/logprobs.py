@@ -91,7 +91,7 @@ def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0)
     else:
         states = model(**inputs).logits.flatten(0, 1)  # (R x T, V)
         pieces = [_logps(states[index[i : i + size]], targets[i : i + size]) for i in range(0, len(index), size)]
-    logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(pieces) if pieces else states[:0, 0].float()  # no token scored: still a graph to backprop
     counts = batch["completion_tokens"]
     sums = logps.new_zeros(len(counts)).index_add(0, batch["token_sequence"], logps)
     return sums, counts.to(sums.dtype)
