@@ -31,8 +31,9 @@ class GumbelSampler:
     trick) that depends only on (seed, decoding step, global row). One process drawing all rows and N processes
     drawing their shares therefore draw the same samples, and a resumed run draws the rollout it would have."""
 
-    def __init__(self, seed: int, rows: torch.Tensor, total_rows: int, prompt_width: int):
-        self.seed, self.rows, self.total_rows, self.prompt_width = seed, rows, total_rows, prompt_width
+    def __init__(self, seed: int, rows: torch.Tensor, total_rows: int):
+        self.seed, self.rows, self.total_rows = seed, rows, total_rows
+        self.prompt_width = 0  # set by generate(): decoding step = sequence length - prompt width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
@@ -220,7 +221,7 @@ class PPOTrainer(Trainer):
         share = per_rollout // self.world_size
         first = index * per_rollout + acc.process_index * share
         rows = torch.arange(share * k) + acc.process_index * share * k
-        sampler = GumbelSampler(hash((recipe.seed, cycle)), rows, per_rollout * k, prompt_width=0)
+        sampler = GumbelSampler(hash((recipe.seed, cycle)), rows, per_rollout * k)
         batch = self.generate([self.train_data[i] for i in order[first : first + share]], sampler)
         local = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask", "scores")}
         local["ended"] = batch["ended"].float()
