@@ -3,7 +3,7 @@ batch and precision (docs/benchmarks.md).
 
     python scripts/benchmark.py                                # CPU: small model, variable lengths, DPO
     python scripts/benchmark.py --lengths fixed --methods dpo simpo
-    python scripts/benchmark.py --preset qwen2.5-0.5b --methods dpo dpo-precomputed dpo-none simpo  # GPU
+    python scripts/benchmark.py --preset qwen2.5-0.5b --methods dpo dpo-precomputed simpo  # GPU
 
 The model is built from a config with random weights (Qwen2 shapes), with a word-level tokenizer whose
 words are one token each, so every library sees exactly the token counts drawn below. Each measurement
@@ -45,11 +45,12 @@ PRESETS = {
     "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
                          max_length=1024, batch=8),
 }
-METHODS = {  # name -> (prefopt recipe sections, TRL trainer and config, or None where TRL has no equivalent)
+# name -> (prefopt recipe sections, TRL trainer and its config). Without a reference model: SimPO (reference-free)
+# and DPO with precomputed reference log-probs (no reference model in memory while training)
+METHODS = {
     "dpo": ({"loss": {"name": "dpo", "beta": 0.1}, "reference": {"kind": "copy"}}, ("dpo", {"beta": 0.1})),
     "dpo-precomputed": ({"loss": {"name": "dpo", "beta": 0.1}, "reference": {"kind": "precomputed"}},
                         ("dpo", {"beta": 0.1, "precompute_ref_log_probs": True})),
-    "dpo-none": ({"loss": {"name": "dpo", "beta": 0.1}, "reference": {"kind": "none"}}, None),
     "simpo": ({"loss": {"name": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5}},
               ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0, "simpo_gamma": 1.0})),
 }
@@ -288,13 +289,12 @@ def main() -> None:
     print("| method | trainer | tokens/s | pairs/s | peak MiB | MFU | speed vs TRL | memory vs TRL |")
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods:
-        sections, trl = METHODS[method]
+        sections = METHODS[method][0]
         runs = (ABLATION if args.ablation else {}) | {"prefopt": {}} | (
             {"prefopt + compile": {"compile": True}} if args.compile else {})
-        results: dict[str, list[dict]] = {name: [] for name in ([] if trl is None else ["TRL"]) + list(runs)}
+        results: dict[str, list[dict]] = {name: [] for name in ["TRL", *runs]}
         for _ in range(args.repeats):  # alternate, so that drifts in machine speed hit every trainer alike
-            if trl is not None:
-                results["TRL"].append(measure(args, "trl", method, {}))
+            results["TRL"].append(measure(args, "trl", method, {}))
             for name, switches in runs.items():
                 results[name].append(measure(args, "prefopt", method, switches))
         reference = "reference" in sections and sections["reference"]["kind"] == "copy"
@@ -305,9 +305,8 @@ def main() -> None:
             pairs_s = statistics.median(v["pairs_per_second"] for v in values)
             peak = statistics.median(v["peak_mib"] for v in values)
             mfu = f"{speed * flops / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "n/a"
-            if "TRL" in results and base is None:  # the first row
-                base = (speed, peak)
-            versus = (f"{speed / base[0]:.2f}x | {peak / base[1]:.2f}x" if base else "n/a | n/a")
+            base = base or (speed, peak)  # TRL's, the first row
+            versus = f"{speed / base[0]:.2f}x | {peak / base[1]:.2f}x"
             print(f"| {method} | {name} | {speed:,.0f} | {pairs_s:.2f} | {peak:,.0f} | {mfu} | {versus} |", flush=True)
 
 
