@@ -199,8 +199,9 @@ def run_trl(args, work: Path, trainer_name: str, config: dict, steps: int) -> tu
 
     def counting(examples):
         batch = collate(examples)
-        tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else
-                      sum(int(batch[k].sum()) for k in batch if k.endswith("attention_mask")))
+        # DPO: rows prompt + chosen, prompt + rejected; CPO: chosen_* and rejected_* hold the prompt too
+        masks = ["attention_mask"] if "attention_mask" in batch else ["chosen_attention_mask", "rejected_attention_mask"]
+        tokens.append(sum(int(batch[key].sum()) for key in masks))
         return batch
 
     trainer.data_collator = counting
