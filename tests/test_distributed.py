@@ -39,12 +39,13 @@ def compare(one, two, tolerance=1e-5):
                 assert rb[key] == pytest.approx(value, abs=tolerance), (split, ra["step"], key)
 
 
-def run_two(launcher: list[str], path) -> None:
+def run_two(launcher: list[str], path) -> str:
     command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path)]
     tests = str(Path(__file__).parent)  # for test_ppo:length_score
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "eval_every": 5}
@@ -83,3 +84,19 @@ def test_fsdp2_on_cpu_is_refused_rather_than_silently_ddp(sort_task, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert result.returncode != 0
     assert "the launch config asks for FSDP, but Accelerate runs it as MULTI_CPU on cpu" in result.stderr
+
+
+def test_resume_on_two_processes_from_a_one_process_checkpoint(sort_task, tmp_path):
+    """A checkpoint holds no per-process state that matters (data order is a function of seed and step):
+    2 steps on one process, continued to 4 on two, follow 4 steps on one process."""
+    sections = dict(optim={"schedule": "constant", "warmup_steps": 0, "lr": 1e-2},
+                    train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "save_every": 2})
+    train_recipe(write_recipe(tmp_path / "whole.yaml", sort_task, tmp_path / "whole", **sections))
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections)
+    train_recipe(path, ["train.max_steps=2"])
+    out = run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], path)
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in out and "resuming after step 2" in out
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-5)
+    assert resumed[3]["loss"] != pytest.approx(resumed[2]["loss"], abs=1e-4)  # training moved
