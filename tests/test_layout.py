@@ -140,3 +140,21 @@ def test_prompt_sharing_refused_for_flash_attention(sort_task, tmp_path):
                         model={"attn_implementation": "flash_attention_2"}, train={"share_prompt": True})
     with pytest.raises(RecipeError, match="share_prompt needs a custom attention mask"):
         PreferenceTrainer(recipe_lib.load(path))
+
+
+def test_a_model_that_mixes_packed_sequences_is_caught(sort_task, tmp_path, monkeypatch):
+    """Position ids that never restart make transformers treat a packed row as one sequence: the start-up
+    comparison of packed and padded log-probs stops the run with a clear error."""
+    from prefopt.data import collate as collate_module
+    from prefopt.trainers import PreferenceTrainer
+
+    def no_restart(*args, **kwargs):
+        batch = pack_sequences(*args, **kwargs)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        batch.pop("attention_mask", None)
+        return batch
+
+    monkeypatch.setattr(collate_module, "pack_sequences", no_restart)
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train={"max_steps": 1})
+    with pytest.raises(RecipeError, match="does not keep packed sequences apart; set train.packing: false"):
+        PreferenceTrainer(recipe_lib.load(path)).fit()

@@ -127,8 +127,31 @@ class PreferenceTrainer(Trainer):
                     return logps(self.model, batch)
             return logps(self.reference, batch)
 
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        layout = {"packing": self.recipe.train.packing, "share_prompt": self.share_prompt}
+    def _prepare(self) -> None:
+        super()._prepare()
+        if self.recipe.train.packing:
+            self._check_packing()
+
+    @torch.no_grad()
+    def _check_packing(self) -> None:
+        """Packed sequences rely on the model reading position ids (and 4-D masks) as transformers' own models
+        do; one that ignores them (some remote code) would let sequences see each other. Compare once."""
+        examples, acc = self.train_data[:4], self.accelerator
+        was_training = self.model.training
+        self.model.eval()
+        with acc.autocast():
+            packed, padded = (completion_logps(self.model, self.to_device(self.collate(examples, packing)),
+                                               self.chunk_size)[0] for packing in (True, False))
+        self.model.train(was_training)
+        exact = acc.mixed_precision == "no" and next(self.model.parameters()).dtype == torch.float32
+        if not torch.allclose(packed, padded, rtol=1e-4 if exact else 1e-2, atol=1e-3 if exact else 0.1):
+            raise RecipeError(f"packed sequences give other log-probs than padded ones ({packed.tolist()} vs "
+                              f"{padded.tolist()}): this model does not keep packed sequences apart; "
+                              "set train.packing: false")
+
+    def collate(self, examples: list[dict], packing: bool | None = None) -> dict[str, torch.Tensor]:
+        packing = self.recipe.train.packing if packing is None else packing
+        layout = {"packing": packing, "share_prompt": packing and self.share_prompt}
         if self.unpaired:
             return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl, **layout)
         return collate_pairs(examples, self.tokenizer.pad_token_id, **layout)
