@@ -88,7 +88,9 @@ class PreferenceTrainer(Trainer):
         for split, examples in (("train", self.train_data), ("eval", self.eval_data)):
             if not examples:
                 continue
-            path = cache_dir / f"{refs.cache_key(sources, examples, f'{model_cfg.dtype}/{acc.mixed_precision}')}.pt"
+            # the layout is in the key: a model found to mix packed sequences must not leave wrong values behind
+            setting = f"{model_cfg.dtype}/{acc.mixed_precision}" + ("/packed" if recipe.train.packing else "")
+            path = cache_dir / f"{refs.cache_key(sources, examples, setting)}.pt"
             values = refs.load_cached(path, len(examples))
             if values is None:
                 model = model or load_reference_copy(model_cfg, ref.name_or_path).to(acc.device)
