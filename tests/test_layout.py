@@ -52,6 +52,12 @@ def test_packed_layout_by_hand():
                     [1, 1, 1, 0, 0],
                     [1, 1, 1, 1, 0],
                     [1, 1, 0, 0, 1]]  # the second completion sees the prompt and itself, not the first
+    # no prompt (the first token is not scored) and an empty completion: as the padded layout counts them
+    edge = pack_sequences([[], [5], [5]], [[3, 4], [], [6]], pad_token_id=0, share_prompt=True)
+    assert edge["token_target"].tolist() == [4, 6] and edge["token_sequence"].tolist() == [0, 2]
+    assert edge["completion_tokens"].tolist() == [1, 0, 1]
+    assert collate_pairs([{"prompt_ids": [], "chosen_ids": [3, 4], "rejected_ids": [6]}],
+                         0)["completion_tokens"].tolist() == [1, 0]
     plain = pack_sequences([[5, 6], [5, 6]], [[7, 8], [9]], pad_token_id=0)
     assert plain["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]] and "attention_mask" not in plain
     assert plain["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]

@@ -107,12 +107,12 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_t
                 segment_of[r] += [g] * len(completion)
                 branch_of[r] += [b] * len(completion)
                 # completion token j is predicted by the logits of the token before it: the prompt's last for j = 0
-                sources = [start + len(prompt) - 1] + list(range(cursor, cursor + len(completion) - 1))
-                if not prompt:  # nothing predicts the first token of a sequence
-                    sources, completion = sources[1:], completion[1:]
-                index += [r * width + t for t in sources]
-                target += completion
-                sequence += [i] * len(completion)
+                # (nothing, with no prompt: the first token of a sequence is not scored)
+                sources = [start + len(prompt) - 1 if prompt else None, *range(cursor, cursor + len(completion) - 1)]
+                scored = [(t, token) for t, token in zip(sources, completion) if t is not None]
+                index += [r * width + t for t, _ in scored]
+                target += [token for _, token in scored]
+                sequence += [i] * len(scored)
     n = len(rows)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
