@@ -138,7 +138,7 @@ def peak_mib() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
-def run_prefopt(args, work: Path, sections: dict, steps: int) -> tuple[list[float], list[int]]:
+def run_prefopt(args, work: Path, sections: dict, steps: int) -> tuple[list[float], list[int], float]:
     from prefopt import recipe as recipe_lib
     from prefopt.trainers import trainer_for
 
@@ -156,14 +156,21 @@ def run_prefopt(args, work: Path, sections: dict, steps: int) -> tuple[list[floa
     path = work / "prefopt.yaml"
     path.write_text(json.dumps(recipe))
     trainer = trainer_for(recipe_lib.load(path))
+    save_final, peaks = trainer.save_final, []
+
+    def measured_save_final(*args, **kwargs):  # the peak of training, before the final model is written
+        peaks.append(peak_mib())
+        return save_final(*args, **kwargs)
+
+    trainer.save_final = measured_save_final
     peak_reset()
     trainer.fit()
     records = [json.loads(line) for line in (work / "prefopt-run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
-    return [r["step_seconds"] for r in train], [int(r["num_tokens"]) for r in train]
+    return [r["step_seconds"] for r in train], [int(r["num_tokens"]) for r in train], peaks[0]
 
 
-def run_trl(args, work: Path, trainer_name: str, config: dict, steps: int) -> tuple[list[float], list[int]]:
+def run_trl(args, work: Path, trainer_name: str, config: dict, steps: int) -> tuple[list[float], list[int], float]:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -207,11 +214,11 @@ def run_trl(args, work: Path, trainer_name: str, config: dict, steps: int) -> tu
     trainer.data_collator = counting
     peak_reset()
     start = time.perf_counter()
-    trainer.train()
+    trainer.train()  # save_strategy "no": nothing is written
     seconds = [b - a for a, b in zip([start, *times], times)]
     accumulation = settings["gradient_accumulation_steps"]
     per_step = [sum(tokens[i * accumulation : (i + 1) * accumulation]) for i in range(len(seconds))]
-    return seconds, per_step
+    return seconds, per_step, peak_mib()
 
 
 def worker(args) -> None:
@@ -219,13 +226,13 @@ def worker(args) -> None:
     steps = args.warmup + args.steps
     sections, trl = METHODS[args.method]
     if args.framework == "trl":
-        seconds, tokens = run_trl(args, work, *trl, steps)
+        seconds, tokens, peak = run_trl(args, work, *trl, steps)
     else:
-        seconds, tokens = run_prefopt(args, work, {**sections, "train": json.loads(args.switches)}, steps)
+        seconds, tokens, peak = run_prefopt(args, work, {**sections, "train": json.loads(args.switches)}, steps)
     timed = slice(args.warmup, steps)
     print("RESULT " + json.dumps({"tokens_per_second": sum(tokens[timed]) / sum(seconds[timed]),
                                   "pairs_per_second": args.batch * args.steps / sum(seconds[timed]),
-                                  "peak_mib": peak_mib(), "tokens": sum(tokens[timed])}))
+                                  "peak_mib": peak, "tokens": sum(tokens[timed])}))
 
 
 # ----- the driver ---------------------------------------------------------------------------------

@@ -221,8 +221,9 @@ class Trainer:
             if hasattr(policy, "enable_input_require_grads"):  # LoRA: frozen embeddings still pass gradients on
                 policy.enable_input_require_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused: one kernel per step, without the per-tensor (or, with foreach, model-sized) temporaries
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                      weight_decay=optim.weight_decay)
+                                      weight_decay=optim.weight_decay, fused=True)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
