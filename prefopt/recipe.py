@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from prefopt.errors import RecipeError
+from prefopt.recipe_checks import check, fail
 
 
 @dataclass
@@ -208,7 +209,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def from_dict(data: dict[str, Any], where: str = "<recipe>") -> Recipe:
     recipe = _convert(data, Recipe, "", where)
-    _check(recipe, where)
+    check(recipe, where)
     return recipe
 
 
@@ -232,10 +233,6 @@ def _apply_override(data: dict, override: str, where: str) -> None:
     node[leaf] = yaml.safe_load(raw) if raw else ""
 
 
-def _fail(where: str, key: str, message: str) -> typing.NoReturn:
-    raise RecipeError(f"{where}: {key or 'recipe'}: {message}")
-
-
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -256,7 +253,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail(where, key, f"{value!r} is not one of {', '.join(map(repr, args))}{hint}")
+            fail(where, key, f"{value!r} is not one of {', '.join(map(repr, args))}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         return _convert_dataclass(value, tp, key, where)
@@ -266,19 +263,19 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             if item_tp in (DataSource, LossConfig):  # a single source or loss stands for a list of one
                 value = [value]
             else:
-                _fail(where, key, f"expected a list, got {_show(value)}")
+                fail(where, key, f"expected a list, got {_show(value)}")
         return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            _fail(where, key, f"expected a mapping, got {_show(value)}")
+            fail(where, key, f"expected a mapping, got {_show(value)}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(where, key, f"expected true or false, got {_show(value)}")
+            fail(where, key, f"expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(where, key, f"expected an integer, got {_show(value)}")
+            fail(where, key, f"expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
@@ -287,11 +284,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(where, key, f"expected a number, got {_show(value)}")
+            fail(where, key, f"expected a number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(where, key, f"expected a string, got {_show(value)}")
+            fail(where, key, f"expected a string, got {_show(value)}")
         return value
     raise TypeError(f"recipe field {key} has unsupported type {tp}")  # a bug in this file, not in a recipe
 
@@ -302,8 +299,8 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
     if cls is LossConfig and isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict):
-        _fail(where, key, f"expected a mapping, got {_show(value)}")
-    if cls is LossConfig:  # everything but name and weight goes to the loss function, checked in _check
+        fail(where, key, f"expected a mapping, got {_show(value)}")
+    if cls is LossConfig:  # everything but name and weight goes to the loss function, checked in recipe_checks
         value = dict(value)
         name = _convert(value.pop("name", "dpo"), str, _join(key, "name"), where)
         weight = _convert(value.pop("weight", 1.0), float, _join(key, "weight"), where)
@@ -312,107 +309,14 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in value:
         if name not in fields:
-            _fail(where, _join(key, str(name)), f"unknown key{_suggest(str(name), list(fields), key)}")
+            fail(where, _join(key, str(name)), f"unknown key{_suggest(str(name), list(fields), key)}")
     kwargs = {}
     for name, f in fields.items():
         if name in value:
             kwargs[name] = _convert(value[name], hints[name], _join(key, name), where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            _fail(where, _join(key, name), "missing required key")
+            fail(where, _join(key, name), "missing required key")
     return cls(**kwargs)
-
-
-def _check(recipe: Recipe, where: str) -> None:
-    """Checks that span several keys, and the loss's arguments against its signature."""
-    from prefopt.losses import get_loss  # needs only torch
-
-    data, train = recipe.data, recipe.train
-    if data.max_prompt_length >= data.max_length:
-        _fail(where, "data.max_prompt_length", f"must be smaller than data.max_length ({data.max_length}), "
-              f"so that every completion keeps at least one token; got {data.max_prompt_length}")
-    if not 0.0 <= data.eval_fraction < 1.0:
-        _fail(where, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
-    if data.eval is not None and data.eval_fraction:
-        _fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
-    if train.logps_chunk_size < 0:
-        _fail(where, "train.logps_chunk_size", f"must be 0 (full logits) or positive, got {train.logps_chunk_size}")
-    if train.share_prompt and not train.packing:
-        _fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
-    for name in ("batch_size", "micro_batch_size", "max_steps", "log_every"):
-        if getattr(train, name) < 1:
-            _fail(where, f"train.{name}", f"must be at least 1, got {getattr(train, name)}")
-    if train.batch_size % train.micro_batch_size:
-        _fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
-              f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
-    if recipe.ppo is not None:
-        _check_ppo(recipe, where)
-        return
-    if not recipe.loss:
-        _fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
-    specs = []
-    for i, term in enumerate(recipe.loss):
-        key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
-        specs.append(get_loss(term.name, where=f"{where}: {key}.name"))
-        specs[-1].check_params(term.params, where=f"{where}: {key}")
-    _check_reference(recipe, specs, where)
-    kinds = {spec.name: spec.data for spec in specs}
-    if "rewards" in kinds.values() and len(kinds) > 1:
-        _fail(where, "loss", f"a reward-model loss trains a reward model and cannot be mixed with {kinds}")
-    if {"paired", "unpaired"} <= set(kinds.values()):
-        _fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
-    if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
-        _fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
-              "it is estimated from mismatched prompt/completion pairs within the micro-batch")
-
-
-def _check_ppo(recipe: Recipe, where: str) -> None:
-    ppo, rollout, reward, train, ref = recipe.ppo, recipe.rollout, recipe.reward_model, recipe.train, recipe.reference
-    if bool(reward.models) == bool(reward.function):
-        _fail(where, "reward_model", "give reward_model.models (reward models) or reward_model.function "
-              "(module:function), exactly one")
-    k = rollout.samples_per_prompt
-    if k < 1 or (ppo.advantage == "rloo" and k < 2):
-        _fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage} (rloo needs 2)")
-    if train.batch_size % k:
-        _fail(where, "train.batch_size", f"{train.batch_size} completions per step must be a multiple of "
-              f"rollout.samples_per_prompt ({k}): a prompt's completions stay together")
-    cycle = ppo.epochs * ppo.num_mini_batches
-    if train.save_every % cycle:
-        _fail(where, "train.save_every", f"must be a multiple of ppo.epochs x ppo.num_mini_batches ({cycle}), so "
-              "that checkpoints fall between rollouts")
-    if ref.kind == "auto":
-        ref.kind = "none" if ppo.kl_coef == 0 else "adapter_off" if recipe.model.lora or recipe.model.adapter else "copy"
-    if ref.kind == "adapter_off" and not (recipe.model.lora or recipe.model.adapter):
-        _fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
-    if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
-        _fail(where, "reference.kind", f"{ref.kind} cannot give the per-token reference log-probs of fresh "
-              "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
-
-
-def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
-    """Resolve reference.kind auto, and refuse combinations that cannot work, before anything loads."""
-    model, ref = recipe.model, recipe.reference
-    adapters = model.lora is not None or model.adapter is not None
-    needs = any(spec.needs_reference for spec in specs)
-    if model.lora is not None and model.adapter is not None:
-        _fail(where, "model.lora", "give model.lora (a new adapter) or model.adapter (continue one), not both")
-    if model.load_in_4bit and not adapters:
-        _fail(where, "model.load_in_4bit", "4-bit weights cannot be trained directly: add model.lora (QLoRA)")
-    if ref.kind == "auto":
-        ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
-    if ref.kind == "none" and needs:
-        _fail(where, "reference.kind", f"none, but loss {next(s.name for s in specs if s.needs_reference)!r} needs "
-              "a reference; use copy, adapter_off (LoRA) or precomputed")
-    if ref.kind == "adapter_off" and not adapters:
-        _fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
-    if ref.kind == "precomputed" and any(spec.kl for spec in specs):
-        _fail(where, "reference.kind", "precomputed cannot serve KTO's KL term, whose mismatched pairs change "
-              "with every batch; use copy or adapter_off")
-    if ref.sync_every < 0 or not 0.0 < ref.sync_alpha <= 1.0:
-        _fail(where, "reference.sync_every", "needs sync_every >= 0 and 0 < sync_alpha <= 1")
-    if ref.sync_every and (ref.kind != "copy" or adapters):
-        _fail(where, "reference.sync_every", "mixing the policy into the reference needs reference.kind=copy "
-              "and a fully trained policy (no LoRA)")
 
 
 # Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.

@@ -1,0 +1,108 @@
+"""Recipe checks that span several keys: the cross-key rules, the loss's arguments against its signature,
+and the resolution of `reference.kind: auto`, all before anything loads (prefopt.recipe calls `check`)."""
+
+from __future__ import annotations
+
+import typing
+
+from prefopt.errors import RecipeError
+
+if typing.TYPE_CHECKING:
+    from prefopt.recipe import Recipe
+
+
+def fail(where: str, key: str, message: str) -> typing.NoReturn:
+    raise RecipeError(f"{where}: {key or 'recipe'}: {message}")
+
+
+def check(recipe: Recipe, where: str) -> None:
+    """Checks that span several keys, and the loss's arguments against its signature."""
+    from prefopt.losses import get_loss  # needs only torch
+
+    data, train = recipe.data, recipe.train
+    if data.max_prompt_length >= data.max_length:
+        fail(where, "data.max_prompt_length", f"must be smaller than data.max_length ({data.max_length}), "
+              f"so that every completion keeps at least one token; got {data.max_prompt_length}")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        fail(where, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
+    if data.eval is not None and data.eval_fraction:
+        fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
+    if train.logps_chunk_size < 0:
+        fail(where, "train.logps_chunk_size", f"must be 0 (full logits) or positive, got {train.logps_chunk_size}")
+    if train.share_prompt and not train.packing:
+        fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
+    for name in ("batch_size", "micro_batch_size", "max_steps", "log_every"):
+        if getattr(train, name) < 1:
+            fail(where, f"train.{name}", f"must be at least 1, got {getattr(train, name)}")
+    if train.batch_size % train.micro_batch_size:
+        fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
+              f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
+    if recipe.ppo is not None:
+        _check_ppo(recipe, where)
+        return
+    if not recipe.loss:
+        fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
+    specs = []
+    for i, term in enumerate(recipe.loss):
+        key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
+        specs.append(get_loss(term.name, where=f"{where}: {key}.name"))
+        specs[-1].check_params(term.params, where=f"{where}: {key}")
+    _check_reference(recipe, specs, where)
+    kinds = {spec.name: spec.data for spec in specs}
+    if "rewards" in kinds.values() and len(kinds) > 1:
+        fail(where, "loss", f"a reward-model loss trains a reward model and cannot be mixed with {kinds}")
+    if {"paired", "unpaired"} <= set(kinds.values()):
+        fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
+    if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
+        fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
+              "it is estimated from mismatched prompt/completion pairs within the micro-batch")
+
+
+def _check_ppo(recipe: Recipe, where: str) -> None:
+    ppo, rollout, reward, train, ref = recipe.ppo, recipe.rollout, recipe.reward_model, recipe.train, recipe.reference
+    if bool(reward.models) == bool(reward.function):
+        fail(where, "reward_model", "give reward_model.models (reward models) or reward_model.function "
+              "(module:function), exactly one")
+    k = rollout.samples_per_prompt
+    if k < 1 or (ppo.advantage == "rloo" and k < 2):
+        fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage} (rloo needs 2)")
+    if train.batch_size % k:
+        fail(where, "train.batch_size", f"{train.batch_size} completions per step must be a multiple of "
+              f"rollout.samples_per_prompt ({k}): a prompt's completions stay together")
+    cycle = ppo.epochs * ppo.num_mini_batches
+    if train.save_every % cycle:
+        fail(where, "train.save_every", f"must be a multiple of ppo.epochs x ppo.num_mini_batches ({cycle}), so "
+              "that checkpoints fall between rollouts")
+    if ref.kind == "auto":
+        ref.kind = "none" if ppo.kl_coef == 0 else "adapter_off" if recipe.model.lora or recipe.model.adapter else "copy"
+    if ref.kind == "adapter_off" and not (recipe.model.lora or recipe.model.adapter):
+        fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
+    if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
+        fail(where, "reference.kind", f"{ref.kind} cannot give the per-token reference log-probs of fresh "
+              "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
+
+
+def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
+    """Resolve reference.kind auto, and refuse combinations that cannot work, before anything loads."""
+    model, ref = recipe.model, recipe.reference
+    adapters = model.lora is not None or model.adapter is not None
+    needs = any(spec.needs_reference for spec in specs)
+    if model.lora is not None and model.adapter is not None:
+        fail(where, "model.lora", "give model.lora (a new adapter) or model.adapter (continue one), not both")
+    if model.load_in_4bit and not adapters:
+        fail(where, "model.load_in_4bit", "4-bit weights cannot be trained directly: add model.lora (QLoRA)")
+    if ref.kind == "auto":
+        ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
+    if ref.kind == "none" and needs:
+        fail(where, "reference.kind", f"none, but loss {next(s.name for s in specs if s.needs_reference)!r} needs "
+              "a reference; use copy, adapter_off (LoRA) or precomputed")
+    if ref.kind == "adapter_off" and not adapters:
+        fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
+    if ref.kind == "precomputed" and any(spec.kl for spec in specs):
+        fail(where, "reference.kind", "precomputed cannot serve KTO's KL term, whose mismatched pairs change "
+              "with every batch; use copy or adapter_off")
+    if ref.sync_every < 0 or not 0.0 < ref.sync_alpha <= 1.0:
+        fail(where, "reference.sync_every", "needs sync_every >= 0 and 0 < sync_alpha <= 1")
+    if ref.sync_every and (ref.kind != "copy" or adapters):
+        fail(where, "reference.sync_every", "mixing the policy into the reference needs reference.kind=copy "
+              "and a fully trained policy (no LoRA)")
