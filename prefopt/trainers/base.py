@@ -87,10 +87,14 @@ class Trainer:
         batch = order[index * train.batch_size : (index + 1) * train.batch_size]
         if train.group_by_length:  # similar lengths share a micro-batch: less padding, the same global batch
             batch.sort(key=lambda i: example_length(self.train_data[i]))
-        micro = train.micro_batch_size
-        chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
-        for chunk in chunks[self.accelerator.process_index :: self.world_size]:
+        for chunk in self.deal(batch):
             yield self.to_device(self.collate([self.train_data[i] for i in chunk]))
+
+    def deal(self, rows: list[int]) -> list[list[int]]:
+        """This process's share of a global batch: cut into micro-batches, dealt to the processes in turn."""
+        micro = self.recipe.train.micro_batch_size
+        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        return chunks[self.accelerator.process_index :: self.world_size]
 
     # ----- the loop ---------------------------------------------------------------------------
 

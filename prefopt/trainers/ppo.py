@@ -264,7 +264,7 @@ class PPOTrainer(Trainer):
     # ----- the two methods the loop calls ---------------------------------------------------------
 
     def batches(self, step: int):
-        ppo, train = self.recipe.ppo, self.recipe.train
+        ppo = self.recipe.ppo
         cycle, position = divmod(step - 1, self.cycle)
         if self.buffer_cycle != cycle:
             self._rollout(cycle)
@@ -277,9 +277,7 @@ class PPOTrainer(Trainer):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             self.recipe.seed * 100_003 + cycle * 1009 + epoch)).tolist()
         size = n // ppo.num_mini_batches
-        rows, micro = order[mini * size : (mini + 1) * size], train.micro_batch_size
-        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
-        for chunk in chunks[self.accelerator.process_index :: self.world_size]:  # dealt as the base loop deals
+        for chunk in self.deal(order[mini * size : (mini + 1) * size]):
             index = torch.tensor(chunk, device=self.buffer["mask"].device)
             yield {key: value[index] for key, value in self.buffer.items()}
 
