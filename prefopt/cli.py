@@ -96,7 +96,7 @@ def train_recipe(path: str | Path, overrides: list[str] = ()):
     try:
         return trainer.fit()
     finally:
-        trainer.accelerator.end_training()  # destroys the process group, so no rank aborts at exit
+        trainer.close()  # ends the process group, so that no rank aborts at exit
 
 
 def quickstart(overrides: list[str] = ()):

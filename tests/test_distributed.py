@@ -1,5 +1,6 @@
 """Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation:
-DDP for DPO, reward models and PPO. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
+DDP for DPO, reward models and PPO, and DeepSpeed ZeRO-2/3 (DeepSpeed's CPU accelerator) launched with the
+configs in recipes/accelerate. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
 
 import json
 import os
@@ -8,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import read_metrics, write_recipe
 from test_ppo import ppo_sections
 
 from prefopt.cli import train_recipe
+
+CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 
 FSDP2_CPU = """
 compute_environment: LOCAL_MACHINE
@@ -39,8 +43,8 @@ def compare(one, two, tolerance=1e-5):
                 assert rb[key] == pytest.approx(value, abs=tolerance), (split, ra["step"], key)
 
 
-def run_two(launcher: list[str], path) -> str:
-    command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path)]
+def run_two(launcher: list[str], path, overrides: list[str] = ()) -> str:
+    command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path), *overrides]
     tests = str(Path(__file__).parent)  # for test_ppo:length_score
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -70,6 +74,74 @@ def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_pat
     assert info["two"]["world_size"] == 2 and info["two"]["accumulation_steps"] == 1
     assert info["one"]["world_size"] == 1 and info["one"]["accumulation_steps"] == 2
     compare(one, two)
+
+
+def same_final_model(one: Path, two: Path, kind: str) -> None:
+    """Both runs' final/ load through from_pretrained (a LoRA adapter onto its base) with the same weights."""
+    import peft
+    import transformers
+
+    auto = {"causal": transformers.AutoModelForCausalLM, "reward": transformers.AutoModelForSequenceClassification,
+            "lora": peft.AutoPeftModelForCausalLM}[kind]
+    a, b = (auto.from_pretrained(d / "final").state_dict() for d in (one, two))
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], atol=1e-4), key
+    if (one / "final" / "value_head.pt").exists():
+        head_a, head_b = (torch.load(d / "final" / "value_head.pt") for d in (one, two))
+        assert all(torch.allclose(head_a[k], head_b[k], atol=1e-4) for k in head_a)
+
+
+LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout draws differ between processes
+
+
+@pytest.mark.parametrize("config, sections, kind", [
+    ("zero2", {"train": TRAIN}, "causal"),
+    ("zero3", {"train": TRAIN}, "causal"),
+    ("zero3", {"train": TRAIN, "model": LORA}, "lora"),
+    ("zero3", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
+    # generation with the gathered weights; the reference a partitioned engine
+    ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN}, "causal"),
+], ids=["zero2-dpo", "zero3-dpo", "zero3-dpo-lora", "zero3-reward", "zero3-ppo"])
+def test_deepspeed_two_processes_match_one(sort_task, tmp_path, config, sections, kind):
+    if "ppo" in sections:
+        sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
+    run_two(["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2"],
+            write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+    info = json.loads((two / "run.json").read_text())
+    assert (info["world_size"], info["distributed_type"]) == (2, "DistributedType.DEEPSPEED")
+    compare(one, two, tolerance=1e-4)
+    same_final_model(one, two, kind)
+
+
+def test_deepspeed_zero3_resumes_from_its_checkpoint(sort_task, tmp_path):
+    """A ZeRO-3 checkpoint (partitioned weights and optimizer state) continues the run: 2 steps, then 2 more,
+    follow 4 steps on one process."""
+    sections = dict(optim={"schedule": "constant", "warmup_steps": 0, "lr": 1e-2},
+                    train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "save_every": 2})
+    train_recipe(write_recipe(tmp_path / "whole.yaml", sort_task, tmp_path / "whole", **sections))
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections)
+    launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"), "--num_processes", "2"]
+    run_two(launcher, path, ["train.max_steps=2"])
+    assert "resuming after step 2" in run_two(launcher, path)
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-5)
+
+
+def test_deepspeed_config_that_disagrees_with_the_recipe_is_an_error(sort_task, tmp_path):
+    config = tmp_path / "zero2.yaml"
+    config.write_text((CONFIGS / "zero2.yaml").read_text().replace("deepspeed_config:\n",
+                                                                   "deepspeed_config:\n  gradient_clipping: 0.5\n"))
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train={"max_steps": 1, **TRAIN})
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               "2", "-m", "prefopt", "train", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode != 0
+    assert ("the DeepSpeed config sets gradient_clipping: 0.5, but train.max_grad_norm makes it 1.0; remove "
+            "gradient_clipping from the launch config") in result.stderr
 
 
 def test_fsdp2_on_cpu_is_refused_rather_than_silently_ddp(sort_task, tmp_path):

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from prefopt import recipe as recipe_lib
+from prefopt.distributed import fill_config, frozen_engine, zero_stage
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
@@ -47,6 +48,10 @@ class Trainer:
         self.recipe = recipe
         train = recipe.train
         cpu = not torch.cuda.is_available()
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if cpu and deepspeed:  # Accelerate drops DeepSpeed for cpu=True; DeepSpeed's own CPU accelerator runs on gloo
+            cpu = False
+            PartialState(cpu=False, backend="gloo")
         state = PartialState(cpu=cpu)
         self.world_size = state.num_processes
         per_step = train.micro_batch_size * self.world_size
@@ -62,6 +67,7 @@ class Trainer:
             raise RecipeError(f"the launch config asks for FSDP, but Accelerate runs it as "
                               f"{self.accelerator.distributed_type.name} on {self.accelerator.device.type}: FSDP needs "
                               "GPUs; on CPU launch with torchrun or the ddp config")
+        self._configure_deepspeed()
         set_seed(recipe.seed)
         self.output_dir = Path(recipe.output_dir)
         self.tokenizer = load_tokenizer(recipe.model)
@@ -176,22 +182,24 @@ class Trainer:
         examples = self.eval_data if examples is None else examples
         if not examples:
             return {}
-        acc = self.accelerator
         self.model.eval()
-        size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
-        mine = examples[acc.process_index :: self.world_size]
-        # every process runs as many forwards as the busiest one (sharded models gather in lockstep);
-        # a process out of examples runs one of them again and counts nothing
-        batches = math.ceil(math.ceil(len(examples) / self.world_size) / size)
-        means = MetricMeans()
-        for i in range(batches):
-            chunk = mine[i * size : (i + 1) * size]
-            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk or examples[:1])))
-            if chunk:
+        means, train = MetricMeans(), self.recipe.train
+        for chunk, counts in self.eval_chunks(examples, train.eval_batch_size or train.micro_batch_size):
+            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk)))
+            if counts:
                 means.add("loss", loss, weight=len(chunk))  # loss is a mean over the micro-batch
                 for key, value in metrics.items():
                     means.add(key, value)
-        return means.result(acc)
+        return means.result(self.accelerator)
+
+    def eval_chunks(self, examples: list[dict], size: int) -> Iterator[tuple[list[dict], bool]]:
+        """This process's share of `examples`, `size` at a time, with whether to count them: every process runs as
+        many chunks as the busiest one (sharded models gather in lockstep); one out of examples runs the first
+        example again and counts nothing."""
+        mine = examples[self.accelerator.process_index :: self.world_size]
+        for i in range(math.ceil(math.ceil(len(examples) / self.world_size) / size)):
+            chunk = mine[i * size : (i + 1) * size]
+            yield chunk or examples[:1], bool(chunk)
 
     # ----- set-up -----------------------------------------------------------------------------
 
@@ -228,6 +236,9 @@ class Trainer:
         # fused: one kernel per step, without the per-tensor (or, with foreach, model-sized) temporaries
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay, fused=True)
+        # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step. Made on the
+        # torch optimizer, whose parameter groups DeepSpeed's ZeRO optimizer keeps using.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
@@ -239,9 +250,24 @@ class Trainer:
                         del state[key]
 
             self.accelerator.register_save_state_pre_hook(keep_trainable)
-        # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_factor)
         self.accelerator.register_for_checkpointing(self.scheduler)
+
+    def _configure_deepspeed(self) -> None:
+        """Under DeepSpeed the recipe sets the batch shape, the clipping and the final save: DeepSpeed does the
+        accumulation and clipping itself, from its config, which prefopt fills (a launch config that disagrees is
+        an error). Filled before any model loads: frozen engines are made from the same config."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        train = self.recipe.train
+        wanted = {"train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
+                  "gradient_accumulation_steps": (self.accumulation_steps, "train.batch_size"),
+                  "train_batch_size": (train.batch_size, "train.batch_size"),
+                  "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm")}
+        fill_config(plugin.deepspeed_config, wanted)
+        if plugin.zero_stage == 3:  # final/ is one Hugging Face checkpoint, gathered from the shards (whatever
+            # Accelerate's default for zero3_save_16bit_model)
+            plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
@@ -269,10 +295,13 @@ class Trainer:
                               "usable examples; lower train.batch_size or add data")
 
     def prepare_frozen(self, model):
-        """A frozen model (reference, critic-free scorer) placed like the policy: under FSDP2 its decoder layers
-        are sharded too (Accelerate shards only models it trains), elsewhere it moves to the device."""
+        """A frozen model (a reference) placed like the policy: under FSDP2 its decoder layers are sharded too
+        (Accelerate shards only models it trains); under DeepSpeed it becomes an inference engine, partitioned
+        under ZeRO-3; elsewhere it moves to the device."""
         from accelerate.utils import DistributedType
 
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return frozen_engine(model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
         if self.accelerator.distributed_type != DistributedType.FSDP:
             return model.to(self.accelerator.device)
         from torch.distributed.fsdp import fully_shard
@@ -282,6 +311,15 @@ class Trainer:
             fully_shard(layer)
         fully_shard(model)
         return model
+
+    def close(self) -> None:
+        """End the run's distributed state: ZeRO-3 engines wait for the weight gathers they started ahead (a
+        process group torn down under one aborts the process), then the process group is destroyed."""
+        if zero_stage(self.accelerator) == 3:
+            for engine in (self.model, getattr(self, "reference", None)):
+                if hasattr(engine, "empty_partition_cache"):
+                    engine.empty_partition_cache()
+        self.accelerator.end_training()
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -375,7 +413,7 @@ class Trainer:
 
         acc = self.accelerator
         final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
-        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        sharded = acc.distributed_type == DistributedType.FSDP or zero_stage(acc) == 3
         state_dict = acc.get_state_dict(self.model) if sharded else None  # gathered on every process
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

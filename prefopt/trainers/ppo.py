@@ -11,12 +11,14 @@ lives in prefopt/losses/ppo.py; here are only the plumbing and the bookkeeping.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from prefopt import reference as refs
 from prefopt.data import load_prompts
+from prefopt.distributed import generation_weights
 from prefopt.errors import RecipeError, import_object
 from prefopt.logprobs import token_logps
 from prefopt.losses import ppo as ppo_math
@@ -81,17 +83,19 @@ class PPOTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
         acc, data, ppo = self.accelerator, recipe.data, recipe.ppo
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            raise RecipeError(f"PPO under {acc.distributed_type.name} is not supported yet: generation needs the "
-                              "sharded weights gathered; launch with the ddp (or single_gpu) config")
+        if acc.distributed_type.name == "FSDP":
+            raise RecipeError("PPO under FSDP is not supported yet: generation needs the sharded weights gathered; "
+                              "launch with the zero3, zero2 or ddp config")
         with acc.main_process_first():
             self.train_data = load_prompts(data.train, self.tokenizer, data, recipe.seed, "data.train", acc.print)
             if data.eval:
                 self.eval_data = load_prompts(data.eval, self.tokenizer, data, recipe.seed, "data.eval", acc.print)
         reward = recipe.reward_model
         source = import_object(reward.function, "reward_model.function") if reward.function else reward.models
-        self.scorer = RewardScorer(source, reward.aggregate, reward.std_coef, reward.normalize,
-                                   device=str(acc.device))
+        plugin = acc.state.deepspeed_plugin  # reward models whole on each process, outside ZeRO-3's partitioning
+        with plugin.zero3_init_context_manager(enable=False) if plugin else nullcontext():
+            self.scorer = RewardScorer(source, reward.aggregate, reward.std_coef, reward.normalize,
+                                       device=str(acc.device))
         critic = None
         if ppo.advantage == "gae" and ppo.critic == "separate":
             critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
@@ -147,8 +151,9 @@ class PPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(self.model).policy
         was_training = policy.training
         policy.eval()
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                              logits_processor=processors)
+        with generation_weights(self.model, self.accelerator):
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                  logits_processor=processors)
         policy.train(was_training)
         responses = out[:, prompt_ids.shape[1] :]  # (N, R)
         is_eos = responses == self.tokenizer.eos_token_id
@@ -322,13 +327,13 @@ class PPOTrainer(Trainer):
         if not examples:
             return {}
         acc = self.accelerator
-        mine = examples[acc.process_index :: self.world_size]
-        size = self.recipe.train.eval_batch_size or 64
         means = MetricMeans()
         for key in ("score", "eos", "length"):  # every process has every key, even one with no prompts
             means.add(key, torch.empty(0, device=acc.device))
-        for i in range(0, len(mine), size):
-            batch = self.generate(mine[i : i + size])
+        for chunk, counts in self.eval_chunks(examples, self.recipe.train.eval_batch_size or 64):
+            batch = self.generate(chunk)
+            if not counts:
+                continue
             means.add("score", batch["scores"])
             means.add("eos", batch["ended"].float())
             means.add("length", batch["mask"].sum(1))

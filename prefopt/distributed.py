@@ -1,0 +1,91 @@
+"""What the DeepSpeed backend needs beyond Accelerate's `prepare`: its config filled from the recipe, frozen
+models as inference engines, and ZeRO-3's partitioned weights gathered where code outside a forward reads them.
+
+Under ZeRO-3 every model loaded after the Accelerator exists (from_pretrained sees DeepSpeed's config) holds
+only its shard of each weight; a forward through its engine gathers a layer's weights as it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+
+from prefopt.errors import RecipeError
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, None for any other backend."""
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else plugin.zero_stage
+
+
+def fill_config(config: dict, wanted: dict[str, tuple[object, str]]) -> None:
+    """Set DeepSpeed config keys (dotted paths) from the recipe: {key: (value, recipe field it comes from)}.
+    A launch config that already sets a key to something else is an error, not silently overridden."""
+    for key, (value, source) in wanted.items():
+        *parents, name = key.split(".")
+        section = config
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        if section.get(name, "auto") not in ("auto", value):
+            raise RecipeError(f"the DeepSpeed config sets {key}: {section[name]}, but {source} makes it {value}; "
+                              f"remove {key} from the launch config (prefopt fills it in)")
+        section[name] = value
+
+
+def frozen_engine(model, ds_config: dict):
+    """A frozen model as a DeepSpeed inference engine (as TRL prepares its reference): partitioned like the
+    policy under ZeRO-3; under ZeRO-1/2 whole on every process (stage 0), in DeepSpeed's precision."""
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        hidden = model.config.get_text_config().hidden_size
+        for key, value in (("reduce_bucket_size", hidden * hidden),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    else:
+        zero["stage"] = 0
+    for key in ("optimizer", "scheduler"):  # training-only: no optimizer is passed
+        config.pop(key, None)
+    zero.pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def gathered(params, modifier: bool = False):
+    """ZeRO-3 partitioned parameters whole on every process inside the block (with `modifier`, changes made
+    there are kept: every process must make the same ones); for any other parameters, nothing to do."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modifier else None)
+
+
+@contextmanager
+def generation_weights(engine, accelerator):
+    """The trained model's weights whole for the length of a generation under ZeRO-3, so that each decoding step
+    does not gather every layer again (TRL's unwrap_model_for_generation does the same): gathered once, the
+    per-layer gather/release hooks taken off meanwhile and put back after. Elsewhere, nothing to do."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        for param in engine.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
