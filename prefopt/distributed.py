@@ -69,14 +69,25 @@ def gathered(params, modifier: bool = False):
 
 
 @contextmanager
-def generation_weights(engine, accelerator):
-    """The trained model's weights whole for the length of a generation under ZeRO-3, so that each decoding step
-    does not gather every layer again (TRL's unwrap_model_for_generation does the same): gathered once, the
-    per-layer gather/release hooks taken off meanwhile and put back after. Elsewhere, nothing to do."""
+def generation_weights(model, accelerator):
+    """The trained model's weights whole for the length of a generation, where they are sharded, so that each
+    decoding step does not gather every layer again (TRL's unwrap_model_for_generation does the same):
+
+    - ZeRO-3: gathered once, the per-layer gather/release hooks taken off meanwhile and put back after;
+    - FSDP2: every shard unit unsharded once and kept so through the forwards (reshard_after_forward off),
+      then resharded and the launch config's setting restored.
+
+    Elsewhere, nothing to do."""
+    if accelerator.distributed_type.name == "FSDP":
+        with _fsdp_unsharded(model, accelerator.state.fsdp_plugin.reshard_after_forward):
+            yield
+        return
     if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
+
+    engine = model
 
     offload = engine.optimizer.parameter_offload
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -89,3 +100,19 @@ def generation_weights(engine, accelerator):
             yield
         finally:
             offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def _fsdp_unsharded(model, reshard_after_forward: bool):
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
+            unit.reshard()

@@ -4,6 +4,10 @@ batch and precision (docs/benchmarks.md).
     python scripts/benchmark.py                                # CPU: small model, variable lengths, DPO
     python scripts/benchmark.py --lengths fixed --methods dpo simpo
     python scripts/benchmark.py --preset qwen2.5-0.5b --methods dpo dpo-precomputed simpo  # GPU
+    python scripts/benchmark.py --backends single_gpu ddp zero2 zero3 fsdp2    # prefopt per launch config
+
+With `--backends`, prefopt alone runs under each launch config of recipes/accelerate (`--processes` of
+them, default: every GPU, or 2 on a CPU), with the same global batch; the peak is the largest of any process.
 
 The model is built from a config with random weights (Qwen2 shapes), with a word-level tokenizer whose
 words are one token each, so every library sees exactly the token counts drawn below. Each measurement
@@ -39,9 +43,12 @@ from pathlib import Path
 
 # Qwen2 shapes (the 0.5B one is Qwen2.5-0.5B's) on the Llama architecture, which differs only by Qwen2's q/k/v
 # biases: with model_type qwen2, AutoTokenizer would swap the word-level tokenizer for Qwen2's own
+CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 PRESETS = {
     "cpu-small": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=16384,
                       max_length=512, batch=8),
+    "cpu-medium": dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=2048, vocab=32768,  # 48M parameters
+                       max_length=256, batch=8),
     "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
                          max_length=1024, batch=8),
 }
@@ -153,7 +160,7 @@ def run_prefopt(args, work: Path, sections: dict, steps: int) -> tuple[list[floa
               "reference": {"cache_dir": str(work / "reference-cache")}}
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if key != "loss" else value
-    path = work / "prefopt.yaml"
+    path = work / f"prefopt-{os.environ.get('RANK', '0')}.yaml"  # under a launcher, every process writes its own
     path.write_text(json.dumps(recipe))
     trainer = trainer_for(recipe_lib.load(path))
     save_final, peaks = trainer.save_final, []
@@ -165,6 +172,7 @@ def run_prefopt(args, work: Path, sections: dict, steps: int) -> tuple[list[floa
     trainer.save_final = measured_save_final
     peak_reset()
     trainer.fit()
+    trainer.close()
     records = [json.loads(line) for line in (work / "prefopt-run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     return [r["step_seconds"] for r in train], [int(r["num_tokens"]) for r in train], peaks[0]
@@ -222,7 +230,8 @@ def run_trl(args, work: Path, trainer_name: str, config: dict, steps: int) -> tu
 
 
 def worker(args) -> None:
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{args.framework}-", dir=args.work))
+    work = args.run_dir or Path(tempfile.mkdtemp(prefix=f"bench-{args.framework}-", dir=args.work))
+    work.mkdir(parents=True, exist_ok=True)
     steps = args.warmup + args.steps
     sections, trl = METHODS[args.method]
     if args.framework == "trl":
@@ -237,17 +246,54 @@ def worker(args) -> None:
 
 # ----- the driver ---------------------------------------------------------------------------------
 
-def measure(args, framework: str, method: str, switches: dict) -> dict:
+def measure(args, framework: str, method: str, switches: dict, backend: str | None = None) -> dict:
+    """One run in fresh processes: one, or `args.processes` under launch config `backend`."""
     command = [sys.executable, __file__, "--worker", framework, "--method", method, "--switches", json.dumps(switches),
                "--model", str(args.model), "--data", str(args.data), "--work", str(args.work)]
     for key in ("batch", "micro_batch", "max_length", "warmup", "steps", "precision"):
         if getattr(args, key) is not None:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if backend:  # every process of the run shares one run directory
+        processes = 1 if backend == "single_gpu" else args.processes
+        command[1:1] = ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{backend}.yaml"),
+                        "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        command += ["--run-dir", tempfile.mkdtemp(prefix=f"bench-{backend}-", dir=args.work)]
+        if processes > 1 and not args.micro_batch:
+            command += ["--micro-batch", str(args.batch // processes)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(CONFIGS.parent.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode:
-        raise SystemExit(f"{framework} {method} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.split("RESULT ")[-1])
+        raise SystemExit(f"{framework} {method} {backend or ''} failed:\n{out.stderr[-4000:]}")
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+    return {**results[0], "peak_mib": max(r["peak_mib"] for r in results)}  # the busiest process's peak
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare_backends(args, method: str) -> None:
+    """prefopt under each launch config, the same global batch: speed and the largest per-process peak."""
+    print("| launch config | processes | tokens/s | pairs/s | peak MiB (largest process) | speed vs first | memory vs first |")
+    print("|---|---|---|---|---|---|---|")
+    results: dict[str, list[dict]] = {backend: [] for backend in args.backends}
+    for _ in range(args.repeats):
+        for backend in args.backends:
+            results[backend].append(measure(args, "prefopt", method, {}, backend))
+    base = None
+    for backend, values in results.items():
+        speed = statistics.median(v["tokens_per_second"] for v in values)
+        pairs_s = statistics.median(v["pairs_per_second"] for v in values)
+        peak = statistics.median(v["peak_mib"] for v in values)
+        base = base or (speed, peak)
+        processes = 1 if backend == "single_gpu" else args.processes
+        print(f"| {backend} | {processes} | {speed:,.0f} | {pairs_s:.2f} | {peak:,.0f} | {speed / base[0]:.2f}x | "
+              f"{peak / base[1]:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -266,7 +312,12 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also prefopt with its speed switches off, then "
                         "turned on one at a time")
     parser.add_argument("--compile", action="store_true", help="also prefopt with train.compile")
+    parser.add_argument("--backends", nargs="+", choices=sorted(p.stem for p in CONFIGS.glob("*.yaml")
+                                                             if p.stem != "multi_node"),
+                        help="prefopt alone under these launch configs instead of against TRL")
+    parser.add_argument("--processes", type=int, help="processes for --backends (default: GPUs, or 2 on a CPU)")
     parser.add_argument("--worker", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--switches", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -294,6 +345,9 @@ def main() -> None:
     print(f"{device}; torch {torch.__version__}; preset {args.preset or ('qwen2.5-0.5b' if cuda else 'cpu-small')} "
           f"{preset}; {args.lengths} lengths (mean sequence {mean_length:.0f} tokens); {args.batch} pairs per step; "
           f"precision {args.precision}; {args.warmup} warm-up + {args.steps} timed steps; median of {args.repeats}\n")
+    if args.backends:
+        args.processes = args.processes or (torch.cuda.device_count() if cuda else 2)
+        return compare_backends(args, args.methods[0])
     print("| method | trainer | tokens/s | pairs/s | peak MiB | MFU | speed vs TRL | memory vs TRL |")
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods:

@@ -44,7 +44,9 @@ def compare(one, two, tolerance=1e-5):
 
 
 def run_two(launcher: list[str], path, overrides: list[str] = ()) -> str:
-    command = [sys.executable, "-m", *launcher, "-m", "prefopt", "train", str(path), *overrides]
+    """`prefopt train` under a launcher (one that ends with a script runs that script as prefopt)."""
+    program = [] if launcher[-1].endswith(".py") else ["-m", "prefopt"]
+    command = [sys.executable, "-m", *launcher, *program, "train", str(path), *overrides]
     tests = str(Path(__file__).parent)  # for test_ppo:length_score
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -83,10 +85,11 @@ def same_final_model(one: Path, two: Path, kind: str) -> None:
 
     auto = {"causal": transformers.AutoModelForCausalLM, "reward": transformers.AutoModelForSequenceClassification,
             "lora": peft.AutoPeftModelForCausalLM}[kind]
-    a, b = (auto.from_pretrained(d / "final").state_dict() for d in (one, two))
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert torch.allclose(value, b[key], atol=1e-4), key
+    for sub in ["final", "final/critic"][: 1 + (one / "final" / "critic").exists()]:
+        a, b = (auto.from_pretrained(d / sub).state_dict() for d in (one, two))
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.allclose(value, b[key], atol=1e-4), (sub, key)
     if (one / "final" / "value_head.pt").exists():
         head_a, head_b = (torch.load(d / "final" / "value_head.pt") for d in (one, two))
         assert all(torch.allclose(head_a[k], head_b[k], atol=1e-4) for k in head_a)
@@ -95,35 +98,47 @@ def same_final_model(one: Path, two: Path, kind: str) -> None:
 LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout draws differ between processes
 
 
+FSDP_ON_CPU = str(Path(__file__).parent / "fsdp_on_cpu.py")  # prefopt, with Accelerate's FSDP allowed on CPU
+
+
 @pytest.mark.parametrize("config, sections, kind", [
+    ("fsdp2", {"train": TRAIN}, "causal"),
+    ("fsdp2", {"train": TRAIN, "model": LORA}, "lora"),
+    ("fsdp2", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
+    ("fsdp2", {**ppo_sections(advantage="gae", critic="separate"), "train": PPO_TRAIN}, "causal"),
     ("zero2", {"train": TRAIN}, "causal"),
     ("zero3", {"train": TRAIN}, "causal"),
     ("zero3", {"train": TRAIN, "model": LORA}, "lora"),
     ("zero3", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
     # generation with the gathered weights; the reference a partitioned engine
     ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN}, "causal"),
-], ids=["zero2-dpo", "zero3-dpo", "zero3-dpo-lora", "zero3-reward", "zero3-ppo"])
-def test_deepspeed_two_processes_match_one(sort_task, tmp_path, config, sections, kind):
+], ids=["fsdp2-dpo", "fsdp2-dpo-lora", "fsdp2-reward", "fsdp2-ppo-critic", "zero2-dpo", "zero3-dpo", "zero3-dpo-lora", "zero3-reward",
+        "zero3-ppo"])
+def test_sharded_two_processes_match_one(sort_task, tmp_path, config, sections, kind):
+    """The launch configs as shipped, on two CPU processes: the trajectory of one process, the same final model."""
     if "ppo" in sections:
         sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
-    run_two(["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2"],
-            write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+    launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2"]
+    fsdp = config.startswith("fsdp")
+    run_two(launcher + ([FSDP_ON_CPU] if fsdp else []), write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
     info = json.loads((two / "run.json").read_text())
-    assert (info["world_size"], info["distributed_type"]) == (2, "DistributedType.DEEPSPEED")
+    assert (info["world_size"], info["distributed_type"]) == (2, f"DistributedType.{'FSDP' if fsdp else 'DEEPSPEED'}")
     compare(one, two, tolerance=1e-4)
     same_final_model(one, two, kind)
 
 
-def test_deepspeed_zero3_resumes_from_its_checkpoint(sort_task, tmp_path):
-    """A ZeRO-3 checkpoint (partitioned weights and optimizer state) continues the run: 2 steps, then 2 more,
+@pytest.mark.parametrize("config", ["zero3", "fsdp2"])
+def test_sharded_run_resumes_from_its_checkpoint(sort_task, tmp_path, config):
+    """A sharded checkpoint (the weights and optimizer state in shards) continues the run: 2 steps, then 2 more,
     follow 4 steps on one process."""
     sections = dict(optim={"schedule": "constant", "warmup_steps": 0, "lr": 1e-2},
                     train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "save_every": 2})
     train_recipe(write_recipe(tmp_path / "whole.yaml", sort_task, tmp_path / "whole", **sections))
     path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections)
-    launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"), "--num_processes", "2"]
+    launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
+                *([FSDP_ON_CPU] if config == "fsdp2" else [])]
     run_two(launcher, path, ["train.max_steps=2"])
     assert "resuming after step 2" in run_two(launcher, path)
     whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "run")

@@ -58,6 +58,25 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
+    # What Accelerate's FSDP2 preparation asks of a transformers model: the decoder layer classes (each layer
+    # one shard unit), the embeddings, and re-tying them after the move to the meta device (else a tied LM head
+    # would train as a separate weight)
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return [name for model in (self.policy, self.critic) if model is not None
+                for name in getattr(model, "_no_split_modules", None) or []]
+
+    def get_input_embeddings(self):
+        return self.policy.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+    def tie_weights(self):
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.tie_weights()
+
     def forward(self, input_ids, attention_mask):
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
@@ -69,23 +88,23 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1).float()  # (N, L, V), (N, L)
 
     def save_pretrained(self, path, state_dict=None, **kwargs):
-        """The policy in Hugging Face (or PEFT) format; the value head beside it as value_head.pt."""
-        if state_dict is not None:
-            state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
-        self.policy.save_pretrained(path, state_dict=state_dict, **kwargs)
+        """The policy in Hugging Face (or PEFT) format; the value head beside it as value_head.pt, and a separate
+        critic in critic/. `state_dict`: the whole model's weights, gathered where they are sharded."""
+        def part(prefix):
+            return None if state_dict is None else {
+                k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        self.policy.save_pretrained(path, state_dict=part("policy."), **kwargs)
         if self.value_head is not None:
-            torch.save(self.value_head.state_dict(), f"{path}/value_head.pt")
+            torch.save(part("value_head.") or self.value_head.state_dict(), f"{path}/value_head.pt")
         if self.critic is not None:
-            self.critic.save_pretrained(f"{path}/critic")
+            self.critic.save_pretrained(f"{path}/critic", state_dict=part("critic."))
 
 
 class PPOTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
         acc, data, ppo = self.accelerator, recipe.data, recipe.ppo
-        if acc.distributed_type.name == "FSDP":
-            raise RecipeError("PPO under FSDP is not supported yet: generation needs the sharded weights gathered; "
-                              "launch with the zero3, zero2 or ddp config")
         with acc.main_process_first():
             self.train_data = load_prompts(data.train, self.tokenizer, data, recipe.seed, "data.train", acc.print)
             if data.eval:
@@ -107,6 +126,14 @@ class PPOTrainer(Trainer):
         acc.register_for_checkpointing(self.kl_controller)
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
         self.buffer, self.buffer_cycle, self.stats, self.stop_epoch = None, None, {}, False
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        if self.accelerator.distributed_type.name == "FSDP":  # FSDP2 sets itself up in the first forward of the
+            # whole model; generation calls the policy inside it, so run that forward first
+            ids = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.accelerator.device)
+            with torch.no_grad():
+                self.model(ids, torch.ones_like(ids))
 
     def _check_data(self) -> None:
         prompts = self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches // self.recipe.rollout.samples_per_prompt
