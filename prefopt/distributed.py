@@ -1,14 +1,15 @@
-"""What the DeepSpeed backend needs beyond Accelerate's `prepare`: its config filled from the recipe, frozen
-models as inference engines, and ZeRO-3's partitioned weights gathered where code outside a forward reads them.
+"""What the sharded backends need beyond Accelerate's `prepare`: DeepSpeed's config filled from the recipe,
+frozen models as DeepSpeed inference engines, and sharded weights gathered for a generation.
 
 Under ZeRO-3 every model loaded after the Accelerator exists (from_pretrained sees DeepSpeed's config) holds
-only its shard of each weight; a forward through its engine gathers a layer's weights as it runs.
+only its shard of each weight; a forward through its engine gathers a layer's weights as it runs. FSDP2's
+shard units do the same in their forward hooks.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from prefopt.errors import RecipeError
 
@@ -17,6 +18,12 @@ def zero_stage(accelerator) -> int | None:
     """The ZeRO stage of a DeepSpeed run, None for any other backend."""
     plugin = accelerator.state.deepspeed_plugin
     return None if plugin is None else plugin.zero_stage
+
+
+def local_numel(model) -> int:
+    """Parameter elements this process holds: its shards under ZeRO-3 and FSDP2, every element otherwise."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.to_local().numel() if hasattr(p, "to_local")
+               else p.numel() for p in model.parameters())
 
 
 def fill_config(config: dict, wanted: dict[str, tuple[object, str]]) -> None:
@@ -57,17 +64,6 @@ def frozen_engine(model, ds_config: dict):
     return engine
 
 
-def gathered(params, modifier: bool = False):
-    """ZeRO-3 partitioned parameters whole on every process inside the block (with `modifier`, changes made
-    there are kept: every process must make the same ones); for any other parameters, nothing to do."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modifier else None)
-
-
 @contextmanager
 def generation_weights(model, accelerator):
     """The trained model's weights whole for the length of a generation, where they are sharded, so that each
@@ -87,11 +83,9 @@ def generation_weights(model, accelerator):
         return
     import deepspeed
 
-    engine = model
-
-    offload = engine.optimizer.parameter_offload
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        for param in engine.module.parameters():
+    offload = model.optimizer.parameter_offload  # model: the DeepSpeed engine
+    with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+        for param in model.module.parameters():
             param.ds_active_sub_modules.clear()
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
@@ -99,7 +93,7 @@ def generation_weights(model, accelerator):
         try:
             yield
         finally:
-            offload._register_deepspeed_module(offload.module)
+            offload._register_deepspeed_module(offload.module)  # DeepSpeed >= 0.16.4, as TRL re-adds them
 
 
 @contextmanager

@@ -5,6 +5,7 @@ batch and precision (docs/benchmarks.md).
     python scripts/benchmark.py --lengths fixed --methods dpo simpo
     python scripts/benchmark.py --preset qwen2.5-0.5b --methods dpo dpo-precomputed simpo  # GPU
     python scripts/benchmark.py --backends single_gpu ddp zero2 zero3 fsdp2    # prefopt per launch config
+    python scripts/benchmark.py --backends single_gpu zero2 zero3 fsdp2 --lora 16
 
 With `--backends`, prefopt alone runs under each launch config of recipes/accelerate (`--processes` of
 them, default: every GPU, or 2 on a CPU), with the same global batch; the peak is the largest of any process.
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -237,7 +239,8 @@ def worker(args) -> None:
     if args.framework == "trl":
         seconds, tokens, peak = run_trl(args, work, *trl, steps)
     else:
-        seconds, tokens, peak = run_prefopt(args, work, {**sections, "train": json.loads(args.switches)}, steps)
+        lora = {"model": {"lora": {"r": args.lora, "alpha": 2 * args.lora}}} if args.lora else {}
+        seconds, tokens, peak = run_prefopt(args, work, {**sections, **lora, "train": json.loads(args.switches)}, steps)
     timed = slice(args.warmup, steps)
     print("RESULT " + json.dumps({"tokens_per_second": sum(tokens[timed]) / sum(seconds[timed]),
                                   "pairs_per_second": args.batch * args.steps / sum(seconds[timed]),
@@ -250,7 +253,7 @@ def measure(args, framework: str, method: str, switches: dict, backend: str | No
     """One run in fresh processes: one, or `args.processes` under launch config `backend`."""
     command = [sys.executable, __file__, "--worker", framework, "--method", method, "--switches", json.dumps(switches),
                "--model", str(args.model), "--data", str(args.data), "--work", str(args.work)]
-    for key in ("batch", "micro_batch", "max_length", "warmup", "steps", "precision"):
+    for key in ("batch", "micro_batch", "max_length", "warmup", "steps", "precision", "lora"):
         if getattr(args, key) is not None:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if backend:  # every process of the run shares one run directory
@@ -265,7 +268,8 @@ def measure(args, framework: str, method: str, switches: dict, backend: str | No
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{framework} {method} {backend or ''} failed:\n{out.stderr[-4000:]}")
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+    # one result per process; processes print at the same time, so two may share a line
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", out.stdout)]
     return {**results[0], "peak_mib": max(r["peak_mib"] for r in results)}  # the busiest process's peak
 
 
@@ -316,6 +320,7 @@ def main() -> None:
                                                              if p.stem != "multi_node"),
                         help="prefopt alone under these launch configs instead of against TRL")
     parser.add_argument("--processes", type=int, help="processes for --backends (default: GPUs, or 2 on a CPU)")
+    parser.add_argument("--lora", type=int, help="with --backends: train a LoRA adapter of this rank")
     parser.add_argument("--worker", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -345,6 +350,8 @@ def main() -> None:
     print(f"{device}; torch {torch.__version__}; preset {args.preset or ('qwen2.5-0.5b' if cuda else 'cpu-small')} "
           f"{preset}; {args.lengths} lengths (mean sequence {mean_length:.0f} tokens); {args.batch} pairs per step; "
           f"precision {args.precision}; {args.warmup} warm-up + {args.steps} timed steps; median of {args.repeats}\n")
+    if args.lora and not args.backends:
+        parser.error("--lora goes with --backends (the comparison with TRL trains every weight)")
     if args.backends:
         args.processes = args.processes or (torch.cuda.device_count() if cuda else 2)
         return compare_backends(args, args.methods[0])

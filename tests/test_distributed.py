@@ -125,6 +125,10 @@ def test_sharded_two_processes_match_one(sort_task, tmp_path, config, sections, 
     run_two(launcher + ([FSDP_ON_CPU] if fsdp else []), write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
     info = json.loads((two / "run.json").read_text())
     assert (info["world_size"], info["distributed_type"]) == (2, f"DistributedType.{'FSDP' if fsdp else 'DEEPSPEED'}")
+    # ZeRO-3 and FSDP2 hold about half of every model on each of two processes, the reference included
+    whole, held = (json.loads((d / "run.json").read_text())["parameters_on_process_0"] for d in (one, two))
+    for name, count in whole.items():
+        assert count / held[name] == pytest.approx(1 if config == "zero2" else 2, rel=0.02), name
     compare(one, two, tolerance=1e-4)
     same_final_model(one, two, kind)
 

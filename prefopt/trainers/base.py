@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from prefopt import recipe as recipe_lib
-from prefopt.distributed import fill_config, frozen_engine, zero_stage
+from prefopt.distributed import fill_config, frozen_engine, local_numel, zero_stage
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
@@ -240,6 +240,9 @@ class Trainer:
         # torch optimizer, whose parameter groups DeepSpeed's ZeRO optimizer keeps using.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # parameter elements this process holds at rest (before a forward gathers any): its shards, if sharded
+        models = {"model": self.model, "reference": getattr(self, "reference", None)}
+        self.held_parameters = {name: local_numel(model) for name, model in models.items() if model is not None}
         # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self.partial_checkpoints = len(trainable) < len(dict(self.model.named_parameters()))
@@ -331,6 +334,7 @@ class Trainer:
                 "micro_batch_size": self.recipe.train.micro_batch_size, "batch_size": self.recipe.train.batch_size,
                 "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "parameters_on_process_0": self.held_parameters,
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
                 "distributed_type": str(self.accelerator.distributed_type),
                 "torch": torch.__version__, "transformers": transformers.__version__}
