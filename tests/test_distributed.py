@@ -1,6 +1,6 @@
-"""Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation:
-DDP for DPO, reward models and PPO, and DeepSpeed ZeRO-2/3 (DeepSpeed's CPU accelerator) launched with the
-configs in recipes/accelerate. FSDP2 needs GPUs (Accelerate enables it for GPU-class devices only)."""
+"""Two processes on CPU (gloo) follow the same trajectory as one process with twice the accumulation: DDP for
+DPO, reward models and PPO; and the shipped launch configs for DeepSpeed ZeRO-2/3 (DeepSpeed's CPU accelerator)
+and FSDP2 (through fsdp_on_cpu.py, which lifts Accelerate's GPU-only gate for FSDP)."""
 
 import json
 import os
@@ -16,22 +16,6 @@ from test_ppo import ppo_sections
 from prefopt.cli import train_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
-
-FSDP2_CPU = """
-compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: 'no'
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_reshard_after_forward: true
-  fsdp_state_dict_type: SHARDED_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_offload_params: false
-"""
 
 
 def compare(one, two, tolerance=1e-5):
@@ -155,7 +139,7 @@ def test_deepspeed_config_that_disagrees_with_the_recipe_is_an_error(sort_task, 
     config = tmp_path / "zero2.yaml"
     config.write_text((CONFIGS / "zero2.yaml").read_text().replace("deepspeed_config:\n",
                                                                    "deepspeed_config:\n  gradient_clipping: 0.5\n"))
-    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train={"max_steps": 1, **TRAIN})
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                "2", "-m", "prefopt", "train", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
@@ -166,13 +150,10 @@ def test_deepspeed_config_that_disagrees_with_the_recipe_is_an_error(sort_task, 
 
 def test_fsdp2_on_cpu_is_refused_rather_than_silently_ddp(sort_task, tmp_path):
     """Accelerate 1.15 selects FSDP only on GPU-class devices (accelerate/state.py); with an FSDP2 config on
-    CPU it would run plain DDP (MULTI_CPU). prefopt stops with a clear error instead. FSDP2 is for a GPU."""
-    config = tmp_path / "fsdp2.yaml"
-    config.write_text(FSDP2_CPU)
-    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
-                        train={"max_steps": 1, "batch_size": 8, "micro_batch_size": 4})
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefopt",
-               "train", str(path)]
+    CPU it would run plain DDP (MULTI_CPU). prefopt stops with a clear error instead."""
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml"),
+               "--num_processes", "2", "-m", "prefopt", "train", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert result.returncode != 0
     assert "the launch config asks for FSDP, but Accelerate runs it as MULTI_CPU on cpu" in result.stderr
