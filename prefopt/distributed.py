@@ -12,6 +12,7 @@ import copy
 from contextlib import contextmanager
 
 from prefopt.errors import RecipeError
+from prefopt.models import decoder_layers
 
 
 def zero_stage(accelerator) -> int | None:
@@ -70,8 +71,8 @@ def generation_weights(model, accelerator):
     decoding step does not gather every layer again (TRL's unwrap_model_for_generation does the same):
 
     - ZeRO-3: gathered once, the per-layer gather/release hooks taken off meanwhile and put back after;
-    - FSDP2: every shard unit unsharded once and kept so through the forwards (reshard_after_forward off),
-      then resharded and the launch config's setting restored.
+    - FSDP2: every shard unit unsharded once and kept so through the forwards (the decoder layers'
+      reshard_after_forward off meanwhile), then resharded.
 
     Elsewhere, nothing to do."""
     if accelerator.distributed_type.name == "FSDP":
@@ -98,15 +99,20 @@ def generation_weights(model, accelerator):
 
 @contextmanager
 def _fsdp_unsharded(model, reshard_after_forward: bool):
+    """Every shard unit unsharded; the decoder layers (the units Accelerate gives the launch config's
+    reshard_after_forward) kept so through their forwards. The root and the embeddings' unit already are."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    layers = [layer for layer in decoder_layers(model) if isinstance(layer, FSDPModule)]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
     for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(reshard_after_forward, recurse=False)
         for unit in units:
-            unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
             unit.reshard()

@@ -149,5 +149,5 @@ def _first_line(exc: Exception) -> str:
 def decoder_layers(model) -> list:
     """The model's repeated blocks (the classes it names in `_no_split_modules`): the unit of sharding and
     of compilation."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [module for module in model.modules() if type(module).__name__ in names]
+    names = set(getattr(model, "_no_split_modules", None) or [])  # the class or a base (FSDP2 subclasses it)
+    return [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]

@@ -43,9 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"  # the launch configs, for --backends
 # Qwen2 shapes (the 0.5B one is Qwen2.5-0.5B's) on the Llama architecture, which differs only by Qwen2's q/k/v
 # biases: with model_type qwen2, AutoTokenizer would swap the word-level tokenizer for Qwen2's own
-CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 PRESETS = {
     "cpu-small": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=16384,
                       max_length=512, batch=8),
