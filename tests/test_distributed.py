@@ -135,28 +135,38 @@ def test_sharded_run_resumes_from_its_checkpoint(sort_task, tmp_path, config):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-5)
 
 
+def launch_fails(config: Path, recipe: Path) -> str:
+    """stderr of a two-process launch that must stop with an error."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               "2", "-m", "prefopt", "train", str(recipe)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode != 0
+    return result.stderr
+
+
 def test_deepspeed_config_that_disagrees_with_the_recipe_is_an_error(sort_task, tmp_path):
     config = tmp_path / "zero2.yaml"
     config.write_text((CONFIGS / "zero2.yaml").read_text().replace("deepspeed_config:\n",
                                                                    "deepspeed_config:\n  gradient_clipping: 0.5\n"))
-    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-               "2", "-m", "prefopt", "train", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert result.returncode != 0
+    stderr = launch_fails(config, write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN))
     assert ("the DeepSpeed config sets gradient_clipping: 0.5, but train.max_grad_norm makes it 1.0; remove "
-            "gradient_clipping from the launch config") in result.stderr
+            "gradient_clipping from the launch config") in stderr
+
+
+def test_tr_dpo_under_zero3_is_refused(sort_task, tmp_path):
+    """TR-DPO moves the reference, whose ZeRO-3 shards the checkpoints would not hold."""
+    recipe = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN,
+                          reference={"kind": "copy", "sync_every": 2})
+    stderr = launch_fails(CONFIGS / "zero3.yaml", recipe)
+    assert "reference.sync_every (TR-DPO) is not supported under ZeRO-3" in stderr
 
 
 def test_fsdp2_on_cpu_is_refused_rather_than_silently_ddp(sort_task, tmp_path):
     """Accelerate 1.15 selects FSDP only on GPU-class devices (accelerate/state.py); with an FSDP2 config on
     CPU it would run plain DDP (MULTI_CPU). prefopt stops with a clear error instead."""
-    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", train=TRAIN)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml"),
-               "--num_processes", "2", "-m", "prefopt", "train", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert result.returncode != 0
-    assert "the launch config asks for FSDP, but Accelerate runs it as MULTI_CPU on cpu" in result.stderr
+    stderr = launch_fails(CONFIGS / "fsdp2.yaml", write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                                               train=TRAIN))
+    assert "the launch config asks for FSDP, but Accelerate runs it as MULTI_CPU on cpu" in stderr
 
 
 def test_resume_on_two_processes_from_a_one_process_checkpoint(sort_task, tmp_path):
