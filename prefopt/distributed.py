@@ -9,16 +9,43 @@ shard units do the same in their forward hooks.
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager
 
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers
 
 
+def start_processes():
+    """Accelerate's process state, and the `cpu` flag for the Accelerator: True without CUDA, except under
+    DeepSpeed, which Accelerate drops for cpu=True. There the process group starts on gloo, for DeepSpeed's own
+    CPU accelerator."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return PartialState(cpu=False, backend="gloo"), False
+    return PartialState(cpu=cpu), cpu
+
+
+def check_fsdp(accelerator) -> None:
+    """Accelerate turns FSDP on for GPU-class devices only; on CPU an FSDP launch would silently run plain DDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":
+        raise RecipeError(f"the launch config asks for FSDP, but Accelerate runs it as "
+                          f"{accelerator.distributed_type.name} on {accelerator.device.type}: FSDP needs "
+                          "GPUs; on CPU launch with torchrun or the ddp config")
+
+
 def zero_stage(accelerator) -> int | None:
     """The ZeRO stage of a DeepSpeed run, None for any other backend."""
     plugin = accelerator.state.deepspeed_plugin
     return None if plugin is None else plugin.zero_stage
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether each process holds only shards of the weights between forwards (FSDP2, ZeRO-3)."""
+    return accelerator.distributed_type.name == "FSDP" or zero_stage(accelerator) == 3
 
 
 def local_numel(model) -> int:
@@ -39,6 +66,50 @@ def fill_config(config: dict, wanted: dict[str, tuple[object, str]]) -> None:
             raise RecipeError(f"the DeepSpeed config sets {key}: {section[name]}, but {source} makes it {value}; "
                               f"remove {key} from the launch config (prefopt fills it in)")
         section[name] = value
+
+
+def configure_deepspeed(accelerator, train, accumulation_steps: int) -> None:
+    """Under DeepSpeed the recipe sets the batch shape, the clipping and the final save: DeepSpeed does the
+    accumulation and clipping itself, from its config, which this fills (a launch config that disagrees is an
+    error). Filled before any model loads: frozen engines are made from the same config."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    wanted = {"train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
+              "gradient_accumulation_steps": (accumulation_steps, "train.batch_size"),
+              "train_batch_size": (train.batch_size, "train.batch_size"),
+              "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm")}
+    fill_config(plugin.deepspeed_config, wanted)
+    if plugin.zero_stage == 3:  # final/ is one Hugging Face checkpoint, gathered from the shards (whatever
+        # Accelerate's default for zero3_save_16bit_model)
+        plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def place_frozen(model, accelerator):
+    """A frozen model placed like the policy: under DeepSpeed an inference engine, partitioned under ZeRO-3;
+    under FSDP2 its decoder layers, then itself, sharded with fully_shard (Accelerate shards only models it
+    trains); elsewhere moved to the device."""
+    kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        return frozen_engine(model, accelerator.state.deepspeed_plugin.deepspeed_config)
+    model.to(accelerator.device)
+    if kind == "FSDP":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def end(accelerator, models) -> None:
+    """End the run's distributed state: ZeRO-3 engines first wait for the weight gathers they started ahead (a
+    process group torn down under one aborts the process), then the process group is destroyed."""
+    if zero_stage(accelerator) == 3:
+        for engine in models:
+            if hasattr(engine, "empty_partition_cache"):
+                engine.empty_partition_cache()
+    accelerator.end_training()
 
 
 def frozen_engine(model, ds_config: dict):

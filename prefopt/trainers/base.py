@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from prefopt import distributed
 from prefopt import recipe as recipe_lib
-from prefopt.distributed import fill_config, frozen_engine, local_numel, zero_stage
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
@@ -42,17 +42,12 @@ from prefopt.trainers.metrics import MetricMeans
 
 class Trainer:
     def __init__(self, recipe: recipe_lib.Recipe):
-        from accelerate import Accelerator, PartialState
+        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.recipe = recipe
         train = recipe.train
-        cpu = not torch.cuda.is_available()
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        if cpu and deepspeed:  # Accelerate drops DeepSpeed for cpu=True; DeepSpeed's own CPU accelerator runs on gloo
-            cpu = False
-            PartialState(cpu=False, backend="gloo")
-        state = PartialState(cpu=cpu)
+        state, cpu = distributed.start_processes()
         self.world_size = state.num_processes
         per_step = train.micro_batch_size * self.world_size
         if train.batch_size % per_step:
@@ -62,16 +57,13 @@ class Trainer:
         self.accumulation_steps = train.batch_size // per_step
         self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation_steps,
                                        mixed_precision=self._mixed_precision(train.mixed_precision))
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and self.accelerator.distributed_type.name != "FSDP":
-            # Accelerate turns FSDP on for GPU-class devices only; on CPU it would silently run plain DDP
-            raise RecipeError(f"the launch config asks for FSDP, but Accelerate runs it as "
-                              f"{self.accelerator.distributed_type.name} on {self.accelerator.device.type}: FSDP needs "
-                              "GPUs; on CPU launch with torchrun or the ddp config")
-        self._configure_deepspeed()
+        distributed.check_fsdp(self.accelerator)
+        distributed.configure_deepspeed(self.accelerator, train, self.accumulation_steps)
         set_seed(recipe.seed)
         self.output_dir = Path(recipe.output_dir)
         self.tokenizer = load_tokenizer(recipe.model)
         self.model = None  # the policy: set by the method's __init__, after its data loads
+        self.reference = None  # a frozen reference model, for a method that keeps one
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
         self.eval_data: list[dict] = []
 
@@ -241,8 +233,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # parameter elements this process holds at rest (before a forward gathers any): its shards, if sharded
-        models = {"model": self.model, "reference": getattr(self, "reference", None)}
-        self.held_parameters = {name: local_numel(model) for name, model in models.items() if model is not None}
+        models = {"model": self.model, "reference": self.reference}
+        self.held_parameters = {name: distributed.local_numel(model) for name, model in models.items()
+                                if model is not None}
         # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self.partial_checkpoints = len(trainable) < len(dict(self.model.named_parameters()))
@@ -254,23 +247,6 @@ class Trainer:
 
             self.accelerator.register_save_state_pre_hook(keep_trainable)
         self.accelerator.register_for_checkpointing(self.scheduler)
-
-    def _configure_deepspeed(self) -> None:
-        """Under DeepSpeed the recipe sets the batch shape, the clipping and the final save: DeepSpeed does the
-        accumulation and clipping itself, from its config, which prefopt fills (a launch config that disagrees is
-        an error). Filled before any model loads: frozen engines are made from the same config."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return
-        train = self.recipe.train
-        wanted = {"train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
-                  "gradient_accumulation_steps": (self.accumulation_steps, "train.batch_size"),
-                  "train_batch_size": (train.batch_size, "train.batch_size"),
-                  "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm")}
-        fill_config(plugin.deepspeed_config, wanted)
-        if plugin.zero_stage == 3:  # final/ is one Hugging Face checkpoint, gathered from the shards (whatever
-            # Accelerate's default for zero3_save_16bit_model)
-            plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
@@ -298,31 +274,12 @@ class Trainer:
                               "usable examples; lower train.batch_size or add data")
 
     def prepare_frozen(self, model):
-        """A frozen model (a reference) placed like the policy: under FSDP2 its decoder layers are sharded too
-        (Accelerate shards only models it trains); under DeepSpeed it becomes an inference engine, partitioned
-        under ZeRO-3; elsewhere it moves to the device."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            return frozen_engine(model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        if self.accelerator.distributed_type != DistributedType.FSDP:
-            return model.to(self.accelerator.device)
-        from torch.distributed.fsdp import fully_shard
-
-        model.to(self.accelerator.device)
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        """A frozen model (a reference) placed like the policy: sharded where the policy is."""
+        return distributed.place_frozen(model, self.accelerator)
 
     def close(self) -> None:
-        """End the run's distributed state: ZeRO-3 engines wait for the weight gathers they started ahead (a
-        process group torn down under one aborts the process), then the process group is destroyed."""
-        if zero_stage(self.accelerator) == 3:
-            for engine in (self.model, getattr(self, "reference", None)):
-                if hasattr(engine, "empty_partition_cache"):
-                    engine.empty_partition_cache()
-        self.accelerator.end_training()
+        """End the run's distributed state (the CLI calls it after fit, also after an error)."""
+        distributed.end(self.accelerator, [self.model, self.reference])
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -413,12 +370,10 @@ class Trainer:
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
         """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
         written atomically."""
-        from accelerate.utils import DistributedType
-
         acc = self.accelerator
         final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
-        sharded = acc.distributed_type == DistributedType.FSDP or zero_stage(acc) == 3
-        state_dict = acc.get_state_dict(self.model) if sharded else None  # gathered on every process
+        # sharded weights gathered, on every process
+        state_dict = acc.get_state_dict(self.model) if distributed.shards_parameters(acc) else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)

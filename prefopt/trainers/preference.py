@@ -16,7 +16,7 @@ import torch
 from prefopt import reference as refs
 from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
-from prefopt.distributed import zero_stage
+from prefopt.distributed import shards_parameters, zero_stage
 from prefopt.errors import RecipeError
 from prefopt.logprobs import completion_logps, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
@@ -64,8 +64,7 @@ class PreferenceTrainer(Trainer):
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         text = config.get_text_config()
         # the LM head runs outside the model's forward: not where its weight is sharded between forwards
-        sharded = acc.distributed_type.name == "FSDP" or zero_stage(acc) == 3
-        self.chunk_size = train.logps_chunk_size if plain_head(config) and not sharded else 0
+        self.chunk_size = train.logps_chunk_size if plain_head(config) and not shards_parameters(acc) else 0
         sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
             getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
         masks = model_cfg.attn_implementation in (None, "sdpa", "eager") and not sliding
