@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from prefopt.errors import PrefoptError
 
@@ -54,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     label.add_argument("--n", type=int, default=4, help="completions sampled per prompt (with --policy)")
     label.add_argument("--max-new-tokens", type=int, default=128)
     label.add_argument("--temperature", type=float, default=1.0)
-    args = parser.parse_args(argv)
+    code = run(parser.parse_args(argv))
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        end_launched_process(code)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             train_recipe(args.recipe, args.overrides)
@@ -85,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefopt: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def end_launched_process(code: int) -> NoReturn:
+    """End one process of a multi-process launch (torchrun, accelerate launch) without the interpreter's
+    teardown. The process group's native threads outlive `destroy_process_group` (the sharded models still hold
+    the group), and a gloo worker that frees a tensor during that teardown takes the GIL from a finalizing
+    interpreter, which aborts a run that has finished and saved ("terminate called without an active
+    exception", exit -6). Everything is written and the process group ended by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train_recipe(path: str | Path, overrides: list[str] = ()):

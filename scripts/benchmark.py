@@ -331,7 +331,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         args.framework = args.worker
-        return worker(args)
+        worker(args)
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            from prefopt.cli import end_launched_process
+
+            end_launched_process(0)
+        return
 
     import torch
 

@@ -32,7 +32,8 @@ def run_two(launcher: list[str], path, overrides: list[str] = ()) -> str:
     program = [] if launcher[-1].endswith(".py") else ["-m", "prefopt"]
     command = [sys.executable, "-m", *launcher, *program, "train", str(path), *overrides]
     tests = str(Path(__file__).parent)  # for test_ppo:length_score
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+           "PYTHONFAULTHANDLER": "1"}  # a process that aborts prints every thread's Python stack
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

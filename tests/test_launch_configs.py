@@ -1,4 +1,5 @@
-"""Every launch config in recipes/accelerate loads in Accelerate as the distribution it says it is."""
+"""Every launch config in recipes/accelerate loads in Accelerate as the distribution it says it is; a launched
+process ends without the interpreter teardown."""
 
 from pathlib import Path
 
@@ -18,3 +19,16 @@ def test_launch_config_loads(name):
         assert config.fsdp_config["fsdp_version"] == 2
     if name.startswith("zero"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_a_launched_process_ends_without_the_interpreter_teardown(tmp_path, monkeypatch):
+    """Under a multi-process launch, `prefopt` ends through end_launched_process (os._exit after flushing), with
+    the command's exit status: the interpreter's teardown can abort with the process group's threads alive."""
+    from prefopt import cli
+
+    ended = []
+    monkeypatch.setattr(cli, "end_launched_process", ended.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2 and ended == [2]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2 and ended == [2]
