@@ -14,6 +14,7 @@ Ensembles Help Mitigate Overoptimization"):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,11 +74,17 @@ class RewardScorer:
     """
 
     def __init__(self, source: str | Path | list | Callable, aggregate: str = "mean", std_coef: float = 1.0,
-                 normalize: bool = False, batch_size: int = 16, max_length: int = 2048, device: str | None = None):
+                 normalize: bool = False, batch_size: int = 16, max_length: int = 2048, device: str | None = None,
+                 place: Callable | None = None, lockstep: Callable[[int], int] | None = None):
+        """place(model) -> the model to call (default: moved to `device`), e.g. sharded like a trained policy.
+        lockstep(batches) -> the most batches any process scores at once: sharded models gather their weights
+        in every forward, so each process runs that many (repeating a row, uncounted, once out of its own)."""
         if aggregate not in AGGREGATES:
             raise PrefoptError(f"aggregate {aggregate!r}: use one of {', '.join(AGGREGATES)}")
         self.aggregate, self.std_coef, self.batch_size, self.max_length = aggregate, std_coef, batch_size, max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lockstep = lockstep
+        place = place or (lambda model: model.to(self.device))
         self.function = source if callable(source) else None
         self.members = []  # (model, tokenizer, (mean, std))
         for path in [] if self.function else (source if isinstance(source, list) else [source]):
@@ -86,7 +93,7 @@ class RewardScorer:
             if normalize and stats is None:
                 raise PrefoptError(f"normalize: {path} has no {NORMALIZATION_FILE}; train it with prefopt, or "
                                    "score without normalize")
-            self.members.append((model.to(self.device), tokenizer, (stats["mean"], stats["std"]) if stats else (0, 1)))
+            self.members.append((place(model), tokenizer, (stats["mean"], stats["std"]) if stats else (0, 1)))
 
     def __call__(self, prompts: list, completions: list) -> torch.Tensor:
         return self.combine(self.member_scores(prompts, completions))
@@ -116,14 +123,16 @@ class RewardScorer:
         rows = [render_example(tokenizer, p, {"completion": [{"role": "assistant", "content": c}] if is_messages(p)
                                               else c}) for p, c in zip(prompts, completions)]
         rows, _ = tokenize_examples(rows, tokenizer, self.max_length, self.max_length - 1, ("completion",))
+        batches = math.ceil(len(rows) / self.batch_size)
         scores = []
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i : i + self.batch_size]
-            batch = pad_sequences([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk],
-                                  tokenizer.pad_token_id)
+        for i in range(self.lockstep(batches) if self.lockstep else batches):
+            chunk = rows[i * self.batch_size : (i + 1) * self.batch_size]
+            batch = pad_sequences([r["prompt_ids"] for r in chunk or rows[:1]],
+                                  [r["completion_ids"] for r in chunk or rows[:1]], tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"].to(self.device),
                            attention_mask=batch["attention_mask"].to(self.device)).logits
-            scores.append(logits.squeeze(-1).float().cpu())
+            if chunk:
+                scores.append(logits.squeeze(-1).float().cpu())
         return torch.cat(scores)
 
 

@@ -80,6 +80,15 @@ def same_final_model(one: Path, two: Path, kind: str) -> None:
         assert all(torch.allclose(head_a[k], head_b[k], atol=1e-4) for k in head_a)
 
 
+@pytest.fixture(scope="module")
+def reward_model(sort_task, tmp_path_factory):
+    """A reward model trained by prefopt on the sorting task (a few steps)."""
+    out = tmp_path_factory.mktemp("rm") / "run"
+    train_recipe(write_recipe(out.parent / "rm.yaml", sort_task, out, loss={"name": "bradley_terry"},
+                              train={"max_steps": 10, "batch_size": 16, "micro_batch_size": 16}))
+    return out
+
+
 LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout draws differ between processes
 
 
@@ -100,10 +109,15 @@ FSDP_ON_CPU = str(Path(__file__).parent / "fsdp_on_cpu.py")  # prefopt, with Acc
     ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN}, "causal"),
 ], ids=["fsdp2-dpo", "fsdp2-dpo-lora", "fsdp2-reward", "fsdp2-ppo-critic", "zero2-dpo", "zero2-ppo-rloo",
         "zero3-dpo", "zero3-dpo-lora", "zero3-reward", "zero3-ppo"])
-def test_sharded_two_processes_match_one(sort_task, tmp_path, config, sections, kind):
-    """The launch configs as shipped, on two CPU processes: the trajectory of one process, the same final model."""
+def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, config, sections, kind):
+    """The launch configs as shipped, on two CPU processes: the trajectory of one process, the same final model.
+    PPO scores with a reward model, placed like the reference; its 33 held-out prompts split 17/16, which the
+    reward model scores in 2 and 1 batches of 16 (the process with fewer runs one more, uncounted)."""
     if "ppo" in sections:
-        sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
+        rows = (sort_task / "eval.jsonl").read_text().splitlines()[:33]
+        (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
+        sections = {**sections, "data": {"eval": str(tmp_path / "eval.jsonl")},
+                    "reward_model": {"models": [str(reward_model)]}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
     launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2"]

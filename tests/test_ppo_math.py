@@ -81,6 +81,15 @@ def test_clipped_losses_by_hand():
     assert value_loss.item() == pytest.approx(0.845) and value_clipfrac.item() == 1.0
 
 
+def test_value_inside_the_clip_band_is_not_counted_as_clipped():
+    """V = 0.00289 within 0.2 of V_old = 0.01295: not clipped, loss 0.5 (V - R)^2. In float32, V_old + (V - V_old)
+    rounds away from V, which made such a token count as clipped."""
+    values, old, returns = (torch.tensor([[x]]) for x in (0.0028893572743982077, 0.012947547249495983, -0.16210472583770752))
+    assert (old + (values - old)).item() != values.item()  # the rounding this case is about
+    loss, clipfrac = clipped_value_loss(values, old, returns, torch.ones(1, 1), clip=0.2)
+    assert clipfrac.item() == 0.0 and loss.item() == 0.5 * ((values - returns) ** 2).item()
+
+
 def test_adaptive_kl_controller_by_hand():
     """beta 0.1, target 6, horizon 100: KL 9 -> e = clip(0.5) = 0.2, 10 steps -> beta * (1 + 0.2 * 0.1) = 0.102;
     KL 5.4 -> e = -0.1 -> 0.102 * 0.99; no target: fixed."""

@@ -104,7 +104,9 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
                        clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean over tokens of max((V - R)^2, (clip(V, V_old +- eps) - R)^2) (as TRL and OpenAI's PPO2),
     and the fraction where the clipped term is the larger."""
-    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    # clamped to the band itself (as TRL), not V_old + clamp(V - V_old): inside the band that returns V exactly,
+    # so rounding never counts an unclipped value as clipped
+    clipped_values = values.clamp(old_values - clip, old_values + clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
     return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()

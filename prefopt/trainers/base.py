@@ -233,9 +233,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # parameter elements this process holds at rest (before a forward gathers any): its shards, if sharded
-        models = {"model": self.model, "reference": self.reference}
-        self.held_parameters = {name: distributed.local_numel(model) for name, model in models.items()
-                                if model is not None}
+        self.held_parameters = {name: distributed.local_numel(model) for name, model in self.placed_models().items()}
         # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self.partial_checkpoints = len(trainable) < len(dict(self.model.named_parameters()))
@@ -277,9 +275,14 @@ class Trainer:
         """A frozen model (a reference) placed like the policy: sharded where the policy is."""
         return distributed.place_frozen(model, self.accelerator)
 
+    def placed_models(self) -> dict[str, torch.nn.Module]:
+        """Every model the run placed on its devices (trained or frozen), by name."""
+        return {name: model for name, model in (("model", self.model), ("reference", self.reference))
+                if model is not None}
+
     def close(self) -> None:
         """End the run's distributed state (the CLI calls it after fit, also after an error)."""
-        distributed.end(self.accelerator, [self.model, self.reference])
+        distributed.end(self.accelerator, list(self.placed_models().values()))
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}

@@ -11,14 +11,13 @@ lives in prefopt/losses/ppo.py; here are only the plumbing and the bookkeeping.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from prefopt import distributed
 from prefopt import reference as refs
 from prefopt.data import load_prompts
-from prefopt.distributed import generation_weights
 from prefopt.errors import RecipeError, import_object
 from prefopt.logprobs import token_logps
 from prefopt.losses import ppo as ppo_math
@@ -111,10 +110,12 @@ class PPOTrainer(Trainer):
                 self.eval_data = load_prompts(data.eval, self.tokenizer, data, recipe.seed, "data.eval", acc.print)
         reward = recipe.reward_model
         source = import_object(reward.function, "reward_model.function") if reward.function else reward.models
-        plugin = acc.state.deepspeed_plugin  # reward models whole on each process, outside ZeRO-3's partitioning
-        with plugin.zero3_init_context_manager(enable=False) if plugin else nullcontext():
-            self.scorer = RewardScorer(source, reward.aggregate, reward.std_coef, reward.normalize,
-                                       device=str(acc.device))
+        lockstep = None
+        if distributed.shards_parameters(acc):  # the reward models sharded like the policy
+            def lockstep(batches: int) -> int:
+                return int(acc.gather(torch.tensor([batches], device=acc.device)).max())
+        self.scorer = RewardScorer(source, reward.aggregate, reward.std_coef, reward.normalize,
+                                   device=str(acc.device), place=self.prepare_frozen, lockstep=lockstep)
         critic = None
         if ppo.advantage == "gae" and ppo.critic == "separate":
             critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
@@ -134,6 +135,10 @@ class PPOTrainer(Trainer):
             ids = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.accelerator.device)
             with torch.no_grad():
                 self.model(ids, torch.ones_like(ids))
+
+    def placed_models(self) -> dict[str, nn.Module]:
+        members = {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.scorer.members)}
+        return {**super().placed_models(), **members}
 
     def _check_data(self) -> None:
         prompts = self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches // self.recipe.rollout.samples_per_prompt
@@ -178,7 +183,7 @@ class PPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(self.model).policy
         was_training = policy.training
         policy.eval()
-        with generation_weights(self.model, self.accelerator):
+        with distributed.generation_weights(self.model, self.accelerator):
             out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                   logits_processor=processors)
         policy.train(was_training)
