@@ -95,18 +95,21 @@ LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout draws differ be
 FSDP_ON_CPU = str(Path(__file__).parent / "fsdp_on_cpu.py")  # prefopt, with Accelerate's FSDP allowed on CPU
 
 
+CHECKPOINTED = {"gradient_checkpointing": True}  # recomputed activations gather the sharded weights again
+
+
 @pytest.mark.parametrize("config, sections, kind", [
     ("fsdp2", {"train": TRAIN}, "causal"),
-    ("fsdp2", {"train": TRAIN, "model": LORA}, "lora"),
+    ("fsdp2", {"train": {**TRAIN, **CHECKPOINTED}, "model": LORA}, "lora"),
     ("fsdp2", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
-    ("fsdp2", {**ppo_sections(advantage="gae", critic="separate"), "train": PPO_TRAIN}, "causal"),
+    ("fsdp2", {**ppo_sections(advantage="gae", critic="separate"), "train": {**PPO_TRAIN, **CHECKPOINTED}}, "causal"),
     ("zero2", {"train": TRAIN}, "causal"),
     ("zero2", {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN}, "causal"),
-    ("zero3", {"train": TRAIN}, "causal"),
+    ("zero3", {"train": {**TRAIN, **CHECKPOINTED}}, "causal"),
     ("zero3", {"train": TRAIN, "model": LORA}, "lora"),
     ("zero3", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
     # generation with the gathered weights; the reference a partitioned engine
-    ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN}, "causal"),
+    ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": {**PPO_TRAIN, **CHECKPOINTED}}, "causal"),
 ], ids=["fsdp2-dpo", "fsdp2-dpo-lora", "fsdp2-reward", "fsdp2-ppo-critic", "zero2-dpo", "zero2-ppo-rloo",
         "zero3-dpo", "zero3-dpo-lora", "zero3-reward", "zero3-ppo"])
 def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, config, sections, kind):
