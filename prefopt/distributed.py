@@ -1,6 +1,6 @@
 """What the backends need beyond Accelerate's `prepare`: the processes started (DeepSpeed on CPU included),
-DeepSpeed's config filled from the recipe, frozen models sharded like the policy, sharded weights gathered for
-a generation, and the run's distributed state ended. The trainers call these instead of branching on the
+DeepSpeed's config filled from the recipe, frozen models sharded like the policy (and checkpointed whole),
+sharded weights gathered for a generation or an update, and the run's distributed state ended. The trainers call these instead of branching on the
 backend themselves.
 
 Under ZeRO-3 every model loaded after the Accelerator exists (from_pretrained sees DeepSpeed's config) holds
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers
@@ -101,7 +101,55 @@ def place_frozen(model, accelerator):
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
+        # FSDP2 keeps the root's weights (embeddings, LM head) whole after a forward, for a backward that a
+        # frozen model never runs: shard them again, or they stay whole on every process
+        model.register_forward_hook(lambda module, args, output: module.reshard())
     return model
+
+
+def gathered(params, accelerator, modifier_rank: int | None = None):
+    """ZeRO-3: these parameters whole inside the block; with modifier_rank, that process's changes are kept and
+    partitioned again on the way out. Elsewhere they are whole, or sharded alike (FSDP2), already."""
+    if zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+class WholeWeights:
+    """A model's weights in checkpoints (`register_for_checkpointing`), saved whole and loaded back into the
+    model's layout: gathered from ZeRO-3 partitions one tensor at a time, or from FSDP2 shards. Accelerate
+    writes such state from the main process alone, so a sharded model's own state dict would keep only the main
+    process's shards."""
+
+    def __init__(self, model, accelerator):
+        self.model, self.accelerator = model, accelerator
+        self.fsdp = accelerator.distributed_type.name == "FSDP"
+
+    def _tensors(self) -> dict:
+        return getattr(self.model, "module", self.model).state_dict(keep_vars=True)  # a DeepSpeed engine's model
+
+    def state_dict(self) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {}
+        for name, tensor in self._tensors().items():
+            with gathered([tensor], self.accelerator):
+                state[name] = tensor.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+            return
+        for name, tensor in self._tensors().items():
+            with gathered([tensor], self.accelerator, modifier_rank=0):
+                tensor.data.copy_(state[name])
 
 
 def end(accelerator, models) -> None:

@@ -33,10 +33,14 @@ def adapter_disabled(model, peft_model):
 
 
 @torch.no_grad()
-def sync_reference(reference, policy, alpha: float) -> None:
-    """TR-DPO soft update (Gorbatovski et al. 2024, Eq. 4): reference <- alpha * policy + (1 - alpha) * reference."""
+def sync_reference(reference, policy, alpha: float, accelerator) -> None:
+    """TR-DPO soft update (Gorbatovski et al. 2024, Eq. 4): reference <- alpha * policy + (1 - alpha) * reference.
+    Pair by pair: whole, or shards laid out alike (FSDP2), or gathered for the update (ZeRO-3)."""
+    from prefopt import distributed
+
     for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
-        ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
+        with distributed.gathered([param], accelerator), distributed.gathered([ref_param], accelerator, 0):
+            ref_param.data.lerp_(param.data.to(ref_param.dtype), alpha)
 
 
 def source_dirs(name_or_path: str) -> Path:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from prefopt import distributed
 from prefopt import reference as refs
 from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
-from prefopt.distributed import shards_parameters, zero_stage
 from prefopt.errors import RecipeError
 from prefopt.logprobs import completion_logps, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
@@ -49,12 +49,9 @@ class PreferenceTrainer(Trainer):
         self.model = load_policy(recipe.model)
         self.reference = None  # a frozen model of its own: reference.kind copy only
         if recipe.reference.kind == "copy":
-            if recipe.reference.sync_every and zero_stage(acc) == 3:
-                raise RecipeError("reference.sync_every (TR-DPO) is not supported under ZeRO-3: the reference's "
-                                  "shards would not be checkpointed; use the zero2 or ddp config")
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
-                acc.register_for_checkpointing(self.reference)
+                acc.register_for_checkpointing(distributed.WholeWeights(self.reference, acc))
 
     def _choose_layout(self) -> None:
         """The speed switches of train.* that this model and backend allow (none changes the loss)."""
@@ -64,7 +61,7 @@ class PreferenceTrainer(Trainer):
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         text = config.get_text_config()
         # the LM head runs outside the model's forward: not where its weight is sharded between forwards
-        self.chunk_size = train.logps_chunk_size if plain_head(config) and not shards_parameters(acc) else 0
+        self.chunk_size = train.logps_chunk_size if plain_head(config) and not distributed.shards_parameters(acc) else 0
         sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
             getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
         masks = model_cfg.attn_implementation in (None, "sdpa", "eager") and not sliding
@@ -111,7 +108,8 @@ class PreferenceTrainer(Trainer):
         record = super().train_step(step)
         ref = self.recipe.reference
         if ref.sync_every and step % ref.sync_every == 0:
-            refs.sync_reference(self.reference, self.accelerator.unwrap_model(self.model), ref.sync_alpha)
+            refs.sync_reference(self.reference, self.accelerator.unwrap_model(self.model), ref.sync_alpha,
+                                self.accelerator)
         return record
 
     def reference_logps(self, batch, policy, logps):
