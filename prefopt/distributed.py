@@ -1,7 +1,7 @@
 """What the backends need beyond Accelerate's `prepare`: the processes started (DeepSpeed on CPU included),
 DeepSpeed's config filled from the recipe, frozen models sharded like the policy (and checkpointed whole),
-sharded weights gathered for a generation or an update, and the run's distributed state ended. The trainers call these instead of branching on the
-backend themselves.
+sharded weights gathered for a generation or an update, and the run's distributed state ended. The trainers
+call these instead of branching on the backend themselves.
 
 Under ZeRO-3 every model loaded after the Accelerator exists (from_pretrained sees DeepSpeed's config) holds
 only its shard of each weight; a forward through its engine gathers a layer's weights as it runs. FSDP2's

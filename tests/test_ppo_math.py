@@ -84,7 +84,8 @@ def test_clipped_losses_by_hand():
 def test_value_inside_the_clip_band_is_not_counted_as_clipped():
     """V = 0.00289 within 0.2 of V_old = 0.01295: not clipped, loss 0.5 (V - R)^2. In float32, V_old + (V - V_old)
     rounds away from V, which made such a token count as clipped."""
-    values, old, returns = (torch.tensor([[x]]) for x in (0.0028893572743982077, 0.012947547249495983, -0.16210472583770752))
+    values, old, returns = (torch.tensor([[x]]) for x in (0.0028893572743982077, 0.012947547249495983,
+                                                          -0.16210472583770752))
     assert (old + (values - old)).item() != values.item()  # the rounding this case is about
     loss, clipfrac = clipped_value_loss(values, old, returns, torch.ones(1, 1), clip=0.2)
     assert clipfrac.item() == 0.0 and loss.item() == 0.5 * ((values - returns) ** 2).item()

@@ -61,7 +61,8 @@ class PreferenceTrainer(Trainer):
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         text = config.get_text_config()
         # the LM head runs outside the model's forward: not where its weight is sharded between forwards
-        self.chunk_size = train.logps_chunk_size if plain_head(config) and not distributed.shards_parameters(acc) else 0
+        sharded = distributed.shards_parameters(acc)
+        self.chunk_size = train.logps_chunk_size if plain_head(config) and not sharded else 0
         sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
             getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
         masks = model_cfg.attn_implementation in (None, "sdpa", "eager") and not sliding
