@@ -70,22 +70,24 @@ def cache_key(sources: list[str], examples: list[dict], precision: str) -> str:
 
 
 @torch.no_grad()
-def compute_logps(model, examples: list[dict], collate, logps, batch_size: int, accelerator) -> list[list[float]]:
+def compute_logps(model, examples: list[dict], chunks, collate, logps, accelerator) -> list[list[float]]:
     """Each example's reference log-probs: [chosen, rejected] for a pair, [logps] for a row.
 
-    The examples are split across processes and the results gathered, so every process gets all.
+    `chunks` is this process's share of the examples as `Trainer.eval_chunks` yields it (every process runs as
+    many batches, since a sharded model gathers in lockstep); the results are gathered, so every process gets
+    all of them.
     """
     from accelerate.utils import gather_object
 
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))  # eval_chunks' share
     values = []
-    for i in range(0, len(mine), batch_size):
-        chunk = [examples[j] for j in mine[i : i + batch_size]]
+    for chunk, counts in chunks:
         batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
         with accelerator.autocast():
             out = logps(model, batch)
-        rows = torch.stack([out.chosen, out.rejected], 1) if hasattr(out, "chosen") else out.logps[:, None]
-        values.extend(rows.float().tolist())
+        if counts:
+            rows = torch.stack([out.chosen, out.rejected], 1) if hasattr(out, "chosen") else out.logps[:, None]
+            values.extend(rows.float().tolist())
     gathered = gather_object(list(zip(mine, values))) if accelerator.num_processes > 1 else list(zip(mine, values))
     by_index = dict(gathered)
     return [by_index[i] for i in range(len(examples))]

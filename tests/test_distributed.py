@@ -107,25 +107,33 @@ CHECKPOINTED = {"gradient_checkpointing": True}  # recomputed activations gather
     ("zero2", {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN}, "causal"),
     ("zero3", {"train": {**TRAIN, **CHECKPOINTED}}, "causal"),
     ("zero3", {"train": TRAIN, "model": LORA}, "lora"),
+    # the reference partitioned too while it computes, before the policy loads
+    ("zero3", {"train": TRAIN, "reference": {"kind": "precomputed"}}, "causal"),
     ("zero3", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
     # generation with the gathered weights; the reference a partitioned engine
     ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": {**PPO_TRAIN, **CHECKPOINTED}}, "causal"),
 ], ids=["fsdp2-dpo", "fsdp2-dpo-lora", "fsdp2-reward", "fsdp2-ppo-critic", "zero2-dpo", "zero2-ppo-rloo",
-        "zero3-dpo", "zero3-dpo-lora", "zero3-reward", "zero3-ppo"])
+        "zero3-dpo", "zero3-dpo-lora", "zero3-dpo-precomputed", "zero3-reward", "zero3-ppo"])
 def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, config, sections, kind):
     """The launch configs as shipped, on two CPU processes: the trajectory of one process, the same final model.
-    PPO scores with a reward model, placed like the reference; its 33 held-out prompts split 17/16, which the
-    reward model scores in 2 and 1 batches of 16 (the process with fewer runs one more, uncounted)."""
+    33 held-out examples split 17/16, so a sharded frozen model runs more batches on one process than on the
+    other, unless the other repeats one (uncounted): PPO's reward model scores in batches of 16 (2 and 1), a
+    precomputed reference in micro-batches of 4 (5 and 4), each run computing its own."""
+    rows = (sort_task / "eval.jsonl").read_text().splitlines()[:33]
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
     if "ppo" in sections:
-        rows = (sort_task / "eval.jsonl").read_text().splitlines()[:33]
-        (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
-        sections = {**sections, "data": {"eval": str(tmp_path / "eval.jsonl")},
-                    "reward_model": {"models": [str(reward_model)]}}
+        sections = {**sections, "reward_model": {"models": [str(reward_model)]}}
+    if "ppo" in sections or "reference" in sections:
+        sections = {**sections, "data": {"eval": str(tmp_path / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
-    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
+    for run in (one, two):
+        if "reference" in sections:
+            sections["reference"] = {**sections["reference"], "cache_dir": str(run.with_name(f"{run.name}-cache"))}
+        write_recipe(run.with_suffix(".yaml"), sort_task, run, **sections)
+    train_recipe(one.with_suffix(".yaml"))
     launcher = ["accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2"]
     fsdp = config.startswith("fsdp")
-    run_two(launcher + ([FSDP_ON_CPU] if fsdp else []), write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+    run_two(launcher + ([FSDP_ON_CPU] if fsdp else []), two.with_suffix(".yaml"))
     info = json.loads((two / "run.json").read_text())
     assert (info["world_size"], info["distributed_type"]) == (2, f"DistributedType.{'FSDP' if fsdp else 'DEEPSPEED'}")
     # ZeRO-3 and FSDP2 hold about half of every model on each of two processes, the reference included

@@ -93,8 +93,10 @@ class PreferenceTrainer(Trainer):
             path = cache_dir / f"{refs.cache_key(sources, examples, setting)}.pt"
             values = refs.load_cached(path, len(examples))
             if values is None:
-                model = model or load_reference_copy(model_cfg, ref.name_or_path).to(acc.device)
-                values = refs.compute_logps(model, examples, self.collate, logps, size, acc)
+                if model is None:  # placed like the policy will be: sharded under ZeRO-3 and FSDP2
+                    model = self.prepare_frozen(load_reference_copy(model_cfg, ref.name_or_path))
+                values = refs.compute_logps(model, examples, self.eval_chunks(examples, size), self.collate, logps,
+                                            acc)
                 if acc.is_main_process:
                     refs.save_cached(path, values)
             acc.print(f"[prefopt] reference log-probs of data.{split}: "
