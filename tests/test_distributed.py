@@ -136,7 +136,7 @@ def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, conf
     run_two(launcher + ([FSDP_ON_CPU] if fsdp else []), two.with_suffix(".yaml"))
     info = json.loads((two / "run.json").read_text())
     assert (info["world_size"], info["distributed_type"]) == (2, f"DistributedType.{'FSDP' if fsdp else 'DEEPSPEED'}")
-    # ZeRO-3 and FSDP2 hold about half of every model on each of two processes, the reference included
+    # ZeRO-3 and FSDP2 hold about half of every model on each of two processes, the frozen ones included
     whole, held = (json.loads((d / "run.json").read_text())["parameters_on_process_0"] for d in (one, two))
     for name, count in whole.items():
         assert count / held[name] == pytest.approx(1 if config == "zero2" else 2, rel=0.02), name
