@@ -49,7 +49,7 @@ def test_adapter_off_holds_one_set_of_base_weights_and_matches_the_base(sort_tas
     assert trainer.model.training  # the reference pass restored training mode
 
 
-def test_precomputed_matches_copy_reuses_its_cache_and_is_invalidated(sort_task, tmp_path, monkeypatch):
+def test_precomputed_matches_copy_reuses_its_cache_and_is_invalidated(sort_task, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     runs = {}
     for kind in ("copy", "precomputed"):
@@ -76,8 +76,12 @@ def test_precomputed_matches_copy_reuses_its_cache_and_is_invalidated(sort_task,
     # other data: the train set's key changes (the eval set's does not)
     rows = (sort_task / "train.jsonl").read_text().splitlines()
     (tmp_path / "fewer.jsonl").write_text("\n".join(rows[:200]) + "\n")
+    capsys.readouterr()
     train_recipe(path, ["data.train=" + str(tmp_path / "fewer.jsonl"), "train.max_steps=1"])
     assert len(computed) == 1 and len(loaded) == 1
+    printed = capsys.readouterr().out
+    assert "log-probs of data.train: computed and cached in" in printed
+    assert "log-probs of data.eval: reused from" in printed
     # other weights: the same model saved again with one weight changed invalidates both
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -92,7 +92,9 @@ class PreferenceTrainer(Trainer):
             setting = f"{model_cfg.dtype}/{acc.mixed_precision}" + ("/packed" if recipe.train.packing else "")
             path = cache_dir / f"{refs.cache_key(sources, examples, setting)}.pt"
             values = refs.load_cached(path, len(examples))
-            if values is None:
+            # computed by every process or by none (machines without a shared disk may not all see the cache)
+            cached = bool(acc.gather(torch.tensor([int(values is not None)], device=acc.device)).all())
+            if not cached:
                 if model is None:  # placed like the policy will be: sharded under ZeRO-3 and FSDP2
                     model = self.prepare_frozen(load_reference_copy(model_cfg, ref.name_or_path))
                 values = refs.compute_logps(model, examples, self.eval_chunks(examples, size), self.collate, logps,
@@ -100,7 +102,7 @@ class PreferenceTrainer(Trainer):
                 if acc.is_main_process:
                     refs.save_cached(path, values)
             acc.print(f"[prefopt] reference log-probs of data.{split}: "
-                      f"{'computed and cached in' if model else 'reused from'} {path}")
+                      f"{'reused from' if cached else 'computed and cached in'} {path}")
             refs.attach(examples, values)
         del model  # the reference is not needed again
         gc.collect()
