@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from prefopt.errors import PrefoptError
 
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     label.add_argument("--max-new-tokens", type=int, default=128)
     label.add_argument("--temperature", type=float, default=1.0)
     code = run(parser.parse_args(argv))
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        end_launched_process(code)
+    end_launched_process(code)
     return code
 
 
@@ -96,12 +94,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def end_launched_process(code: int) -> NoReturn:
-    """End one process of a multi-process launch (torchrun, accelerate launch) without the interpreter's
-    teardown. The process group's native threads outlive `destroy_process_group` (the sharded models still hold
-    the group), and a gloo worker that frees a tensor during that teardown takes the GIL from a finalizing
-    interpreter, which aborts a run that has finished and saved ("terminate called without an active
-    exception", exit -6). Everything is written and the process group ended by now."""
+def end_launched_process(code: int) -> None:
+    """In a multi-process launch (torchrun, accelerate launch), end this process with `code` without the
+    interpreter's teardown; in a process alone, return. The process group's native threads outlive
+    `destroy_process_group` (the sharded models still hold the group), and a gloo worker that frees a tensor
+    during that teardown takes the GIL from a finalizing interpreter, which aborts a run that has finished and
+    saved ("terminate called without an active exception", exit -6). Call it once everything is written and the
+    process group ended."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -39,7 +39,8 @@ def sync_reference(reference, policy, alpha: float, accelerator) -> None:
     from prefopt import distributed
 
     for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
-        with distributed.gathered([param], accelerator), distributed.gathered([ref_param], accelerator, 0):
+        with (distributed.gathered([param], accelerator),
+              distributed.gathered([ref_param], accelerator, modifier_rank=0)):
             ref_param.data.lerp_(param.data.to(ref_param.dtype), alpha)
 
 

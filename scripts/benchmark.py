@@ -331,12 +331,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         args.framework = args.worker
-        worker(args)
-        if os.environ.get("WORLD_SIZE", "1") != "1":
-            from prefopt.cli import end_launched_process
+        from prefopt.cli import end_launched_process
 
-            end_launched_process(0)
-        return
+        worker(args)
+        return end_launched_process(0)
 
     import torch
 

@@ -27,7 +27,8 @@ def test_a_launched_process_ends_without_the_interpreter_teardown(tmp_path, monk
     from prefopt import cli
 
     ended = []
-    monkeypatch.setattr(cli, "end_launched_process", ended.append)
+    monkeypatch.setattr(cli.os, "_exit", ended.append)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2 and ended == [2]
     monkeypatch.setenv("WORLD_SIZE", "1")

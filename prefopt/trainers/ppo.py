@@ -120,7 +120,6 @@ class PPOTrainer(Trainer):
         if ppo.advantage == "gae" and ppo.critic == "separate":
             critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
         self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=ppo.advantage == "gae", critic=critic)
-        self.reference = None
         if recipe.reference.kind == "copy":
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)

@@ -47,8 +47,7 @@ class PreferenceTrainer(Trainer):
         if recipe.reference.kind == "precomputed":  # before the policy loads: one model in memory at a time
             self._precompute_reference()
         self.model = load_policy(recipe.model)
-        self.reference = None  # a frozen model of its own: reference.kind copy only
-        if recipe.reference.kind == "copy":
+        if recipe.reference.kind == "copy":  # a frozen model of its own
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
                 acc.register_for_checkpointing(distributed.WholeWeights(self.reference, acc))
