@@ -13,6 +13,10 @@ class DataError(PrefoptError, ValueError):
     """A dataset cannot be read, or rows in it cannot be used."""
 
 
+class TrainingError(PrefoptError, RuntimeError):
+    """Training cannot go on safely (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
 def import_object(reference: str, where: str):
     """A user's "package.module:name" (a loss, a scoring function), or a RecipeError saying why not."""
     import importlib

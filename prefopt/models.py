@@ -47,12 +47,34 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
     if reward_head:
         kwargs["num_labels"] = 1
     try:
-        return auto.from_pretrained(name_or_path, **kwargs)
+        if not cfg.dropout:
+            kwargs["config"] = _without_dropout(name_or_path, cfg.trust_remote_code, num_labels=kwargs.pop("num_labels", None))
+        model = auto.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
         kind = "reward model" if reward_head else "causal LM"
         raise RecipeError(f"{key}: cannot load a {kind} from {name_or_path!r}: {_first_line(exc)} "
                           "(give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or a directory written by "
                           "save_pretrained)") from None
+    if not cfg.dropout:  # dropout layers a config does not name
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def _without_dropout(name_or_path: str, trust_remote_code: bool, num_labels: int | None):
+    """The model's config with every dropout probability it names set to 0 (attention, hidden, embedding,
+    classifier: `*dropout*`, GPT-2's `*pdrop`), as TRL does by default: the loss then sees the model it
+    scores, and step 1 of DPO is exactly ln 2."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                        **({"num_labels": num_labels} if num_labels else {}))
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for name, value in vars(sub).items():
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(sub, name, 0.0)
+    return config
 
 
 def load_policy(cfg: ModelConfig, reward_head: bool = False):

@@ -40,6 +40,7 @@ class ModelConfig:
     lora: LoraConfig | None = None  # train a new LoRA adapter (peft) instead of every weight
     adapter: str | None = None  # continue training this saved PEFT adapter (hub id or directory)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (CUDA and bitsandbytes); needs lora or adapter
+    dropout: bool = False  # keep the config's dropout; false (as TRL) sets it to 0 in every model (LoRA's is lora.dropout)
 
 
 @dataclass
@@ -68,8 +69,15 @@ class DataConfig:
     train: list[DataSource]  # a path, a {path, split, ...} mapping, or a list of them (a mixture)
     eval: list[DataSource] | None = None  # same shapes as train; None: no held-out set
     eval_fraction: float = 0.0  # with no `eval`, hold out this share of the train rows
-    max_length: int = 512  # prompt + completion tokens; completions are cut to fit
-    max_prompt_length: int = 256  # longer prompts keep their last tokens
+    max_length: int = 1024  # prompt + completion tokens (TRL's default)
+    max_prompt_length: int | None = None  # longer prompts keep their head (BOS...) and last tokens; None: no limit
+    # keep_start: completions that do not fit are cut at their end, and a prompt leaving no room is a bad row (TRL);
+    # keep_end: the prompt is cut instead, keeping its head (leading special tokens) and its last tokens
+    truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    # the dataset's column for each of prefopt's names, e.g. {prompt: question, chosen: good, rejected: bad};
+    # {prompt: null}: no prompt column, chosen and rejected hold whole texts sharing it (implicit prompt)
+    columns: dict[str, str | None] = field(default_factory=dict)
+    num_proc: int | None = None  # processes tokenizing the data (datasets.map); None: this one
     on_bad_row: Literal["error", "drop"] = "error"  # unusable rows stop the run, or are dropped and counted
 
 
@@ -118,6 +126,10 @@ class TrainConfig:
     share_prompt: bool | None = None  # with packing, one prompt forward for chosen and rejected; None: where it can
     group_by_length: bool = True  # micro-batches of similar lengths within each global batch (same gradient)
     compile: bool = False  # torch.compile each decoder layer
+    # a non-finite loss or gradient norm never reaches the weights: stop the run (naming the step, the metric and
+    # the last good checkpoint), or skip that step's update, logged, up to max_skipped_steps times in a run
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass

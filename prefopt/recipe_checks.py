@@ -3,6 +3,7 @@ and the resolution of `reference.kind: auto`, all before anything loads (prefopt
 
 from __future__ import annotations
 
+import math
 import typing
 
 from prefopt.errors import RecipeError
@@ -20,20 +21,14 @@ def check(recipe: Recipe, where: str) -> None:
     from prefopt.losses import get_loss  # needs only torch
 
     data, train = recipe.data, recipe.train
-    if data.max_prompt_length >= data.max_length:
+    _check_ranges(recipe, where)
+    if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
         fail(where, "data.max_prompt_length", f"must be smaller than data.max_length ({data.max_length}), "
               f"so that every completion keeps at least one token; got {data.max_prompt_length}")
-    if not 0.0 <= data.eval_fraction < 1.0:
-        fail(where, "data.eval_fraction", f"must be in [0, 1), got {data.eval_fraction}")
     if data.eval is not None and data.eval_fraction:
         fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
-    if train.logps_chunk_size < 0:
-        fail(where, "train.logps_chunk_size", f"must be 0 (full logits) or positive, got {train.logps_chunk_size}")
     if train.share_prompt and not train.packing:
         fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
-    for name in ("batch_size", "micro_batch_size", "max_steps", "log_every"):
-        if getattr(train, name) < 1:
-            fail(where, f"train.{name}", f"must be at least 1, got {getattr(train, name)}")
     if train.batch_size % train.micro_batch_size:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
@@ -56,6 +51,42 @@ def check(recipe: Recipe, where: str) -> None:
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
         fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
               "it is estimated from mismatched prompt/completion pairs within the micro-batch")
+
+
+# Every numeric recipe value's range: (test, what it must be). NaN fails every test.
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+UNIT, UNIT_OPEN = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {
+    "optim.lr": POSITIVE, "optim.eps": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.min_lr_ratio": UNIT, "data.max_length": (lambda v: v >= 2, ">= 2"), "data.max_prompt_length": AT_LEAST_ONE,
+    "data.eval_fraction": UNIT_OPEN, "data.num_proc": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE, "train.micro_batch_size": AT_LEAST_ONE, "train.eval_batch_size": AT_LEAST_ONE,
+    "train.max_steps": AT_LEAST_ONE, "train.max_grad_norm": POSITIVE, "train.log_every": AT_LEAST_ONE,
+    "train.eval_every": NON_NEGATIVE, "train.save_every": NON_NEGATIVE, "train.keep_checkpoints": AT_LEAST_ONE,
+    "train.logps_chunk_size": NON_NEGATIVE, "train.max_skipped_steps": NON_NEGATIVE,
+    "model.lora.r": AT_LEAST_ONE, "model.lora.alpha": POSITIVE, "model.lora.dropout": UNIT_OPEN,
+    "reference.sync_every": NON_NEGATIVE, "reference.sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.samples_per_prompt": AT_LEAST_ONE, "rollout.max_new_tokens": AT_LEAST_ONE,
+    "rollout.temperature": POSITIVE, "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "reward_model.std_coef": NON_NEGATIVE,
+    "ppo.epochs": AT_LEAST_ONE, "ppo.num_mini_batches": AT_LEAST_ONE, "ppo.clip": POSITIVE, "ppo.value_clip": POSITIVE,
+    "ppo.vf_coef": NON_NEGATIVE, "ppo.entropy_coef": NON_NEGATIVE, "ppo.kl_coef": NON_NEGATIVE,
+    "ppo.target_kl": POSITIVE, "ppo.kl_horizon": AT_LEAST_ONE, "ppo.gamma": UNIT, "ppo.lam": UNIT,
+    "ppo.approx_kl_stop": POSITIVE,
+}
+
+
+def _check_ranges(recipe: Recipe, where: str) -> None:
+    """Each value of RANGES (a section or value that is None is not checked), then optim.betas."""
+    for key, (test, rule) in RANGES.items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if value is not None and not (test(value) and math.isfinite(value)):
+            fail(where, key, f"must be {rule}, got {value}")
+    betas = recipe.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        fail(where, "optim.betas", f"must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas}")
 
 
 def _check_ppo(recipe: Recipe, where: str) -> None:
@@ -101,8 +132,6 @@ def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
     if ref.kind == "precomputed" and any(spec.kl for spec in specs):
         fail(where, "reference.kind", "precomputed cannot serve KTO's KL term, whose mismatched pairs change "
               "with every batch; use copy or adapter_off")
-    if ref.sync_every < 0 or not 0.0 < ref.sync_alpha <= 1.0:
-        fail(where, "reference.sync_every", "needs sync_every >= 0 and 0 < sync_alpha <= 1")
     if ref.sync_every and (ref.kind != "copy" or adapters):
         fail(where, "reference.sync_every", "mixing the policy into the reference needs reference.kind=copy "
               "and a fully trained policy (no LoRA)")

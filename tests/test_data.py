@@ -22,17 +22,16 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_standard_rows_keep_the_exact_boundary_and_get_eos(tokenizer):
-    """Prompt and completion are tokenized apart. "Hello wor" + "ld" joined would let BPE merge
-    across the boundary; apart, the prompt ids are exactly the prompt's own tokenization."""
+def test_standard_rows_split_the_joint_tokenization_and_get_eos(tokenizer):
+    """The prompt's own ids, then the joint ids after them; "Hello wor" + "ld" merges across the boundary, so
+    the prompt keeps its ids up to where they diverge (the boundary rule of prefopt.data.tokenize)."""
     row = {"prompt": "Hello wor", "chosen": "ld, the sky", "rejected": "ld is green."}
-    (pair,), _ = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
+    (pair,), report = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, 64, 32)
     eos = tokenizer.eos_token_id
-    assert pair["prompt_ids"] == tokenizer("Hello wor")["input_ids"]
-    assert pair["chosen_ids"] == tokenizer("ld, the sky", add_special_tokens=False)["input_ids"] + [eos]
-    assert pair["rejected_ids"] == tokenizer("ld is green.", add_special_tokens=False)["input_ids"] + [eos]
-    joined = tokenizer("Hello world, the sky")["input_ids"]
-    assert joined != pair["prompt_ids"] + pair["chosen_ids"][:-1]  # the case separate tokenization exists for
+    own = tokenizer("Hello wor")["input_ids"]
+    assert pair["prompt_ids"] == own[: len(pair["prompt_ids"])] and report.boundary_merged == 1
+    assert pair["prompt_ids"] + pair["chosen_ids"] == tokenizer("Hello world, the sky")["input_ids"] + [eos]
+    assert pair["prompt_ids"] + pair["rejected_ids"] == tokenizer("Hello world is green.")["input_ids"] + [eos]
 
 
 def test_eos_is_not_doubled(tokenizer):
@@ -47,8 +46,10 @@ def test_conversational_rows_render_the_chat_template(tokenizer):
            "chosen": [{"role": "assistant", "content": "It is blue."}],
            "rejected": [{"role": "assistant", "content": "It is green."}]}
     ex = canonical_pair(row, tokenizer)
-    assert ex == {"prompt": "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n",
-                  "chosen": "It is blue.<|im_end|>\n", "rejected": "It is green.<|im_end|>\n", "chat": True}
+    prompt = "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"
+    assert ex == {"prompt": prompt, "chosen": "It is blue.<|im_end|>\n", "rejected": "It is green.<|im_end|>\n",
+                  "full_chosen": prompt + "It is blue.<|im_end|>\n", "full_rejected": prompt + "It is green.<|im_end|>\n",
+                  "chat": True}
     (pair,), _ = tokenize_examples([ex], tokenizer, 64, 32)
     assert tokenizer.decode(pair["prompt_ids"] + pair["chosen_ids"]) == ex["prompt"] + ex["chosen"]
     assert tokenizer.eos_token_id not in pair["chosen_ids"]  # the template's end of turn ends a chat reply
@@ -82,9 +83,9 @@ def test_truncation_keeps_prompt_end_and_fits_max_length(tokenizer):
     row = {"prompt": "sort: " + " ".join("9876543210" * 3) + " =>", "chosen": " 1 2 3 4 5 6 7 8 9" * 3,
            "rejected": " 1"}
     (pair,), report = tokenize_examples([canonical_pair(row, tokenizer)], tokenizer, max_length=30,
-                                     max_prompt_length=12)
+                                        max_prompt_length=12)
     full_prompt = tokenizer(row["prompt"])["input_ids"]
-    assert pair["prompt_ids"] == full_prompt[-12:]
+    assert pair["prompt_ids"] == full_prompt[-12:]  # no special tokens at its head to keep
     assert len(pair["prompt_ids"]) + len(pair["chosen_ids"]) == 30
     assert (report.prompts_cut, report.completions_cut) == (1, 1)
 

@@ -63,6 +63,20 @@ def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_pat
     compare(one, two)
 
 
+def test_token_means_do_not_depend_on_the_world_size(sort_task, tmp_path):
+    """RPO's NLL and SimPO's sft_weight term are token means over the global batch: two processes with
+    micro-batches of 4 follow one process with one micro-batch of 8 (a per-micro-batch mean would not)."""
+    loss = [{"name": "rpo", "beta": 0.1, "alpha": 1.0}, {"name": "simpo", "sft_weight": 1.0, "weight": 0.5}]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, loss=loss,
+                              train={**TRAIN, "micro_batch_size": 8}))
+    run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+            write_recipe(tmp_path / "two.yaml", sort_task, two, loss=loss, train=TRAIN))
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        assert (b["loss"], b["grad_norm"]) == pytest.approx((a["loss"], a["grad_norm"]), abs=1e-5, rel=2e-6)
+
+
 def same_final_model(one: Path, two: Path, kind: str) -> None:
     """Both runs' final/ load through from_pretrained (a LoRA adapter onto its base) with the same weights."""
     import peft

@@ -132,7 +132,7 @@ def test_compiled_decoder_layers_give_the_same_losses(sort_task, tmp_path):
 
 @pytest.mark.parametrize("sections,message", [
     ({"train": {"packing": False, "share_prompt": True}}, "set train.packing: true too"),
-    ({"train": {"logps_chunk_size": -1}}, "must be 0 .full logits. or positive"),
+    ({"train": {"logps_chunk_size": -1}}, r"train.logps_chunk_size: must be >= 0, got -1"),
 ])
 def test_speed_switch_errors(sort_task, tmp_path, sections, message):
     with pytest.raises(RecipeError, match=message):

@@ -75,7 +75,7 @@ def test_user_loss_from_a_module(sort_task, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("loss,message", [
     ({"name": "simpo", "gama": 1.0}, "loss 'simpo' has no argument 'gama'"),
-    ({"name": "robust", "label_smoothing": 0.5}, r"label-flip rate and must be in \[0, 0.5\)"),
+    ({"name": "robust", "label_smoothing": 0.5}, r"robust loss: label_smoothing must be in \[0, 0.5\), got 0.5"),
     ({"name": "exo_pair", "label_smoothing": 0.0}, r"must be in \(0, 1\)"),
     ([{"name": "dpo"}, {"name": "ipo", "weight": "x"}], r"loss\[1\].weight: expected a number"),
 ])

@@ -5,6 +5,7 @@ experimental CPOTrainer and ORPO with the experimental ORPOTrainer, each called 
 whose "model" returns logits we choose. Both sides see the same log-probs and sum them their own way.
 """
 
+import dataclasses
 import math
 import os
 from functools import partial
@@ -106,20 +107,24 @@ def test_orpo_hand_derived():
     assert out.rejected_rewards.item() == pytest.approx(-0.16094379124341004, abs=1e-12)
 
 
-def test_sft_is_a_token_mean_over_the_micro_batch():
-    """As TRL's "sft": chosen sums (-2, -9) over (2, 1) tokens give 11/3 = 3.6666666666666665, one value
-    for every example, not the mean of per-example means (1 + 9)/2 = 5. Rewards are the per-token means
-    -1 and -9 (chosen), -1 and -2 (rejected: sums (-3, -2) over (3, 1) tokens). rpo adds alpha times the
-    same NLL to DPO."""
+def test_sft_is_a_token_mean_over_the_batch():
+    """As TRL's "sft": chosen sums (-2, -9) over (2, 1) tokens give 11/3 = 3.6666666666666665 as the batch mean,
+    not the mean of per-example means (1 + 9)/2 = 5: each example's sum over the mean tokens per example, 1.5,
+    so 2/1.5 and 9/1.5. Given the global batch's mean (token_normalizer, here 2.75 tokens per pair), each example
+    is divided by that instead. Rewards are the per-token means -1 and -9 (chosen), -1 and -2 (rejected: sums
+    (-3, -2) over (3, 1) tokens). rpo adds alpha times the same NLL to DPO."""
     policy = pair([-2.0, -9.0], [-3.0, -2.0], [2.0, 1.0], [3.0, 1.0])
     out = sft_loss(policy, None)
-    assert torch.allclose(out.losses, torch.full((2,), 11 / 3, dtype=torch.float64), atol=1e-12)
+    assert out.losses.tolist() == pytest.approx([2 / 1.5, 9 / 1.5], abs=1e-12)
+    assert out.losses.mean().item() == pytest.approx(11 / 3, abs=1e-12)
     assert out.chosen_rewards.tolist() == pytest.approx([-1.0, -9.0])
     assert out.rejected_rewards.tolist() == pytest.approx([-1.0, -2.0])
+    global_batch = dataclasses.replace(policy, token_normalizer=torch.tensor(2.75, dtype=torch.float64))
+    assert sft_loss(global_batch, None).losses.tolist() == pytest.approx([2 / 2.75, 9 / 2.75], abs=1e-12)
     reference = pair([-1.0, -1.0], [-1.0, -1.0], [2.0, 1.0], [3.0, 1.0])
     dpo = LOSSES["dpo"].fn(policy, reference, beta=0.2).losses
     rpo = rpo_loss(policy, reference, beta=0.2, alpha=0.5).losses
-    assert torch.allclose(rpo, dpo + 0.5 * 11 / 3, atol=1e-12)
+    assert torch.allclose(rpo, dpo + 0.5 * out.losses, atol=1e-12)
 
 
 def test_robust_rejects_flip_rate_of_a_half_or_more():

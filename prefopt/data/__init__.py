@@ -1,55 +1,126 @@
-"""Data: rows -> canonical examples -> token ids -> batches."""
+"""Data: rows -> canonical examples -> token ids -> batches.
+
+Each source is prepared with `datasets.map` (batched tokenizer calls, and the datasets cache: a rerun, or a
+second process, loads the tokenized rows instead of tokenizing again; the cache key covers the data, the
+tokenizer and every setting below).
+"""
 
 from __future__ import annotations
 
+import random
+
 from prefopt.data.formats import BadRow, canonical_pair, canonical_prompt, canonical_unpaired
-from prefopt.data.sources import load_rows
-from prefopt.data.tokenize import tokenize_examples
+from prefopt.data.sources import load_source, map_columns, row_format
+from prefopt.data.tokenize import TruncationReport, tokenize_examples
 from prefopt.errors import DataError
 from prefopt.recipe import DataConfig, DataSource
 
 SHOWN_BAD_ROWS = 5
+CANONICAL = {"paired": canonical_pair, "unpaired": canonical_unpaired, "prompts": canonical_prompt}
+COMPLETIONS = {"paired": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": ()}
+REPORT = ("prompts_cut", "completions_cut", "boundary_merged")
+
+
+def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: int, max_prompt_length: int | None,
+                  truncation: str) -> dict[str, list]:
+    """A batch of one source's rows (datasets.map, batched) -> token ids, with `bad` (why a row cannot be
+    used, or "") and, per row, what truncation did (the REPORT counts)."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    examples, bad = [], []
+    for row in rows:
+        try:
+            examples.append(CANONICAL[fmt](row, tokenizer))
+            bad.append("")
+        except BadRow as reason:
+            bad.append(str(reason))
+    tokenized, report = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, COMPLETIONS[fmt],
+                                          truncation)
+    good = iter(tokenized)
+    keys = ["prompt_ids", *(f"{k}_ids" for k in COMPLETIONS[fmt]), *{"paired": ["margin"], "unpaired": ["label"]}
+            .get(fmt, [])]
+    out: dict[str, list] = {"bad": bad, **{key: [] for key in keys}}
+    for i, reason in enumerate(bad):
+        row = next(good) if not reason else {}
+        bad[i] = row.get("bad", reason)
+        for key in keys:
+            out[key].append(row.get(key, [] if key.endswith("_ids") else None))
+    for name in REPORT:  # the batch's counts, on its first row: they are summed
+        out[name] = [getattr(report, name)] + [0] * (len(bad) - 1)
+    return out
 
 
 def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
                   pairs_only: bool = True, log=print) -> list[dict]:
     """Sources -> tokenized examples, with unusable rows reported (and dropped or fatal).
 
-    Paired rows become {prompt_ids, chosen_ids, rejected_ids}; unpaired rows
-    {prompt_ids, completion_ids, label}. With pairs_only, unpaired rows are an error.
+    Paired rows become {prompt_ids, chosen_ids, rejected_ids} (and `margin` where the data has one);
+    unpaired rows {prompt_ids, completion_ids, label}. With pairs_only, unpaired rows are an error.
     """
-    rows = load_rows(sources, seed, where)
-    prompts_origin = next((origin for origin, fmt, _, _ in rows if fmt == "prompts"), None)
-    if prompts_origin:
-        raise DataError(f"{prompts_origin} holds prompts alone; offline methods need completions (prompt/chosen/"
-                        "rejected or prompt/completion), online methods (a ppo: section) take prompts")
-    unpaired_origin = next((origin for origin, fmt, _, _ in rows if fmt == "unpaired"), None)
-    if pairs_only and unpaired_origin:
-        raise DataError(f"{unpaired_origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
-                        "pairs (prompt/chosen/rejected): use an unpaired loss (kto, bco, sft) or paired data")
-    examples = {"paired": [], "unpaired": []}
-    bad = []
-    for origin, fmt, index, row in rows:
-        try:
-            examples[fmt].append((canonical_pair if fmt == "paired" else canonical_unpaired)(row, tokenizer))
-        except BadRow as reason:
-            bad.append(f"{origin} row {index}: {reason}")
+    loaded = _load(sources, tokenizer, cfg, seed, where, log)
+    for origin, fmt, _ in loaded:
+        if fmt == "prompts":
+            raise DataError(f"{origin} holds prompts alone; offline methods need completions (prompt/chosen/"
+                            "rejected or prompt/completion), online methods (a ppo: section) take prompts")
+        if pairs_only and fmt == "unpaired":
+            raise DataError(f"{origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
+                            "pairs (prompt/chosen/rejected): use an unpaired loss (kto, bco, sft) or paired data")
+    return [row for _, _, rows in loaded for row in rows]
+
+
+def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
+                 log=print) -> list[dict]:
+    """Prompts for online methods: {prompt (as given: text or messages), prompt_ids}, from any source with a
+    `prompt` column (preference sets included), truncated by the same rules as offline prompts."""
+    prompt_only = DataConfig(**{**vars(cfg), "columns": {**cfg.columns, "chosen": None, "rejected": None,
+                                                            "completion": None}})
+    return [row for _, _, rows in _load(sources, tokenizer, prompt_only, seed, where, log, keep_prompt=True)
+            for row in rows]
+
+
+def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, log,
+          keep_prompt: bool = False) -> list[tuple[str, str, list[dict]]]:
+    """Every source -> (origin, format, tokenized rows), mixed by weight: 1.0 every row, 0.5 a random half,
+    2.0 every row twice. Unusable rows stop the run or are dropped and counted (data.on_bad_row)."""
+    rng = random.Random(seed)
+    out, bad, total, report = [], [], 0, TruncationReport()
+    for i, source in enumerate(sources):
+        origin = f"{where}[{i}] ({source.path})"
+        if source.weight < 0:
+            raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
+        dataset = map_columns(load_source(source, origin), cfg.columns, origin)
+        fmt = row_format(dataset, origin, cfg.columns, log)
+        settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length,
+                    "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation}
+        keep = ["prompt"] if keep_prompt else []
+        tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
+                                num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
+                                remove_columns=[c for c in dataset.column_names if c not in keep])
+        n = len(tokenized)
+        whole, fraction = divmod(source.weight, 1.0)
+        index = list(range(n)) * int(whole) + sorted(rng.sample(range(n), round(fraction * n)))
+        columns = tokenized.select_columns([c for c in tokenized.column_names if c not in REPORT]).to_dict()
+        reasons = columns.pop("bad")
+        for name in REPORT:  # each row counted once, whatever its weight
+            setattr(report, name, getattr(report, name) + sum(tokenized[name]))
+        rows = []
+        for j in index:
+            if reasons[j]:
+                bad.append(f"{origin} row {j}: {reasons[j]}")
+            else:
+                rows.append({key: values[j] for key, values in columns.items() if values[j] is not None})
+        total += len(index)
+        out.append((origin, fmt, rows))
     if bad:
         shown = "\n  ".join(bad[:SHOWN_BAD_ROWS]) + (f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more"
                                                     if len(bad) > SHOWN_BAD_ROWS else "")
         if cfg.on_bad_row == "error":
-            raise DataError(f"{len(bad)} of {len(rows)} rows in {where} cannot be used:\n  {shown}\n"
+            raise DataError(f"{len(bad)} of {total} rows in {where} cannot be used:\n  {shown}\n"
                             "Fix these rows, or set data.on_bad_row=drop to drop them with a count.")
-        log(f"[prefopt] dropped {len(bad)} of {len(rows)} rows in {where}:\n  {shown}")
-    if not examples["paired"] and not examples["unpaired"]:
+        log(f"[prefopt] dropped {len(bad)} of {total} rows in {where}:\n  {shown}")
+    kept = sum(len(rows) for _, _, rows in out)
+    if not kept:
         raise DataError(f"{where}: no usable rows")
-    out = []
-    for fmt, keys in (("paired", ("chosen", "rejected")), ("unpaired", ("completion",))):
-        if examples[fmt]:
-            tokenized, report = tokenize_examples(examples[fmt], tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                                  keys)
-            log(f"[prefopt] {where}: {len(tokenized)} {fmt} examples ({report})")
-            out.extend(tokenized)
+    log(f"[prefopt] {where}: {kept} examples ({report}; data.truncation: {cfg.truncation})")
     return out
 
 
@@ -63,27 +134,3 @@ def as_rows(examples: list[dict]) -> list[dict]:
         else:
             rows.append(ex)
     return rows
-
-
-def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
-                 log=print) -> list[dict]:
-    """Prompts for online methods: {prompt (as given: text or messages), prompt_ids}, from any source with a
-    `prompt` column (preference sets included). Prompts longer than max_prompt_length keep their end."""
-    rows = load_rows(sources, seed, where)
-    kept, examples, bad = [], [], []
-    for origin, _, index, row in rows:
-        try:
-            examples.append(canonical_prompt(row, tokenizer))
-            kept.append(row["prompt"])
-        except BadRow as reason:
-            bad.append(f"{origin} row {index}: {reason}")
-    if bad:
-        if cfg.on_bad_row == "error":
-            raise DataError(f"{len(bad)} of {len(rows)} prompts in {where} cannot be used:\n  " + "\n  ".join(
-                bad[:SHOWN_BAD_ROWS]) + "\nFix them, or set data.on_bad_row=drop to drop them with a count.")
-        log(f"[prefopt] dropped {len(bad)} of {len(rows)} prompts in {where}")
-    if not examples:
-        raise DataError(f"{where}: no usable prompts")
-    tokenized, report = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length, ())
-    log(f"[prefopt] {where}: {len(tokenized)} prompts ({report.prompts_cut} truncated)")
-    return [{"prompt": prompt, "prompt_ids": ex["prompt_ids"]} for prompt, ex in zip(kept, tokenized)]

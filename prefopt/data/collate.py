@@ -38,7 +38,7 @@ def collate_pairs(examples: list[dict], pad_token_id: int, packing: bool = False
     prompts = [ex["prompt_ids"] for ex in examples]
     completions = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = layout(prompts + prompts, completions, pad_token_id, packing, share_prompt)
-    if "margin" in examples[0]:
+    if any("margin" in ex for ex in examples):  # a pair without one (another source) has margin 0
         batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples])  # (B,)
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([ex["ref_chosen"] for ex in examples] +

@@ -13,11 +13,13 @@ Accepted rows, as in the wider ecosystem:
 A canonical example is `{"prompt": str, "chosen": str, "rejected": str,
 "chat": bool}` (or `"completion": str, "label": bool` for unpaired rows): text
 ready to tokenize. `chat` says the text was rendered by a chat template (it
-already holds any special tokens the template adds).
+already holds any special tokens the template adds); a rendered example also
+holds `full_<key>`, the whole conversation with that completion.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -75,11 +77,11 @@ def render_example(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
     out = {"prompt": prompt_text, "chat": True}
     for key, messages in completions.items():
-        full = render_chat(tokenizer, prompt + messages, add_generation_prompt=False)
-        if not full.startswith(prompt_text):
-            raise BadRow(f"the chat template renders the prompt differently once the {key} reply is appended, "
-                         "so the prompt/completion boundary is ambiguous; fix the template or give plain strings")
-        out[key] = full[len(prompt_text):]
+        # the whole conversation, as inference renders it; some templates render the prompt alone otherwise (an
+        # empty thought block after the generation prompt): the tokens then split where the two diverge
+        full = out[f"full_{key}"] = render_chat(tokenizer, prompt + messages, add_generation_prompt=False)
+        shared = len(os.path.commonprefix([prompt_text, full]))
+        out[key] = full[shared:]
     return out
 
 

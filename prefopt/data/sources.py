@@ -1,10 +1,8 @@
-"""Load rows from hub datasets or local files, and mix sources by weight."""
+"""Load rows from hub datasets or local files, and name their columns."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-from typing import Any
 
 from prefopt.errors import DataError
 from prefopt.recipe import DataSource
@@ -41,43 +39,68 @@ def load_source(source: DataSource, where: str):
         raise DataError(f"{where}: could not load {source.path!r} (split {source.split!r}): {first_line}") from None
 
 
-def row_format(columns: list[str], origin: str) -> str:
+TEXT_ROLES = ("prompt", "chosen", "rejected", "completion", "label", "margin")
+
+
+def map_columns(dataset, columns: dict[str, str | None], origin: str):
+    """Rename the dataset's columns to prefopt's names (`data.columns`, e.g. {prompt: question}); a role mapped
+    to null says the data has no such column (`prompt: null`: the prompt is the chosen/rejected shared prefix)."""
+    for role, column in columns.items():
+        if role not in TEXT_ROLES:
+            raise DataError(f"data.columns: unknown role {role!r}; roles are {', '.join(TEXT_ROLES)}")
+        if column is None:
+            if role in dataset.column_names:
+                dataset = dataset.remove_columns(role)
+            continue
+        if column not in dataset.column_names:
+            raise DataError(f"{origin}: data.columns maps {role} to {column!r}, which is not a column; its columns "
+                            f"are {', '.join(dataset.column_names)}")
+        if column != role:
+            if role in dataset.column_names:
+                dataset = dataset.remove_columns(role)
+            dataset = dataset.rename_column(column, role)
+    return dataset
+
+
+def text_columns(dataset) -> list[str]:
+    """Columns holding strings or message lists (what could be a prompt or a completion)."""
+    from datasets import List, Value
+
+    def is_text(feature) -> bool:
+        if isinstance(feature, Value):
+            return feature.dtype in ("string", "large_string")
+        inner = getattr(feature, "feature", None)
+        return isinstance(feature, (List, list)) and isinstance(inner if inner is not None else feature[0], dict)
+
+    return [name for name, feature in dataset.features.items() if is_text(feature)]
+
+
+def row_format(dataset, origin: str, columns: dict[str, str | None], log) -> str:
     """"paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label) or "prompts" (prompt alone,
-    for online methods), from a source's columns."""
-    if "chosen" in columns or "rejected" in columns:
+    for online methods), from a source's columns; text columns nothing reads are named in the log."""
+    names = dataset.column_names
+    if "chosen" in names or "rejected" in names:
         required = ("chosen", "rejected")
-    elif "completion" in columns:
+    elif "completion" in names:
         required = ("prompt", "completion")
-    elif "prompt" in columns:
-        return "prompts"
+    elif "prompt" in names:
+        required = ("prompt",)
     else:
         required = ("chosen", "rejected")
-    missing = [c for c in required if c not in columns]
+    missing = [c for c in required if c not in names]
+    hint = ("Preference rows need prompt/chosen/rejected (strings or message lists), or chosen/rejected "
+            "conversations sharing a prompt; unpaired rows need prompt/completion and an optional boolean label; "
+            "data.columns maps other names onto these, e.g. data.columns: {prompt: question}")
     if missing:
         raise DataError(f"{origin}: missing column {', '.join(map(repr, missing))}; its columns are "
-                        f"{', '.join(columns)}. Preference rows need prompt/chosen/rejected (strings or message "
-                        "lists), or chosen/rejected conversations sharing a prompt; unpaired rows need "
-                        "prompt/completion and an optional boolean label")
-    return "paired" if "chosen" in required else "unpaired"
-
-
-def load_rows(sources: list[DataSource], seed: int, where: str) -> list[tuple[str, str, int, dict[str, Any]]]:
-    """All sources -> [(origin, row format, row index in its source, row)], mixed by weight.
-
-    `weight` scales the rows taken from a source: 1.0 all of them, 0.5 a random
-    half, 2.0 every row twice. The format is "paired" or "unpaired" (row_format).
-    """
-    rng = random.Random(seed)
-    out = []
-    for i, source in enumerate(sources):
-        origin = f"{where}[{i}] ({source.path})"
-        dataset = load_source(source, origin)
-        fmt = row_format(dataset.column_names, origin)
-        if source.weight < 0:
-            raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
-        n = len(dataset)
-        whole, fraction = divmod(source.weight, 1.0)
-        index = list(range(n)) * int(whole) + sorted(rng.sample(range(n), round(fraction * n)))
-        rows = dataset.to_list()
-        out.extend((origin, fmt, j, rows[j]) for j in index)
-    return out
+                        f"{', '.join(names)}. {hint}")
+    unused = [c for c in text_columns(dataset) if c not in TEXT_ROLES]
+    if required == ("chosen", "rejected") and "prompt" not in names and unused and "prompt" not in columns:
+        raise DataError(f"{origin}: no 'prompt' column, but text column(s) {', '.join(map(repr, unused))} may hold "
+                        f"it. Map the prompt with data.columns: {{prompt: {unused[0]}}}, or set data.columns: "
+                        "{prompt: null} if chosen and rejected hold the whole texts (their shared prefix is the "
+                        "prompt)")
+    if unused:
+        log(f"[prefopt] {origin}: column(s) {', '.join(map(repr, unused))} are not read (data.columns maps a "
+            "column onto prompt/chosen/rejected/completion)")
+    return {"chosen": "paired", "prompt": "unpaired" if "completion" in names else "prompts"}[required[0]]

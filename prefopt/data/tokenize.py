@@ -1,60 +1,124 @@
-"""Canonical examples -> token ids with an exact prompt/completion boundary.
+"""Canonical examples -> token ids, split where inference splits them.
 
-Prompt and completions are tokenized separately and their ids concatenated:
-joining the strings first would let BPE merge tokens across the boundary, and
-the loss would then score a piece of the prompt or miss a piece of the answer.
+The model at inference reads the prompt's own tokens and continues them. So the
+prompt is tokenized alone, each completion is tokenized together with its prompt
+(the whole text, or the whole rendered conversation), and the completion's ids
+are the joint ids after the prompt's. Tokenizing the completion alone would be
+wrong for SentencePiece-style tokenizers (Llama-2, Mistral: a Metaspace prefix
+puts "▁" before any text encoded on its own, so "Paris" after "Answer:\\n" would
+train as "▁Paris" where inference sees "Pa", "ris").
+
+The boundary rule: when the prompt's own ids are not a prefix of the joint ids
+(BPE merges across the boundary, e.g. a prompt ending mid-word or with a space;
+or a chat template that renders the prompt alone differently), the prompt keeps
+its ids up to where they diverge, and the completion is the joint ids from
+there, so the text is exact and the merged token is scored as part of the
+completion. This is TRL's rule too; such rows are counted in the report.
+
+Plain-text prompts get the tokenizer's own special tokens (a BOS, if it adds
+one); chat-rendered text already holds the template's. Plain-text completions
+end with EOS (appended when missing); chat completions end as the template ends
+a turn.
+
+Truncation (`max_length` counts prompt + completion tokens):
+
+- `max_prompt_length` (optional): a longer prompt keeps its head (its leading
+  special tokens: BOS, a template's start token) and its last tokens;
+- `keep_start` (the default, as TRL): a completion that does not fit is cut at
+  its end; a prompt that alone leaves no room for a completion token is a bad
+  row, reported, never trained on without its head;
+- `keep_end`: the prompt is cut instead (head kept, then its last tokens), so
+  that the longest completion fits; completions are cut only if even the head
+  and one prompt token leave no room.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from prefopt.errors import DataError
 
 
 @dataclass
 class TruncationReport:
-    prompts_cut: int = 0  # prompts longer than max_prompt_length, left-truncated
-    completions_cut: int = 0  # completions cut to fit max_length
+    prompts_cut: int = 0  # prompts that lost tokens (their head kept)
+    completions_cut: int = 0  # completions cut at their end to fit max_length
+    boundary_merged: int = 0  # rows whose prompt tokens merge with the completion's (the boundary rule)
+
+    def __add__(self, other: TruncationReport) -> TruncationReport:
+        return TruncationReport(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def __str__(self) -> str:
-        return f"{self.prompts_cut} prompts and {self.completions_cut} completions truncated"
+        text = f"{self.prompts_cut} prompts and {self.completions_cut} completions truncated"
+        return text + (f", {self.boundary_merged} prompts whose last tokens merge into the completion"
+                       if self.boundary_merged else "")
 
 
-def tokenize_examples(examples: list[dict], tokenizer, max_length: int, max_prompt_length: int,
-                      completion_keys: tuple[str, ...] = ("chosen", "rejected")) -> tuple[list[dict], TruncationReport]:
+def tokenize_examples(examples: list[dict], tokenizer, max_length: int, max_prompt_length: int | None = None,
+                      completion_keys: tuple[str, ...] = ("chosen", "rejected"), truncation: str = "keep_start",
+                      ) -> tuple[list[dict], TruncationReport]:
     """Canonical examples -> [{prompt_ids, chosen_ids, rejected_ids}] (or one `<key>_ids` per completion
-    key, plus any other field such as `label`) and what was truncated.
-
-    Plain-text prompts get the tokenizer's own special tokens (a BOS, if it adds
-    one); chat-rendered text already holds the template's. Plain-text
-    completions end with EOS (appended when missing); chat completions end as
-    the template renders the end of a turn. Prompts longer than
-    max_prompt_length keep their last tokens (the question, not the preamble);
-    completions are cut so that prompt + completion <= max_length.
-    """
+    key, plus any other field such as `label`) and what was truncated. A row that cannot fit is
+    {"bad": reason} instead (see the module docstring for the rules)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) and save it with the model")
-    chat = [ex["chat"] for ex in examples]
-    prompts = _encode(tokenizer, [ex["prompt"] for ex in examples], [not c for c in chat])
-    completions = {key: _encode(tokenizer, [ex[key] for ex in examples], [False] * len(examples))
-                   for key in completion_keys}
-    report = TruncationReport()
-    out = []
+    plain = [not ex["chat"] for ex in examples]
+    prompts = _encode(tokenizer, [ex["prompt"] for ex in examples], plain)
+    joints = {key: _encode(tokenizer, [ex.get(f"full_{key}", ex["prompt"] + ex[key]) for ex in examples], plain)
+              for key in completion_keys}
+    special = set(tokenizer.all_special_ids)
+    report, out = TruncationReport(), []
     for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
-        if len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[-max_prompt_length:]
-            report.prompts_cut += 1
-        room = max_length - len(prompt_ids)
-        row = {k: v for k, v in ex.items() if k not in ("prompt", "chat", *completion_keys)}
-        row["prompt_ids"] = prompt_ids
-        for key in completion_keys:
-            ids = completions[key][i] if chat[i] else _with_eos(completions[key][i], eos)
-            report.completions_cut += len(ids) > room
-            row[f"{key}_ids"] = ids[:room]
-        out.append(row)
+        keep = min((_common_prefix(prompt_ids, joints[key][i]) for key in completion_keys), default=len(prompt_ids))
+        report.boundary_merged += keep < len(prompt_ids)
+        completions = {key: joints[key][i][keep:] for key in completion_keys}
+        if plain[i]:
+            completions = {key: _with_eos(ids, eos) for key, ids in completions.items()}
+        head = next((n for n, t in enumerate(prompt_ids) if t not in special), len(prompt_ids))
+        row = {k: v for k, v in ex.items() if k not in ("prompt", "chat", *completion_keys)
+               and not k.startswith("full_")}
+        bad = _truncate(prompt_ids[:keep], min(head, keep), completions, max_length, max_prompt_length, truncation,
+                        report, row)
+        out.append({"bad": bad} if bad else row)
     return out, report
+
+
+def _truncate(prompt: list[int], head: int, completions: dict[str, list[int]], max_length: int,
+              max_prompt_length: int | None, truncation: str, report: TruncationReport, row: dict) -> str | None:
+    """Fit prompt + each completion into max_length (rules in the module docstring), writing the ids into row;
+    returns why a row cannot fit, or None."""
+    longest = max((len(ids) for ids in completions.values()), default=1)  # a prompt alone needs room for one token
+    budget = len(prompt)
+    if max_prompt_length is not None:
+        budget = min(budget, max_prompt_length)
+    if truncation == "keep_end":
+        budget = min(budget, max(max_length - longest, head + 1))
+    if budget < len(prompt):
+        if budget <= head:
+            return (f"its prompt's leading special tokens ({head}) alone fill the prompt budget of {budget}; "
+                    "raise data.max_prompt_length or data.max_length")
+        prompt = prompt[:head] + prompt[len(prompt) - (budget - head):]
+        report.prompts_cut += 1
+    room = max_length - len(prompt)
+    if room < 1:
+        return (f"its prompt is {len(prompt)} tokens, leaving no room for a completion under data.max_length="
+                f"{max_length}; raise data.max_length, set data.max_prompt_length, or data.truncation: keep_end "
+                "(cuts the prompt, keeping its head)")
+    row["prompt_ids"] = prompt
+    for key, ids in completions.items():
+        report.completions_cut += len(ids) > room
+        row[f"{key}_ids"] = ids[:room]
+    return None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _encode(tokenizer, texts: list[str], add_special: list[bool]) -> list[list[int]]:

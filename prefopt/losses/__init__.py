@@ -31,6 +31,9 @@ class PairLogps:
     rejected: torch.Tensor  # (B,)
     chosen_tokens: torch.Tensor  # (B,) completion token counts, for length-normalised losses
     rejected_tokens: torch.Tensor  # (B,)
+    # token-mean terms (an NLL of the chosen) divide each example's sum by this: the mean chosen tokens per pair of
+    # the whole global batch, so that the batch's mean is its token mean however it is cut; None: this batch's
+    token_normalizer: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class UnpairedLogps:
     tokens: torch.Tensor  # (N,) completion token counts
     desirable: torch.Tensor  # (N,) bool: thumbs up
     kl_logps: torch.Tensor | None = None  # (N,) log-probs of mismatched pairs: prompt i, completion i - 1
+    token_normalizer: torch.Tensor | None = None  # as PairLogps's: mean desirable tokens per row of the global batch
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ class LossSpec:
                 raise RecipeError(f"{where}: loss {self.name!r} has no argument {key!r}; {hint}"
                                   f"its arguments are: {', '.join(valid) or 'none'}")
             default = valid[key].default
+            if isinstance(value, str) and isinstance(default, float):  # YAML 1.1 reads 1e-1 (no dot) as a string
+                try:
+                    value = params[key] = float(value)
+                except ValueError:
+                    pass
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise RecipeError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
@@ -124,6 +133,16 @@ class LossSpec:
             self.fn(probe, probe if self.needs_reference else None, *state, **params)
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}") from None
+
+
+def check_range(loss: str, **values: tuple[float, str]) -> None:
+    """ValueError for the first hyper-parameter out of its range: name=(value, "> 0" | ">= 0" | "< 0.5" ...).
+    Losses call it first, so that the recipe check (LossSpec.check_params) stops a bad value before models load."""
+    tests = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
+             "in (0, 1)": lambda v: 0 < v < 1, "in [0, 0.5]": lambda v: 0 <= v <= 0.5}
+    for name, (value, rule) in values.items():
+        if not tests[rule](value):
+            raise ValueError(f"{loss} loss: {name} must be {rule}, got {value}")
 
 
 LOSSES: dict[str, LossSpec] = {}

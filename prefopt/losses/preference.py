@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, PairLogps, UnpairedLogps, register_loss
+from prefopt.losses import LossOutput, PairLogps, UnpairedLogps, check_range, register_loss
 from prefopt.losses.unpaired import split_rewards
 
 
@@ -21,14 +21,31 @@ def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, t
 
 
 def _mean_logps(policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token mean log-probs of the chosen and of the rejected completions, each (B,)."""
-    return policy.chosen / policy.chosen_tokens, policy.rejected / policy.rejected_tokens
+    """Per-token mean log-probs of the chosen and of the rejected completions, each (B,); 0 for a completion
+    with no scored token (losses on means drop that pair through _scored)."""
+    return policy.chosen / policy.chosen_tokens.clamp(min=1), policy.rejected / policy.rejected_tokens.clamp(min=1)
+
+
+def _scored(policy: PairLogps, losses: torch.Tensor) -> torch.Tensor:
+    """losses (B,), with 0 for a pair whose chosen or rejected completion has no scored token (a mean over no
+    token is undefined: such a pair contributes nothing rather than a NaN)."""
+    return torch.where((policy.chosen_tokens > 0) & (policy.rejected_tokens > 0), losses, 0.0)
 
 
 def _chosen_nll(policy: PairLogps) -> torch.Tensor:
-    """NLL of the chosen completions as one token mean over the micro-batch (TRL's "sft" loss and
-    CPO/SimPO's cross-entropy), -sum(chosen) / sum(chosen_tokens), expanded to (B,) so its mean is that."""
-    return (-policy.chosen.sum() / policy.chosen_tokens.sum()).expand_as(policy.chosen)
+    """NLL of the chosen completions per pair, -log pi(y_c) / n, with n the mean chosen tokens per pair of the
+    whole global batch (PairLogps.token_normalizer; this batch's when None). The mean over the global batch is
+    then its token mean, -sum(chosen) / sum(chosen_tokens) (TRL's "sft" loss and CPO/SimPO's cross-entropy),
+    however the batch is cut into micro-batches and processes."""
+    n = policy.token_normalizer if policy.token_normalizer is not None else policy.chosen_tokens.mean()
+    return -policy.chosen / n.clamp(min=1e-6)
+
+
+def _log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean log-prob) < 1. A mean that rounds to 0 (a near-certain completion)
+    would give log(0): it is held at the smallest normal float below 0, the same value wherever that is finite."""
+    below_zero = mean_logps.clamp(max=-torch.finfo(mean_logps.dtype).tiny)
+    return mean_logps - torch.log(-torch.expm1(below_zero))
 
 
 @register_loss("dpo", needs_reference=True)
@@ -43,6 +60,7 @@ def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     Log-probs are sums over completion tokens; implicit rewards are
     beta * (log pi - log pi_ref) of each completion.
     """
+    check_range("dpo", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in [0, 0.5]"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
@@ -59,9 +77,11 @@ def ipo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> L
     results correspond to it), which keeps beta comparable across completion lengths.
     Logged rewards are beta * summed log-ratios, as for DPO (and as TRL logs them).
     """
+    check_range("ipo", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,) sums
-    h_mean = chosen_logratios / policy.chosen_tokens - rejected_logratios / policy.rejected_tokens  # (B,)
-    losses = (h_mean - 1 / (2 * beta)) ** 2
+    h_mean = (chosen_logratios / policy.chosen_tokens.clamp(min=1)
+              - rejected_logratios / policy.rejected_tokens.clamp(min=1))  # (B,)
+    losses = _scored(policy, (h_mean - 1 / (2 * beta)) ** 2)
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
@@ -77,9 +97,12 @@ def simpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: f
     chosen completions, a token mean over the micro-batch (TRL CPO's `cpo_alpha` cross-entropy).
     Logged rewards are beta * a, the SimPO implicit rewards.
     """
+    check_range("simpo", beta=(beta, "> 0"), gamma_beta_ratio=(gamma_beta_ratio, ">= 0"),
+                sft_weight=(sft_weight, ">= 0"))
     chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs
-    losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma_beta_ratio * beta)
-    losses = losses + sft_weight * _chosen_nll(policy)
+    losses = _scored(policy, -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma_beta_ratio * beta))
+    if sft_weight:
+        losses = losses + sft_weight * _chosen_nll(policy)
     return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 
 
@@ -92,6 +115,7 @@ def rpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, alph
     -sum(chosen) / sum(chosen_tokens), as TRL's loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha].
     Logged rewards are DPO's, beta * summed log-ratios.
     """
+    check_range("rpo", alpha=(alpha, ">= 0"))
     dpo = dpo_loss(policy, reference, beta=beta)
     return LossOutput(dpo.losses + alpha * _chosen_nll(policy), dpo.chosen_rewards, dpo.rejected_rewards)
 
@@ -106,9 +130,7 @@ def robust_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     eps = label_smoothing, default 0.1, the value TRL's docs cite from the paper (eps = 0 is DPO). Sums over
     completion tokens; logged rewards are beta * summed log-ratios.
     """
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust loss: label_smoothing is the label-flip rate and must be in [0, 0.5), "
-                         f"got {label_smoothing}")
+    check_range("robust", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in [0, 0.5)"))  # a flip rate
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
     losses = (-(1 - label_smoothing) * F.logsigmoid(logits)
@@ -124,6 +146,7 @@ def hinge_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) ->
     (RSO, arXiv 2309.06657), with margin 1/beta. Sums over completion tokens; logged rewards are
     beta * summed log-ratios.
     """
+    check_range("hinge", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
@@ -139,23 +162,25 @@ def orpo_loss(policy: PairLogps, reference: PairLogps | None = None, *, beta: fl
     completion tokens of the micro-batch; TRL's ORPO trainer also counts the prompt tokens in it, which
     PairLogps does not carry. Logged rewards are beta * a, as TRL.
     """
+    check_range("orpo", beta=(beta, ">= 0"))
     chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs, < 0
-    chosen_log_odds = chosen_mean - torch.log(-torch.expm1(chosen_mean))  # log(e^a / (1 - e^a))
-    rejected_log_odds = rejected_mean - torch.log(-torch.expm1(rejected_mean))  # (B,)
-    losses = _chosen_nll(policy) - beta * F.logsigmoid(chosen_log_odds - rejected_log_odds)
+    odds_ratio = _scored(policy, -F.logsigmoid(_log_odds(chosen_mean) - _log_odds(rejected_mean)))
+    losses = _chosen_nll(policy) + beta * odds_ratio
     return LossOutput(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 
 
 @register_loss("sft", needs_reference=False, data="any")
 def sft_loss(policy: PairLogps | UnpairedLogps, reference: None = None) -> LossOutput:
-    """SFT: NLL of the chosen completions (pairs) or of the desirable ones (prompt/completion rows), one
-    token mean over the micro-batch, -sum(logps) / sum(tokens), as TRL's loss_type="sft" (each example
-    gets the batch value). Logged rewards are the policy's per-token mean log-probs (no beta).
+    """SFT: NLL of the chosen completions (pairs) or of the desirable ones (prompt/completion rows), the token
+    mean over the global batch, -sum(logps) / sum(tokens), as TRL's loss_type="sft" (per example: its summed
+    NLL over the global batch's mean tokens per example, see _chosen_nll). Logged rewards are the policy's
+    per-token mean log-probs (no beta).
     """
     if isinstance(policy, UnpairedLogps):
-        desirable = policy.desirable
-        nll = -policy.logps[desirable].sum() / policy.tokens[desirable].sum().clamp(min=1)
-        return LossOutput(nll.expand_as(policy.logps), *split_rewards(policy.logps / policy.tokens, desirable))
+        desirable, tokens = policy.desirable, policy.tokens
+        n = policy.token_normalizer if policy.token_normalizer is not None else (tokens * desirable).mean()
+        nll = torch.where(desirable, -policy.logps, 0.0) / n.clamp(min=1e-6)  # (N,)
+        return LossOutput(nll, *split_rewards(policy.logps / tokens.clamp(min=1), desirable))
     chosen_mean, rejected_mean = _mean_logps(policy)  # (B,) per-token mean log-probs
     return LossOutput(_chosen_nll(policy), chosen_mean.detach(), rejected_mean.detach())
 
@@ -167,6 +192,7 @@ def sppo_hard_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1
     (arXiv 2405.00675) with the win probability set to 1 for the chosen and 0 for the rejected
     completion, as TRL's "sppo_hard". Logged rewards are beta * summed log-ratios.
     """
+    check_range("sppo_hard", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
@@ -178,6 +204,7 @@ def nca_pair_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1)
     log-ratio, the pairwise NCA loss of Chen et al. 2024, "Noise Contrastive Alignment of Language
     Models with Explicit Rewards" (arXiv 2402.05369), as TRL's "nca_pair". Logged rewards are r.
     """
+    check_range("nca_pair", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     losses = (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
@@ -192,6 +219,7 @@ def apo_zero_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1)
     chosen and lower the rejected likelihood, for chosen outputs better than the model's.
     Logged rewards are r.
     """
+    check_range("apo_zero", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
@@ -205,6 +233,7 @@ def apo_down_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1)
     both likelihoods, the rejected more, for chosen outputs worse than the model's.
     Logged rewards are r.
     """
+    check_range("apo_down", beta=(beta, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(chosen_rewards - rejected_rewards)
@@ -219,9 +248,7 @@ def exo_pair_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     (arXiv 2402.00856), K = 2. eps = label_smoothing must be in (0, 1); default 1e-3 as the paper.
     Sums over completion tokens; logged rewards are beta * summed log-ratios.
     """
-    if not 0 < label_smoothing < 1:
-        raise ValueError(f"exo_pair loss: label_smoothing is the target probability eps and must be in (0, 1), "
-                         f"got {label_smoothing}")
+    check_range("exo_pair", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in (0, 1)"))  # target eps
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
     losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-label_smoothing))
@@ -237,8 +264,9 @@ def discopop_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     with and for Large Language Models" (arXiv 2406.08414); tau is TRL's discopop_tau. Sums over
     completion tokens; logged rewards are beta * summed log-ratios.
     """
+    check_range("discopop", beta=(beta, "> 0"), tau=(tau, "> 0"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
-    mix = torch.sigmoid(logits / tau)
-    losses = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+    # exp(-beta h) * m as one exponent: where exp(-beta h) overflows, m underflows and their product is finite
+    losses = -F.logsigmoid(logits) * torch.sigmoid(-logits / tau) + torch.exp(F.logsigmoid(logits / tau) - logits)
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, RunningMean, UnpairedLogps, register_loss
+from prefopt.losses import LossOutput, RunningMean, UnpairedLogps, check_range, register_loss
 
 
 def split_rewards(rewards: torch.Tensor, desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,8 @@ def kto_loss(policy: UnpairedLogps, reference: UnpairedLogps, *, beta: float = 0
     TRL averages z0 over processes first; here it is each process's micro-batch (the same on one process).
     Log-probs are sums over completion tokens; logged rewards are beta * r.
     """
+    check_range("kto", beta=(beta, "> 0"), desirable_weight=(desirable_weight, ">= 0"),
+                undesirable_weight=(undesirable_weight, ">= 0"))
     logratios = policy.logps - reference.logps  # (N,)
     z0 = (policy.kl_logps - reference.kl_logps).mean().detach().clamp(min=0)
     losses = torch.where(policy.desirable,
@@ -51,6 +53,7 @@ def bco_loss(policy: UnpairedLogps, reference: UnpairedLogps, reward_shift: Runn
     kept in `reward_shift`, saved and restored with checkpoints, and only read during evaluation.
     Logged rewards are beta * r.
     """
+    check_range("bco", beta=(beta, "> 0"))
     rewards = beta * (policy.logps - reference.logps)  # (N,)
     delta = reward_shift.update(rewards.mean())
     losses = torch.where(policy.desirable, -F.logsigmoid(rewards - delta), -F.logsigmoid(-(rewards - delta)))

@@ -34,7 +34,7 @@ import torch
 
 from prefopt import distributed
 from prefopt import recipe as recipe_lib
-from prefopt.errors import RecipeError
+from prefopt.errors import RecipeError, TrainingError
 from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
 from prefopt.trainers.metrics import MetricMeans
@@ -66,6 +66,7 @@ class Trainer:
         self.reference = None  # a frozen reference model, for a method that keeps one
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
         self.eval_data: list[dict] = []
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
 
     # ----- what a method overrides ------------------------------------------------------------
 
@@ -85,8 +86,14 @@ class Trainer:
         batch = order[index * train.batch_size : (index + 1) * train.batch_size]
         if train.group_by_length:  # similar lengths share a micro-batch: less padding, the same global batch
             batch.sort(key=lambda i: example_length(self.train_data[i]))
+        shared = self.global_batch_values([self.train_data[i] for i in batch])
         for chunk in self.deal(batch):
-            yield self.to_device(self.collate([self.train_data[i] for i in chunk]))
+            yield self.to_device({**self.collate([self.train_data[i] for i in chunk]), **shared})
+
+    def global_batch_values(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Values that every micro-batch of a global batch (or of an evaluation) shares, known before the first
+        one: the normalisers of token means, so that aggregation follows the global batch (none here)."""
+        return {}
 
     def deal(self, rows: list[int]) -> list[list[int]]:
         """This process's share of a global batch: cut into micro-batches, dealt to the processes in turn."""
@@ -140,17 +147,22 @@ class Trainer:
         self.model.train()
         means = MetricMeans()
         grad_norm = torch.zeros((), device=acc.device)
+        finite = torch.ones((), dtype=torch.bool, device=acc.device)  # every micro-batch's loss so far
+        skipped = False
         tokens = None  # prompt + completion tokens of every sequence, where the batches count them
         for batch in self.batches(step):
             if "num_tokens" in batch:
                 tokens = batch.pop("num_tokens") + (0 if tokens is None else tokens)
             with acc.accumulate(self.model):
                 loss, metrics = self.compute_loss(batch)
+                finite &= torch.isfinite(loss.detach())
                 acc.backward(loss)
                 if acc.sync_gradients:
                     max_norm = train.max_grad_norm if train.max_grad_norm is not None else math.inf
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                self.optimizer.step()
+                    skipped = self._nonfinite(step, finite, grad_norm)
+                    if not skipped:
+                        self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             means.add("loss", loss)  # one value per micro-batch
             for key, value in metrics.items():
@@ -160,13 +172,39 @@ class Trainer:
         if not means.sums:  # the method had nothing to train on this step (PPO's approximate-KL stop)
             return {}
         record = means.result(acc)
-        record.update(grad_norm=float(grad_norm), lr=lr)
+        record.update(grad_norm=float(grad_norm), lr=lr, **({"skipped_nonfinite": 1.0} if skipped else {}))
         if tokens is not None:
             record["num_tokens"] = acc.reduce(tokens.float(), reduction="sum").item()
         record["step_seconds"] = time.perf_counter() - start
         if tokens is not None:
             record["tokens_per_second"] = record["num_tokens"] / record["step_seconds"]
         return record
+
+    def _nonfinite(self, step: int, loss_finite: torch.Tensor, grad_norm) -> bool:
+        """Whether this step's update must be skipped: a loss (on any process) or the gradient norm is not finite.
+        train.on_nonfinite: stop raises, naming the step, the metric and the last good checkpoint; skip skips
+        (logged) up to train.max_skipped_steps times. The update never reaches the weights, except under DeepSpeed,
+        whose engine steps inside backward: there the run stops before anything is saved."""
+        acc, train = self.accelerator, self.recipe.train
+        grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
+        flags = acc.reduce(torch.stack([(~loss_finite).float(), (~torch.isfinite(grad_norm)).float()]), "sum")
+        if not flags.any():
+            return False
+        metric = "loss" if flags[0] else f"gradient norm ({float(grad_norm)})"
+        self.skipped_steps += 1
+        applied = acc.distributed_type == "DEEPSPEED"
+        if train.on_nonfinite == "skip" and not applied and self.skipped_steps <= train.max_skipped_steps:
+            acc.print(f"[prefopt] step {step}: non-finite {metric}; update skipped ({self.skipped_steps} of at most "
+                      f"{train.max_skipped_steps}, train.max_skipped_steps)")
+            return True
+        good = complete_checkpoints(self.output_dir / "checkpoints")
+        last = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written before it"
+        why = (f"{self.skipped_steps - 1} steps were skipped already (train.max_skipped_steps: "
+               f"{train.max_skipped_steps})" if train.on_nonfinite == "skip" and not applied
+               else "DeepSpeed applied the update inside backward" if applied else "train.on_nonfinite: stop")
+        raise TrainingError(f"step {step}: non-finite {metric}, so the run stopped ({why}); nothing from this step "
+                            f"was saved and {last}. Lower optim.lr or train.max_grad_norm, check the data near this "
+                            "step, or set train.on_nonfinite: skip to skip such steps")
 
     @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
@@ -176,8 +214,9 @@ class Trainer:
             return {}
         self.model.eval()
         means, train = MetricMeans(), self.recipe.train
+        shared = self.global_batch_values(examples)
         for chunk, counts in self.eval_chunks(examples, train.eval_batch_size or train.micro_batch_size):
-            loss, metrics = self.compute_loss(self.to_device(self.collate(chunk)))
+            loss, metrics = self.compute_loss(self.to_device({**self.collate(chunk), **shared}))
             if counts:
                 means.add("loss", loss, weight=len(chunk))  # loss is a mean over the micro-batch
                 for key, value in metrics.items():
@@ -338,6 +377,7 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
         acc = self.accelerator
+        self._check_finite_weights(f"checkpoint step-{step}")
         root = self.output_dir / "checkpoints"
         final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
         if acc.is_main_process:
@@ -362,6 +402,16 @@ class Trainer:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old[1])
 
+    @torch.no_grad()
+    def _check_finite_weights(self, what: str) -> None:
+        """Refuse to write `what` from weights that are not all finite (on any process's shards)."""
+        bad = sum(int(not torch.isfinite(p).all()) for p in self.model.parameters() if p.numel())
+        if self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), "sum"):
+            good = complete_checkpoints(self.output_dir / "checkpoints")
+            raise TrainingError(f"the weights hold non-finite values, so {what} was not written"
+                                + (f"; the last good checkpoint is {good[-1][1]}" if good else "")
+                                + ". Lower optim.lr or train.max_grad_norm")
+
     def _resume(self) -> int:
         checkpoints = complete_checkpoints(self.output_dir / "checkpoints")
         if not checkpoints:
@@ -374,6 +424,7 @@ class Trainer:
         """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
         written atomically."""
         acc = self.accelerator
+        self._check_finite_weights("final/")
         final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
         # sharded weights gathered, on every process
         state_dict = acc.get_state_dict(self.model) if distributed.shards_parameters(acc) else None

@@ -162,6 +162,20 @@ class PreferenceTrainer(Trainer):
             return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl, **layout)
         return collate_pairs(examples, self.tokenizer.pad_token_id, **layout)
 
+    def global_batch_values(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """token_normalizer: the chosen (unpaired: desirable) tokens scored per example of these examples, what
+        token-mean losses divide by (PairLogps.token_normalizer). A completion's first token is scored only
+        after a prompt."""
+        def scored(ids: list[int], prompt: list[int]) -> int:
+            return len(ids) - (not prompt)
+
+        if self.unpaired:  # rows, or pairs that collate_rows makes two rows each
+            counts = [c for ex in examples for c in ((scored(ex["chosen_ids"], ex["prompt_ids"]), 0)
+                      if "chosen_ids" in ex else (scored(ex["completion_ids"], ex["prompt_ids"]) * ex["label"],))]
+        else:
+            counts = [scored(ex["chosen_ids"], ex["prompt_ids"]) for ex in examples]
+        return {"token_normalizer": torch.tensor(sum(counts) / len(counts))}
+
     def logps_function(self):
         return partial(unpaired_logps if self.unpaired else pair_logps, chunk_size=self.chunk_size)
 
@@ -200,11 +214,12 @@ def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> Pa
     logps, counts = completion_logps(model, batch, chunk_size)  # (2B,) each
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = counts.chunk(2)
-    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, batch.get("token_normalizer"))
 
 
 def unpaired_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> UnpairedLogps:
     """Rows, and the mismatched KL rows after them if the batch has any, through the model in one forward."""
     logps, counts = completion_logps(model, batch, chunk_size)  # (N,) or (2N,)
     n = batch["label"].numel()
-    return UnpairedLogps(logps[:n], counts[:n], batch["label"], logps[n:] if logps.numel() > n else None)
+    return UnpairedLogps(logps[:n], counts[:n], batch["label"], logps[n:] if logps.numel() > n else None,
+                         batch.get("token_normalizer"))
