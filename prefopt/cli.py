@@ -2,6 +2,7 @@
 
     prefopt train RECIPE [key.sub=value ...]
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
+    prefopt inspect RECIPE [--rows N] [key.sub=value ...]   rows as the model sees them, boundary marked
     prefopt synth sort OUT_DIR                  write the tiny model and sorting data alone
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a reward model on a preference set
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="run a recipe")
     train.add_argument("recipe", help="path to a recipe .yaml")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
+    look = commands.add_parser("inspect", help="show rows as the model will see them: tokens, boundary, truncation")
+    look.add_argument("recipe", help="path to a recipe .yaml")
+    look.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    look.add_argument("--rows", type=int, default=3, help="examples shown per split")
     quick = commands.add_parser("quickstart", help="train DPO on a tiny sorting task on this machine")
     quick.add_argument("overrides", nargs="*")
     synth = commands.add_parser("synth", help="write a synthetic task with its tiny model")
@@ -67,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
             train_recipe(args.recipe, args.overrides)
         elif args.command == "quickstart":
             quickstart(args.overrides)
+        elif args.command == "inspect":
+            from prefopt.preview import inspect_recipe
+
+            print(inspect_recipe(args.recipe, args.overrides, args.rows))
         elif args.command == "eval":
             import json
 

@@ -158,3 +158,26 @@ def test_default_keeps_prompts_whole_like_trl(zoo, tmp_path):
     prompt = "Tell me a joke about cats. " * 40
     (row,) = prefopt_ids(zoo["gpt2"], [{"prompt": prompt, "chosen": " No.", "rejected": " Yes."}], tmp_path)
     assert row["prompt_ids"] == zoo["gpt2"](prompt)["input_ids"] and len(row["prompt_ids"]) > 256
+
+
+def test_inspect_marks_the_boundary(zoo, sort_task, tmp_path, capsys):
+    """`prefopt inspect` on the quickstart-shaped recipe and on a conversational one (Zephyr template)."""
+    from conftest import write_recipe
+
+    from prefopt.cli import main
+
+    assert main(["inspect", str(write_recipe(tmp_path / "q.yaml", sort_task, tmp_path / "q")), "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    first = json.loads((sort_task / "train.jsonl").read_text().splitlines()[0])
+    tokenizer = zoo["gpt2"].from_pretrained(sort_task / "model")
+    prompt = tokenizer.convert_ids_to_tokens(tokenizer(first["prompt"])["input_ids"])
+    chosen = tokenizer.convert_ids_to_tokens(tokenizer(first["prompt"] + first["chosen"])["input_ids"])[len(prompt):]
+    assert f"chosen ({len(chosen) + 1} tokens): {'|'.join(prompt)} ‖ {'|'.join(chosen)}|<|endoftext|>" in out
+    assert "data.eval example 0" in out and "truncated" in out
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL))
+    recipe = write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c", data={"train": str(chat), "eval": None},
+                          model={"name_or_path": zoo["zephyr"].name_or_path})
+    assert main(["inspect", str(recipe), "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "|<0x0A> ‖ It|▁is|▁blue.|</s>|<0x0A>" in out  # "It", not "▁It"; the turn ends as the template ends it
