@@ -18,18 +18,23 @@ import os
 import sys
 from pathlib import Path
 
-from prefopt.errors import PrefoptError
+from prefopt.errors import PrefoptError, Stopped
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 QUICKSTART_ASSETS = Path("runs/quickstart-assets")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prefopt import __version__
+
     parser = argparse.ArgumentParser(prog="prefopt", description="Train language models from preferences.")
+    parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a recipe")
     train.add_argument("recipe", help="path to a recipe .yaml")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
+    train.add_argument("--restart", action="store_true", help="move a previous run in output_dir to "
+                       "output_dir/archive/<time> and start over (otherwise the same recipe resumes it)")
     look = commands.add_parser("inspect", help="show rows as the model will see them: tokens, boundary, truncation")
     look.add_argument("recipe", help="path to a recipe .yaml")
     look.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
-            train_recipe(args.recipe, args.overrides)
+            train_recipe(args.recipe, args.overrides, restart=args.restart)
         elif args.command == "quickstart":
             quickstart(args.overrides)
         elif args.command == "inspect":
@@ -97,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
             from prefopt.data.synthetic import write_sort_task
 
             print(f"wrote {write_sort_task(args.out_dir, args.train, args.eval, args.seed)}")
+    except Stopped as exc:
+        print(f"prefopt: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PrefoptError as exc:
         print(f"prefopt: error: {exc}", file=sys.stderr)
         return 2
@@ -118,16 +126,29 @@ def end_launched_process(code: int) -> None:
     os._exit(code)
 
 
-def train_recipe(path: str | Path, overrides: list[str] = ()):
+def train_recipe(path: str | Path, overrides: list[str] = (), restart: bool = False):
     from prefopt import recipe as recipe_lib
+
+    return run_recipe(recipe_lib.load(path, overrides), restart)
+
+
+def run_recipe(recipe, restart: bool = False, trainer_cls=None):
+    """Train a loaded recipe: the run's lock (main process), the resume check, the trainer, its end."""
+    from prefopt.runs import RunLock, check_resume
     from prefopt.trainers import trainer_for
 
-    recipe = recipe_lib.load(path, overrides)
-    trainer = trainer_for(recipe)
+    main = os.environ.get("RANK", "0") == "0"
+    lock = RunLock(Path(recipe.output_dir)).acquire() if main else None
     try:
-        return trainer.fit()
+        check_resume(recipe, restart, main)
+        trainer = trainer_cls(recipe) if trainer_cls else trainer_for(recipe)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()  # ends the process group, so that no rank aborts at exit
     finally:
-        trainer.close()  # ends the process group, so that no rank aborts at exit
+        if lock:
+            lock.release()
 
 
 def quickstart(overrides: list[str] = ()):

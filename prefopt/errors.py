@@ -13,6 +13,17 @@ class DataError(PrefoptError, ValueError):
     """A dataset cannot be read, or rows in it cannot be used."""
 
 
+class Stopped(PrefoptError):
+    """A stop signal (SIGTERM, SIGINT) ended the run after a checkpoint; the same command resumes it."""
+
+    def __init__(self, signum: int, step: int, output_dir):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint in "
+                         f"{output_dir}/checkpoints; run the same command again to resume")
+
+
 class TrainingError(PrefoptError, RuntimeError):
     """Training cannot go on safely (a non-finite loss or gradient); the last good checkpoint is kept."""
 

@@ -127,9 +127,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     recipe = recipe_lib.load(run_dir / "recipe.yaml")
     cfg = recipe.model
     base_cfg = dataclasses.replace(cfg, dtype="bfloat16") if cfg.load_in_4bit else cfg  # merge into real weights
-    from prefopt.losses import get_loss
-
-    reward_head = get_loss(recipe.loss[0].name).data == "rewards"
+    reward_head = recipe.method == "reward"
     base = load_causal_lm(base_cfg, reward_head=reward_head)
     merged = peft.PeftModel.from_pretrained(base, final).merge_and_unload()
     out_dir = Path(out_dir or run_dir / "merged")

@@ -26,7 +26,7 @@ def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -
     for split, sources in (("train", data.train), ("eval", data.eval or [])):
         if not sources:
             continue
-        if recipe.ppo is not None:
+        if recipe.method == "rl":
             examples = load_prompts(sources, tokenizer, data, recipe.seed, f"data.{split}", log=lines.append)
         else:
             examples = load_examples(sources, tokenizer, data, recipe.seed, f"data.{split}", pairs_only=False,

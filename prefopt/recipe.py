@@ -178,11 +178,23 @@ class PPOConfig:
     approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
 
 
+# What each method trains, and the sections it owns besides the common ones (model, data, optim, train, ...).
+# Recipes name their method; one written before `method:` existed gets it from its sections (a ppo: section
+# is rl, a reward-model loss is reward, else preference), and its recipe.yaml then says it.
+METHODS = {
+    "preference": ("reference", "loss"),  # a policy on offline pairs or unpaired feedback (DPO and its family)
+    "reward": ("loss",),  # a reward model on pairs (bradley_terry)
+    "rl": ("reference", "rollout", "reward_model", "ppo"),  # a policy on its own samples (PPO, RLOO, GRPO)
+}
+
+
 @dataclass
 class Recipe:
     model: ModelConfig
     data: DataConfig
-    output_dir: str = "runs/default"  # recipe.yaml, metrics.jsonl, checkpoints/, final/
+    method: Literal["preference", "reward", "rl"] = "preference"
+    trainer: str | None = None  # "package.module:Class", a subclass of the method's trainer; None: prefopt's own
+    output_dir: str | None = None  # recipe.yaml, metrics.jsonl, checkpoints/, final/; None: runs/<recipe name>-<hash>
     seed: int = 0
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     loss: list[LossConfig] = field(default_factory=lambda: [LossConfig()])  # offline methods
@@ -193,11 +205,11 @@ class Recipe:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain YAML-ready data (loss params inlined)."""
+        """The resolved recipe as plain YAML-ready data: the method's sections only, loss params inlined."""
         out = dataclasses.asdict(self)
         terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}), **t.params} for t in self.loss]
         out["loss"] = terms[0] if len(terms) == 1 else terms
-        return out
+        return {key: value for key, value in out.items() if key not in SECTIONS or key in METHODS[self.method]}
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -216,13 +228,43 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model:, data:, ...), got {type(data).__name__}")
     for override in overrides:
         _apply_override(data, override, where)
-    return from_dict(data, where)
+    return from_dict(data, where, name=path.stem)
 
 
-def from_dict(data: dict[str, Any], where: str = "<recipe>") -> Recipe:
+def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe") -> Recipe:
+    """A recipe from plain data; `name` (the file's stem) names its default output_dir."""
+    data = {**data, "method": data.get("method") or _implied_method(data)}
+    method = data["method"]
+    if method in METHODS:
+        for section in SECTIONS:
+            if section in data and section not in METHODS[method]:
+                owners = [m for m, sections in METHODS.items() if section in sections]
+                fail(where, section, f"is not a section of method {method!r} (it belongs to {' or '.join(owners)}); "
+                     f"method {method!r} takes {', '.join(METHODS[method])} besides model, data, optim and train")
+        if method == "rl":
+            data.setdefault("ppo", {})
     recipe = _convert(data, Recipe, "", where)
     check(recipe, where)
+    if recipe.output_dir is None:
+        from prefopt.runs import fingerprint
+
+        recipe.output_dir = f"runs/{name}-{fingerprint(recipe)[:8]}"
     return recipe
+
+
+SECTIONS = {section for sections in METHODS.values() for section in sections}
+
+
+def _implied_method(data: dict[str, Any]) -> str:
+    """The method of a recipe that does not name one (written before `method:` existed)."""
+    if "ppo" in data or "rollout" in data or "reward_model" in data:
+        return "rl"
+    loss = data.get("loss")
+    first = (loss[0] if isinstance(loss, list) and loss else loss) or {}
+    name = first.get("name", "dpo") if isinstance(first, dict) else first
+    from prefopt.losses import LOSSES
+
+    return "reward" if isinstance(name, str) and name in LOSSES and LOSSES[name].data == "rewards" else "preference"
 
 
 def save(recipe: Recipe, path: str | Path) -> None:

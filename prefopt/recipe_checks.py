@@ -32,7 +32,7 @@ def check(recipe: Recipe, where: str) -> None:
     if train.batch_size % train.micro_batch_size:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
-    if recipe.ppo is not None:
+    if recipe.method == "rl":
         _check_ppo(recipe, where)
         return
     if not recipe.loss:
@@ -44,8 +44,10 @@ def check(recipe: Recipe, where: str) -> None:
         specs[-1].check_params(term.params, where=f"{where}: {key}")
     _check_reference(recipe, specs, where)
     kinds = {spec.name: spec.data for spec in specs}
-    if "rewards" in kinds.values() and len(kinds) > 1:
-        fail(where, "loss", f"a reward-model loss trains a reward model and cannot be mixed with {kinds}")
+    if recipe.method == "reward" and (set(kinds.values()) != {"rewards"}):
+        fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
+    if recipe.method == "preference" and "rewards" in kinds.values():
+        fail(where, "method", f"loss {kinds} trains a reward model: add the line `method: reward`")
     if {"paired", "unpaired"} <= set(kinds.values()):
         fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:

@@ -8,13 +8,18 @@ from prefopt.trainers.reward import RewardTrainer
 __all__ = ["Trainer", "PreferenceTrainer", "PPOTrainer", "RewardTrainer", "trainer_for"]
 
 
-def trainer_for(recipe) -> Trainer:
-    """A `ppo:` section runs PPO on prompts; otherwise the method follows from what the loss consumes:
-    rewards of pairs train a reward model, log-probs train a policy offline."""
-    from prefopt.losses import get_loss
+TRAINERS = {"preference": PreferenceTrainer, "reward": RewardTrainer, "rl": PPOTrainer}
 
-    if recipe.ppo is not None:
-        return PPOTrainer(recipe)
-    if get_loss(recipe.loss[0].name).data == "rewards":
-        return RewardTrainer(recipe)
-    return PreferenceTrainer(recipe)
+
+def trainer_for(recipe) -> Trainer:
+    """The recipe's method names its trainer; `trainer: module:Class` runs a user's subclass of it instead."""
+    from prefopt.errors import RecipeError, import_object
+
+    base = TRAINERS[recipe.method]
+    if recipe.trainer is None:
+        return base(recipe)
+    cls = import_object(recipe.trainer, "trainer")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise RecipeError(f"trainer: {recipe.trainer} is not a subclass of {base.__name__}, the trainer of method "
+                          f"{recipe.method!r}; subclass prefopt.trainers.{base.__name__}")
+    return cls(recipe)

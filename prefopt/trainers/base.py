@@ -25,18 +25,27 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from prefopt import distributed
+from prefopt import distributed, runs
 from prefopt import recipe as recipe_lib
-from prefopt.errors import RecipeError, TrainingError
+from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.models import decoder_layers, load_tokenizer
-from prefopt.trainers.checkpoints import STATE_FILE, complete_checkpoints, fsync_dir, write_atomic
+from prefopt.trainers.checkpoints import (
+    EXTRA_STATE_FILE,
+    STATE_FILE,
+    complete_checkpoints,
+    fsync_dir,
+    write_atomic,
+)
 from prefopt.trainers.metrics import MetricMeans
 
 
@@ -67,6 +76,10 @@ class Trainer:
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
         self.eval_data: list[dict] = []
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
+        # state saved with each checkpoint beside Accelerate's (objects with state_dict/load_state_dict): as JSON,
+        # or as safetensors when a state is all tensors; never pickled, so loading a checkpoint runs no code
+        self.checkpointed: dict[str, object] = {}
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received: checkpoint at the end of this step and stop
 
     # ----- what a method overrides ------------------------------------------------------------
 
@@ -124,21 +137,61 @@ class Trainer:
         progress = tqdm(range(start + 1, train.max_steps + 1), initial=start, total=train.max_steps,
                         disable=not (train.progress_bar and acc.is_main_process), desc="train")
         window: dict[str, list[float]] = defaultdict(list)
-        for step in progress:
-            for key, value in self.train_step(step).items():
-                window[key].append(value)
-            if window and (step % train.log_every == 0 or step == train.max_steps):
-                record = {key: sum(values) / len(values) for key, values in window.items()}
-                window.clear()
-                self._log(record, step=step, split="train")
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if step == train.max_steps or (train.eval_every and step % train.eval_every == 0):
-                self._log(self.evaluate(), step=step, split="eval")
-            if train.save_every and (step % train.save_every == 0 or step == train.max_steps):
-                self.save_checkpoint(step)
+        with self._stop_on_signals():
+            for step in progress:
+                for key, value in self.train_step(step).items():
+                    window[key].append(value)
+                stopping = self._stopping(step)
+                if window and (step % train.log_every == 0 or step == train.max_steps or stopping):
+                    record = {key: sum(values) / len(values) for key, values in window.items()}
+                    window.clear()
+                    self._log(record, step=step, split="train")
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                if step == train.max_steps or (train.eval_every and step % train.eval_every == 0):
+                    self._log(self.evaluate(), step=step, split="eval")
+                saved = train.save_every and (step % train.save_every == 0 or step == train.max_steps)
+                if saved or stopping:
+                    self.save_checkpoint(step)
+                if stopping:
+                    raise Stopped(self.stop_signal, step, self.output_dir)
         progress.close()
         self.save_final()
         return self._summary()
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM and SIGINT (what SLURM, Kubernetes and Ctrl-C send) set stop_signal: the run checkpoints at the
+        end of the step and stops; a second signal exits at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                os._exit(128 + signum)
+            self.stop_signal = signum
+            print(f"[prefopt] {signal.Signals(signum).name}: stopping after this step with a checkpoint (send it "
+                  "again to exit at once)", flush=True)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stopping(self, step: int) -> bool:
+        """Whether a stop signal reached any process and this step is one a run may stop after."""
+        flag = torch.tensor(float(self.stop_signal or 0), device=self.accelerator.device)
+        if self.world_size > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        if flag and self.stop_signal is None:
+            self.stop_signal = int(flag)
+        return bool(flag) and step < self.recipe.train.max_steps and self.can_stop_after(step)
+
+    def can_stop_after(self, step: int) -> bool:
+        """Whether a checkpoint after `step` resumes exactly (PPO: only between rollouts)."""
+        return True
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns metrics averaged over all processes."""
@@ -186,7 +239,7 @@ class Trainer:
         (logged) up to train.max_skipped_steps times. The update never reaches the weights, except under DeepSpeed,
         whose engine steps inside backward: there the run stops before anything is saved."""
         acc, train = self.accelerator, self.recipe.train
-        grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
+        grad_norm = torch.tensor(float(grad_norm), device=acc.device)  # FSDP2 gives a DTensor: a plain value
         flags = acc.reduce(torch.stack([(~loss_finite).float(), (~torch.isfinite(grad_norm)).float()]), "sum")
         if not flags.any():
             return False
@@ -283,7 +336,7 @@ class Trainer:
                         del state[key]
 
             self.accelerator.register_save_state_pre_hook(keep_trainable)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.checkpointed["scheduler"] = self.scheduler
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
@@ -353,8 +406,7 @@ class Trainer:
         path = self.output_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step] if step else []
+        kept = [ln for ln, record in read_records(path) if record["step"] <= step] if step else []
         write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def _summary(self) -> list[dict]:
@@ -362,7 +414,7 @@ class Trainer:
         path = self.output_dir / "metrics.jsonl"
         if not self.accelerator.is_main_process or not path.exists():
             return []
-        evals = [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "eval"]
+        evals = [r for _, r in read_records(path) if r["split"] == "eval"]
         if len(evals) >= 2:
             first, last = evals[0], evals[-1]
             keys = [k for k in first if k not in ("step", "split")]
@@ -386,9 +438,19 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
+        extra = {name: obj.state_dict() for name, obj in self.checkpointed.items()}  # every process: may gather
         if acc.is_main_process:
-            state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed}
-            write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
+            from safetensors.torch import save_file
+
+            tensors = {name: value for name, value in extra.items()
+                       if value and all(isinstance(v, torch.Tensor) for v in value.values())}
+            for name, weights in tensors.items():
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
+                          str(tmp / f"{name}.safetensors"))
+            write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
+            state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed,
+                     "fingerprint": runs.fingerprint(self.recipe), "recipe": runs.identity(self.recipe)}
+            write_atomic(tmp / STATE_FILE, json.dumps(state, default=str) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(root)
@@ -413,12 +475,34 @@ class Trainer:
                                 + ". Lower optim.lr or train.max_grad_norm")
 
     def _resume(self) -> int:
+        """Load the newest checkpoint that loads whole (on every process), falling back past unreadable ones."""
+        acc = self.accelerator
         checkpoints = complete_checkpoints(self.output_dir / "checkpoints")
-        if not checkpoints:
-            return 0
-        step, path = checkpoints[-1]
+        for step, path in reversed(checkpoints):
+            try:
+                self._load_checkpoint(path)
+                failure = ""
+            except Exception as exc:  # a truncated or missing file, a planted payload: say which, go back one
+                failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
+                return step
+            acc.print(f"[prefopt] checkpoint {path} cannot be loaded ({failure or 'on another process'}); "
+                      "falling back to the previous one")
+        if checkpoints:
+            raise TrainingError(f"no checkpoint in {self.output_dir / 'checkpoints'} can be loaded (see above); run "
+                                "again with --restart to move them to the archive and start over")
+        return 0
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
         self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
-        return step
+        saved = json.loads((path / EXTRA_STATE_FILE).read_text())
+        for name, obj in self.checkpointed.items():
+            tensors = path / f"{name}.safetensors"
+            if name not in saved and not tensors.exists():
+                raise FileNotFoundError(f"{path} holds no state for {name}")
+            obj.load_state_dict(load_file(str(tensors)) if name not in saved else saved[name])
 
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
         """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
@@ -438,6 +522,19 @@ class Trainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines and records; a torn line (a full disk, a kill mid-write) is left out."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            out.append((line, record))
+    return out
 
 
 def example_length(example: dict) -> int:

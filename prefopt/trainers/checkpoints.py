@@ -8,6 +8,16 @@ import random
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+EXTRA_STATE_FILE = "prefopt_state.json"  # Trainer.checkpointed: schedule, KL controller, running means
+
+
+def read_state(path: Path) -> dict | None:
+    """A checkpoint's trainer state, or None if it is missing or unreadable (a checkpoint cut short)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -16,8 +26,8 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in root.iterdir():
-        if path.name.startswith("step-") and (path / STATE_FILE).exists():
-            found.append((json.loads((path / STATE_FILE).read_text())["step"], path))
+        if path.name.startswith("step-") and (state := read_state(path)) is not None:
+            found.append((state["step"], path))
     return sorted(found)
 
 

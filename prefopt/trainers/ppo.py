@@ -123,9 +123,12 @@ class PPOTrainer(Trainer):
         if recipe.reference.kind == "copy":
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
-        acc.register_for_checkpointing(self.kl_controller)
+        self.checkpointed["kl_controller"] = self.kl_controller
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
         self.buffer, self.buffer_cycle, self.stats, self.stop_epoch = None, None, {}, False
+
+    def can_stop_after(self, step: int) -> bool:
+        return step % self.cycle == 0  # between rollouts: a checkpoint holds no half-used rollout
 
     def _prepare(self) -> None:
         super()._prepare()

@@ -41,8 +41,9 @@ class PreferenceTrainer(Trainer):
         # per-term state (BCO's running reward shift), summed over processes and saved with checkpoints
         self.states = [spec.state(lambda t: acc.reduce(t, reduction="sum")) if spec.state else None
                        for spec, _ in self.terms]
-        for state in filter(None, self.states):
-            acc.register_for_checkpointing(state)
+        for i, state in enumerate(self.states):
+            if state is not None:
+                self.checkpointed[f"loss_state_{i}"] = state
         self._choose_layout()
         if recipe.reference.kind == "precomputed":  # before the policy loads: one model in memory at a time
             self._precompute_reference()
@@ -50,7 +51,7 @@ class PreferenceTrainer(Trainer):
         if recipe.reference.kind == "copy":  # a frozen model of its own
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
-                acc.register_for_checkpointing(distributed.WholeWeights(self.reference, acc))
+                self.checkpointed["reference"] = distributed.WholeWeights(self.reference, acc)
 
     def _choose_layout(self) -> None:
         """The speed switches of train.* that this model and backend allow (none changes the loss)."""

@@ -1,0 +1,143 @@
+"""Runs that cannot be mixed up or lost: the recipe's fingerprint, the resume check, archiving an old run, and
+the lock that keeps a second process out of a live run's directory.
+
+A checkpoint records the fingerprint of the resolved recipe and the recipe itself. Re-running the same recipe
+resumes; a recipe that differs in anything but RESUMABLE (what a resume may change: how long to train, how
+often to log, evaluate and save) stops before anything loads, naming the changed keys and the ways out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from prefopt.errors import RecipeError
+
+RESUMABLE = (
+    "output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+    "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
+    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc",
+)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "recipe.yaml", "run.json")  # what archiving moves
+LOCK = ".lock"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and scalars are leaves."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def identity(recipe) -> dict[str, object]:
+    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE."""
+    return {k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE}
+
+
+def fingerprint(recipe) -> str:
+    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_resume(recipe, restart: bool = False, main: bool = True, log=print) -> None:
+    """Before anything loads: archive the old run (restart, or train.resume: false; the main process), or refuse
+    to resume a checkpoint of another recipe (every process, so that all stop)."""
+    from prefopt.trainers.checkpoints import complete_checkpoints, read_state
+
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir: {out} is a file; give a directory")
+    if restart or not recipe.train.resume:
+        archived = archive(out) if main else None
+        if archived:
+            log(f"[prefopt] the previous run in {out} was moved to {archived}; starting over")
+        return
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    if not checkpoints:
+        return
+    step, path = checkpoints[-1]
+    saved = (read_state(path) or {}).get("recipe")
+    if saved is None or saved == json.loads(json.dumps(identity(recipe), default=str)):
+        return
+    now = json.loads(json.dumps(identity(recipe), default=str))
+    changed = [f"{key}: {saved.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+               for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    raise RecipeError(
+        f"{out} holds a run of another recipe (its checkpoint {path.name}); resuming it would mix the two runs. "
+        f"Changed: {'; '.join(changed)}. Run again with --restart (or train.resume=false) to move the old run to "
+        f"{out / 'archive'} and start over, or set output_dir to a new directory. A resume may change only: "
+        f"{', '.join(RESUMABLE)}")
+
+
+def archive(out: Path) -> Path | None:
+    """Move a run's files (checkpoints, metrics, final/, ...) to out/archive/<UTC time>; None if there were none."""
+    present = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not present:
+        return None
+    target = out / "archive" / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = target.with_name(f"{target.name}-{time.time_ns() % 10**6:06d}")
+    target.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+class RunLock:
+    """output_dir/.lock, held by the process that writes the run (the main process of a launch). A lock whose
+    process is gone (a killed run) is taken over; a live one stops the second run with the holder's pid."""
+
+    def __init__(self, out: Path):
+        self.path, self.held = Path(out) / LOCK, False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and _alive(holder):
+                    raise RecipeError(
+                        f"output_dir: {self.path.parent} is being written by a live run (process {holder['pid']} on "
+                        f"{holder['host']}, started {holder.get('started', '?')}); wait for it, stop it, or use "
+                        f"another output_dir. If that process is gone, delete {self.path}") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RecipeError(f"output_dir: could not take the lock {self.path}; another run is starting there")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: a run killed while writing it
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot tell, so never taken over silently
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
