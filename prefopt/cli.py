@@ -2,10 +2,11 @@
 
     prefopt train RECIPE [key.sub=value ...]
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
+    prefopt recipes                             list the example recipes shipped with prefopt
     prefopt inspect RECIPE [--rows N] [key.sub=value ...]   rows as the model sees them, boundary marked
     prefopt synth sort OUT_DIR                  write the tiny model and sorting data alone
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
-    prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a reward model on a preference set
+    prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a run (policy or reward model) on a preference set
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from prefopt.errors import PrefoptError, Stopped
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the wheel; ./recipes in a checkout links here
 QUICKSTART_ASSETS = Path("runs/quickstart-assets")
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     look.add_argument("recipe", help="path to a recipe .yaml")
     look.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     look.add_argument("--rows", type=int, default=3, help="examples shown per split")
+    commands.add_parser("recipes", help=f"list the example recipes (in {RECIPES})")
     quick = commands.add_parser("quickstart", help="train DPO on a tiny sorting task on this machine")
     quick.add_argument("overrides", nargs="*")
     synth = commands.add_parser("synth", help="write a synthetic task with its tiny model")
@@ -50,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
     merge.add_argument("run_dir")
     merge.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
-    evaluate = commands.add_parser("eval", help="evaluate a saved reward model on a preference set")
-    evaluate.add_argument("model", help="a run directory or a reward model directory / hub id")
+    evaluate = commands.add_parser("eval", help="evaluate a finished run (policy or reward model) on a preference set")
+    evaluate.add_argument("model", help="a run directory, or a reward model directory / hub id")
     evaluate.add_argument("--data", required=True, help="preference pairs: hub id or local file")
     evaluate.add_argument("--out", help="also write the JSON report here")
     label = commands.add_parser("label", help="turn prompts and sampled completions into chosen/rejected pairs")
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             train_recipe(args.recipe, args.overrides, restart=args.restart)
         elif args.command == "quickstart":
             quickstart(args.overrides)
+        elif args.command == "recipes":
+            print(f"example recipes in {RECIPES} (copy one, or run it: prefopt train {RECIPES}/quickstart.yaml):")
+            for path in sorted(RECIPES.rglob("*.yaml")):
+                print(f"  {path.relative_to(RECIPES)}")
         elif args.command == "inspect":
             from prefopt.preview import inspect_recipe
 
@@ -84,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "eval":
             import json
 
-            from prefopt.scoring import evaluate_reward_model
+            from prefopt.evaluation import evaluate_run
 
-            report = json.dumps(evaluate_reward_model(args.model, args.data), indent=2)
+            report = json.dumps(evaluate_run(args.model, args.data), indent=2)
             print(report)
             if args.out:
                 Path(args.out).write_text(report + "\n")
@@ -157,4 +163,4 @@ def quickstart(overrides: list[str] = ()):
     if not (QUICKSTART_ASSETS / "model" / "config.json").exists():
         print(f"[prefopt] writing the sorting task and a tiny random model to {QUICKSTART_ASSETS}")
         write_sort_task(QUICKSTART_ASSETS)
-    return train_recipe(REPO_RECIPES / "quickstart.yaml", overrides)
+    return train_recipe(RECIPES / "quickstart.yaml", overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    name_or_path = name_or_path or cfg.name_or_path
+    name_or_path = absolute(name_or_path or cfg.name_or_path)
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, "use_safetensors": None}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -60,6 +61,13 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def absolute(name_or_path: str) -> str:
+    """A local directory as an absolute path (what a LoRA adapter records as its base, so that it loads from
+    anywhere); a hub id as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def _without_dropout(name_or_path: str, trust_remote_code: bool, num_labels: int | None):
@@ -125,7 +133,9 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     if not (final / "adapter_config.json").exists():
         raise RecipeError(f"{final} holds no LoRA adapter (adapter_config.json); only LoRA runs need merging")
     recipe = recipe_lib.load(run_dir / "recipe.yaml")
-    cfg = recipe.model
+    # the base the adapter records (an absolute path or a hub id), so that merging works from any directory
+    base_path = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    cfg = dataclasses.replace(recipe.model, name_or_path=base_path or recipe.model.name_or_path)
     base_cfg = dataclasses.replace(cfg, dtype="bfloat16") if cfg.load_in_4bit else cfg  # merge into real weights
     reward_head = recipe.method == "reward"
     base = load_causal_lm(base_cfg, reward_head=reward_head)

@@ -78,6 +78,8 @@ class DataConfig:
     # {prompt: null}: no prompt column, chosen and rejected hold whole texts sharing it (implicit prompt)
     columns: dict[str, str | None] = field(default_factory=dict)
     num_proc: int | None = None  # processes tokenizing the data (datasets.map); None: this one
+    # numeric columns carried into every batch as (B,) tensors, batch[name], for a custom trainer's compute_loss
+    extra_columns: list[str] = field(default_factory=list)
     on_bad_row: Literal["error", "drop"] = "error"  # unusable rows stop the run, or are dropped and counted
 
 

@@ -27,6 +27,21 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "recipe.yaml", "run.json")
 LOCK = ".lock"
 
 
+def source_commit() -> str | None:
+    """The git commit of prefopt's own source, when it runs from a checkout (None from an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and scalars are leaves."""
     out = {}
@@ -65,12 +80,13 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
     if not checkpoints:
         return
     step, path = checkpoints[-1]
-    saved = (read_state(path) or {}).get("recipe")
-    if saved is None or saved == json.loads(json.dumps(identity(recipe), default=str)):
-        return
+    saved = (read_state(path) or {}).get("recipe") or {}
     now = json.loads(json.dumps(identity(recipe), default=str))
-    changed = [f"{key}: {saved.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
-               for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    # a key only one side has is a key this version of prefopt added or dropped, not a change of the run
+    changed = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(set(saved) & set(now))
+               if saved[key] != now[key]]
+    if not changed:
+        return
     raise RecipeError(
         f"{out} holds a run of another recipe (its checkpoint {path.name}); resuming it would mix the two runs. "
         f"Changed: {'; '.join(changed)}. Run again with --restart (or train.resume=false) to move the old run to "

@@ -22,14 +22,21 @@ REPORT = ("prompts_cut", "completions_cut", "boundary_merged")
 
 
 def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: int, max_prompt_length: int | None,
-                  truncation: str) -> dict[str, list]:
+                  truncation: str, extra_columns: tuple[str, ...] = ()) -> dict[str, list]:
     """A batch of one source's rows (datasets.map, batched) -> token ids, with `bad` (why a row cannot be
     used, or "") and, per row, what truncation did (the REPORT counts)."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     examples, bad = [], []
     for row in rows:
         try:
-            examples.append(CANONICAL[fmt](row, tokenizer))
+            example = CANONICAL[fmt](row, tokenizer)
+            for column in extra_columns:
+                value = row[column]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise BadRow(f"data.extra_columns: {column!r} is {type(value).__name__} {value!r:.40}; expected "
+                                 "a number")
+                example[column] = value
+            examples.append(example)
             bad.append("")
         except BadRow as reason:
             bad.append(str(reason))
@@ -37,7 +44,7 @@ def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: in
                                           truncation)
     good = iter(tokenized)
     keys = ["prompt_ids", *(f"{k}_ids" for k in COMPLETIONS[fmt]), *{"paired": ["margin"], "unpaired": ["label"]}
-            .get(fmt, [])]
+            .get(fmt, []), *extra_columns]
     out: dict[str, list] = {"bad": bad, **{key: [] for key in keys}}
     for i, reason in enumerate(bad):
         row = next(good) if not reason else {}
@@ -88,9 +95,13 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         if source.weight < 0:
             raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
         dataset = map_columns(load_source(source, origin), cfg.columns, origin)
-        fmt = row_format(dataset, origin, cfg.columns, log)
-        settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length,
-                    "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation}
+        missing = [c for c in cfg.extra_columns if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{origin}: data.extra_columns names {missing}, not columns of this data; its columns are "
+                            f"{', '.join(dataset.column_names)}")
+        fmt = row_format(dataset, origin, cfg.columns, log, ignore=cfg.extra_columns)
+        settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
+                    "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns)}
         keep = ["prompt"] if keep_prompt else []
         tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
                                 num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
@@ -129,8 +140,10 @@ def as_rows(examples: list[dict]) -> list[dict]:
     rows = []
     for ex in examples:
         if "chosen_ids" in ex:
-            rows.append({"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True})
-            rows.append({"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False})
+            extra = {k: v for k, v in ex.items() if not k.endswith("_ids")}  # e.g. data.extra_columns
+            rows.append({**extra, "prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True})
+            rows.append({**extra, "prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"],
+                         "label": False})
         else:
             rows.append(ex)
     return rows

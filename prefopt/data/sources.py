@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.errors import DataError
@@ -10,11 +11,33 @@ from prefopt.recipe import DataSource
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+MEMORY = "memory:"  # data.train: memory:<fingerprint>, a datasets.Dataset given to prefopt.train
+_IN_MEMORY: dict[str, object] = {}  # those datasets, while prefopt.train runs (in_memory)
+
+
+@contextmanager
+def in_memory(**datasets_by_split):
+    """Within the block, each given `datasets.Dataset` is a source named memory:<its fingerprint>; yields the
+    data.<split> values to put in the recipe."""
+    names = {split: f"{MEMORY}{ds._fingerprint}" for split, ds in datasets_by_split.items() if ds is not None}
+    _IN_MEMORY.update({names[split]: ds for split, ds in datasets_by_split.items() if ds is not None})
+    try:
+        yield names
+    finally:
+        for name in names.values():
+            _IN_MEMORY.pop(name, None)
+
+
 def load_source(source: DataSource, where: str):
     """One source -> a `datasets.Dataset`, or a DataError saying what and where."""
     import datasets
 
     datasets.disable_progress_bars()
+    if source.path.startswith(MEMORY):
+        if source.path not in _IN_MEMORY:
+            raise DataError(f"{where}: {source.path} names an in-memory dataset, given only to prefopt.train(..., "
+                            "train_data=...); pass it again, or save it to a file")
+        return _IN_MEMORY[source.path]
     path = Path(source.path).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in LOCAL_FORMATS or source.path.startswith((".", "/", "~")) or path.exists()
@@ -75,7 +98,7 @@ def text_columns(dataset) -> list[str]:
     return [name for name, feature in dataset.features.items() if is_text(feature)]
 
 
-def row_format(dataset, origin: str, columns: dict[str, str | None], log) -> str:
+def row_format(dataset, origin: str, columns: dict[str, str | None], log, ignore: list[str] = ()) -> str:
     """"paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label) or "prompts" (prompt alone,
     for online methods), from a source's columns; text columns nothing reads are named in the log."""
     names = dataset.column_names
@@ -94,7 +117,7 @@ def row_format(dataset, origin: str, columns: dict[str, str | None], log) -> str
     if missing:
         raise DataError(f"{origin}: missing column {', '.join(map(repr, missing))}; its columns are "
                         f"{', '.join(names)}. {hint}")
-    unused = [c for c in text_columns(dataset) if c not in TEXT_ROLES]
+    unused = [c for c in text_columns(dataset) if c not in TEXT_ROLES and c not in ignore]
     if required == ("chosen", "rejected") and "prompt" not in names and unused and "prompt" not in columns:
         raise DataError(f"{origin}: no 'prompt' column, but text column(s) {', '.join(map(repr, unused))} may hold "
                         f"it. Map the prompt with data.columns: {{prompt: {unused[0]}}}, or set data.columns: "

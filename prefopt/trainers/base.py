@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import prefopt
 from prefopt import distributed, runs
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
@@ -75,6 +76,7 @@ class Trainer:
         self.reference = None  # a frozen reference model, for a method that keeps one
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
         self.eval_data: list[dict] = []
+        self.started = _now()
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
         # state saved with each checkpoint beside Accelerate's (objects with state_dict/load_state_dict): as JSON,
         # or as safetensors when a state is all tensors; never pickled, so loading a checkpoint runs no code
@@ -156,6 +158,9 @@ class Trainer:
                     raise Stopped(self.stop_signal, step, self.output_dir)
         progress.close()
         self.save_final()
+        if acc.is_main_process:
+            info = json.loads((self.output_dir / "run.json").read_text())
+            write_atomic(self.output_dir / "run.json", json.dumps({**info, "ended": _now()}, indent=2) + "\n")
         return self._summary()
 
     @contextmanager
@@ -389,7 +394,9 @@ class Trainer:
                 "parameters_on_process_0": self.held_parameters,
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
                 "distributed_type": str(self.accelerator.distributed_type),
-                "torch": torch.__version__, "transformers": transformers.__version__}
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "prefopt": prefopt.__version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
+                runs.fingerprint(self.recipe), "started": self.started, "ended": None}
 
     # ----- logging ----------------------------------------------------------------------------
 
@@ -522,6 +529,10 @@ class Trainer:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_records(path: Path) -> list[tuple[str, dict]]:

@@ -1,0 +1,61 @@
+"""`prefopt eval RUN_DIR --data PAIRS`: a finished run's held-out metrics on a preference set.
+
+A reward run (or any reward model directory) reports its ranking accuracy and reward statistics
+(prefopt.scoring.evaluate_reward_model). A preference run reports what its own evaluation logs: the loss, the
+implicit-reward accuracy and margin, the log-probs, for its final policy against its reference (the starting
+policy, or the base weights under a LoRA adapter). An online (rl) run is refused: its held-out verifier score is
+in metrics.jsonl at each eval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from prefopt.errors import PrefoptError
+
+
+def evaluate_run(path: str | Path, data: str) -> dict:
+    from prefopt.scoring import evaluate_reward_model
+
+    path = Path(path)
+    saved = path / "recipe.yaml"
+    if not saved.exists():  # a model directory or hub id: a reward model
+        return evaluate_reward_model(path, data)
+    recipe = yaml.safe_load(saved.read_text())
+    from prefopt import recipe as recipe_lib
+
+    method = recipe.get("method") or recipe_lib.from_dict(recipe, str(saved)).method
+    if method == "reward":
+        return evaluate_reward_model(path, data)
+    if method != "preference":
+        raise PrefoptError(f"{path} is a {method!r} run; prefopt eval evaluates preference and reward runs (an "
+                           f"online run logs its held-out score at each eval in {path / 'metrics.jsonl'})")
+    if not (path / "final").is_dir():
+        raise PrefoptError(f"{path} has no final/ yet: the run has not finished (resume it with prefopt train)")
+    return {"run": str(path), "data": data, **evaluate_policy(recipe, path / "final", data)}
+
+
+def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
+    """The preference trainer's evaluation of `final` on `data`, against the run's reference."""
+    from prefopt import recipe as recipe_lib
+    from prefopt.trainers import PreferenceTrainer
+
+    model, reference = dict(recipe["model"]), dict(recipe.get("reference") or {})
+    start = reference.get("name_or_path") or model["name_or_path"]
+    if (final / "adapter_config.json").exists():  # LoRA: the adapter on its base; the reference as trained
+        model.update(lora=None, adapter=str(final))
+    else:
+        model["name_or_path"] = str(final)
+        if reference.get("kind") in ("copy", "precomputed"):
+            reference.update(kind="copy", name_or_path=start)
+    reference.pop("sync_every", None)  # evaluation moves nothing
+    recipe = {**recipe, "model": model, "reference": reference, "output_dir": str(final.parent),
+              "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0, "on_bad_row": "drop"},
+              "train": {**recipe["train"], "batch_size": recipe["train"]["micro_batch_size"]}}
+    trainer = PreferenceTrainer(recipe_lib.from_dict(recipe, "prefopt eval"))
+    try:
+        return {"pairs": len(trainer.eval_data), **trainer.evaluate()}
+    finally:
+        trainer.close()
