@@ -1,5 +1,6 @@
 """Reference policies (copy, adapter_off, precomputed, TR-DPO sync) and LoRA policies end to end."""
 
+import json
 import math
 
 import pytest
@@ -102,6 +103,8 @@ def test_merged_model_gives_the_adapter_models_logits(sort_task, tmp_path):
     train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out, model={"lora": LORA},
                               optim={"lr": 1e-2}, train={"max_steps": 3}))
     assert (out / "final" / "adapter_model.safetensors").exists() and not (out / "final" / "model.safetensors").exists()
+    base_path = json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path == str((sort_task / "model").resolve())  # absolute: the adapter loads from anywhere
     assert main(["merge", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     adapter = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sort_task / "model"),

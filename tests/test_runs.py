@@ -14,6 +14,7 @@ import pytest
 from conftest import read_metrics, write_recipe
 from test_ppo import ppo_sections
 
+import prefopt
 from prefopt import recipe as recipe_lib
 from prefopt.cli import main, train_recipe
 from prefopt.errors import RecipeError
@@ -39,6 +40,9 @@ def test_a_changed_recipe_does_not_resume_another_run(sort_task, tmp_path, capsy
     assert snapshot(tmp_path / "run") == before  # nothing written
     train_recipe(path, ["train.max_steps=6"])  # more steps of the same recipe: resumes
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["prefopt"] == prefopt.__version__ and info["started"] <= info["ended"]
+    assert info["recipe_fingerprint"] and "prefopt_commit" in info
     assert main(["train", str(path), "loss.name=ipo", "--restart"]) == 0  # archived, then a fresh run
     archived = list((tmp_path / "run" / "archive").iterdir())
     assert len(archived) == 1 and complete_checkpoints(archived[0] / "checkpoints")

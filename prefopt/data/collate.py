@@ -34,13 +34,13 @@ import torch
 
 
 def collate_pairs(examples: list[dict], pad_token_id: int, packing: bool = False,
-                  share_prompt: bool = False, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                  share_prompt: bool = False, extra_columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     prompts = [ex["prompt_ids"] for ex in examples]
     completions = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = layout(prompts + prompts, completions, pad_token_id, packing, share_prompt)
     if any("margin" in ex for ex in examples):  # a pair without one (another source) has margin 0
         batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples])  # (B,)
-    for column in extra:  # data.extra_columns, per pair
+    for column in extra_columns:  # data.extra_columns, per pair
         batch[column] = torch.tensor([ex[column] for ex in examples])  # (B,)
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([ex["ref_chosen"] for ex in examples] +
@@ -138,7 +138,7 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_t
 
 
 def collate_rows(examples: list[dict], pad_token_id: int, kl: bool, packing: bool = False,
-                 share_prompt: bool = False, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                 share_prompt: bool = False, extra_columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Unpaired rows -> a batch of N sequences plus `label` (N,) bool (True: desirable).
 
     Pairs are laid out as their chosen rows then their rejected rows, and the
@@ -148,9 +148,9 @@ def collate_rows(examples: list[dict], pad_token_id: int, kl: bool, packing: boo
     """
     if "chosen_ids" in examples[0]:
         examples = ([{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True,
-                      "ref_logps": ex.get("ref_chosen"), **{c: ex[c] for c in extra}} for ex in examples] +
+                      "ref_logps": ex.get("ref_chosen"), **{c: ex[c] for c in extra_columns}} for ex in examples] +
                     [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False,
-                      "ref_logps": ex.get("ref_rejected"), **{c: ex[c] for c in extra}} for ex in examples])
+                      "ref_logps": ex.get("ref_rejected"), **{c: ex[c] for c in extra_columns}} for ex in examples])
         extra = {"pairs": torch.ones((), dtype=torch.bool)}
     else:
         extra = {}
@@ -160,7 +160,7 @@ def collate_rows(examples: list[dict], pad_token_id: int, kl: bool, packing: boo
         prompts, completions = prompts + prompts, completions + completions[-1:] + completions[:-1]
     batch = layout(prompts, completions, pad_token_id, packing, share_prompt)
     batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
-    for column in extra:  # data.extra_columns, per row
+    for column in extra_columns:  # data.extra_columns, per row
         batch[column] = torch.tensor([ex[column] for ex in examples])  # (N,)
     if examples[0].get("ref_logps") is not None:  # precomputed reference log-probs, (N,)
         batch["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples])

@@ -159,7 +159,7 @@ class PreferenceTrainer(Trainer):
     def collate(self, examples: list[dict], packing: bool | None = None) -> dict[str, torch.Tensor]:
         packing = self.recipe.train.packing if packing is None else packing
         layout = {"packing": packing, "share_prompt": packing and self.share_prompt,
-                  "extra": tuple(self.recipe.data.extra_columns)}
+                  "extra_columns": tuple(self.recipe.data.extra_columns)}
         if self.unpaired:
             return collate_rows(examples, self.tokenizer.pad_token_id, kl=self.kl, **layout)
         return collate_pairs(examples, self.tokenizer.pad_token_id, **layout)
