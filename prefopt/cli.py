@@ -140,10 +140,11 @@ def train_recipe(path: str | Path, overrides: list[str] = (), restart: bool = Fa
 
 def run_recipe(recipe, restart: bool = False, trainer_cls=None):
     """Train a loaded recipe: the run's lock (main process), the resume check, the trainer, its end."""
-    from prefopt.runs import RunLock, check_resume
+    from prefopt.runs import RunLock, check_resume, check_writable
     from prefopt.trainers import trainer_for
 
     main = os.environ.get("RANK", "0") == "0"
+    check_writable(Path(recipe.output_dir))
     lock = RunLock(Path(recipe.output_dir)).acquire() if main else None
     try:
         check_resume(recipe, restart, main)

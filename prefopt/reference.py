@@ -97,7 +97,11 @@ def compute_logps(model, examples: list[dict], chunks, collate, logps, accelerat
 def load_cached(path: Path, n: int) -> list[list[float]] | None:
     if not path.exists():
         return None
-    values = torch.load(path)
+    try:
+        values = torch.load(path, weights_only=True)  # tensors only: a planted payload is refused, never run
+    except Exception as exc:
+        print(f"[prefopt] ignoring the unreadable reference cache {path} ({type(exc).__name__}); computing it again")
+        return None
     return values.tolist() if len(values) == n else None
 
 

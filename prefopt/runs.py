@@ -69,8 +69,6 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
     from prefopt.trainers.checkpoints import complete_checkpoints, read_state
 
     out = Path(recipe.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"output_dir: {out} is a file; give a directory")
     if restart or not recipe.train.resume:
         archived = archive(out) if main else None
         if archived:
@@ -92,6 +90,19 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
         f"Changed: {'; '.join(changed)}. Run again with --restart (or train.resume=false) to move the old run to "
         f"{out / 'archive'} and start over, or set output_dir to a new directory. A resume may change only: "
         f"{', '.join(RESUMABLE)}")
+
+
+def check_writable(out: Path) -> None:
+    """output_dir is a directory this process can write, checked before anything loads."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir: {out} is a file; give a directory")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError(f"output_dir: cannot write to {out} ({exc.strerror}); give a writable directory") from None
 
 
 def archive(out: Path) -> Path | None:

@@ -63,7 +63,8 @@ def test_resume_false_leaves_nothing_resumable(sort_task, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **SHORT)
     train_recipe(path)
     train_recipe(path, ["train.resume=false", "train.max_steps=2", "train.save_every=0"])
-    assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []  # the old ones archived, no new one
+    # the old checkpoints archived; the new run ends with its own at its last step
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints") == [(2, tmp_path / "run/checkpoints/step-2")]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     (old,) = (tmp_path / "run" / "archive").iterdir()
     assert [s for s, _ in complete_checkpoints(old / "checkpoints")] == [2, 4]
@@ -95,7 +96,7 @@ def test_a_user_trainer_runs_from_the_recipe(sort_task, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert CountingTrainer.calls > 0
     with pytest.raises(RecipeError, match="is not a subclass of PreferenceTrainer"):
-        train_recipe(path, ["trainer=test_runs:snapshot"])
+        train_recipe(path, ["trainer=test_runs:snapshot", f"output_dir={tmp_path / 'other'}"])
 
 
 from prefopt.trainers import PreferenceTrainer  # noqa: E402

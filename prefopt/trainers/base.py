@@ -44,7 +44,10 @@ from prefopt.trainers.checkpoints import (
     EXTRA_STATE_FILE,
     STATE_FILE,
     complete_checkpoints,
+    discard,
     fsync_dir,
+    fsync_tree,
+    remove_leftovers,
     write_atomic,
 )
 from prefopt.trainers.metrics import MetricMeans
@@ -125,6 +128,9 @@ class Trainer:
         recipe, train, acc = self.recipe, self.recipe.train, self.accelerator
         self._check_data()
         self._prepare()
+        if acc.is_main_process:
+            remove_leftovers(self.output_dir)
+        acc.wait_for_everyone()
         start = self._resume() if train.resume else 0
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,8 @@ class Trainer:
             self._truncate_metrics(start)
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
                   f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
-                  + (f"; resuming after step {start}" if start else ""))
+                  + (f"; resuming after step {start}" if start else "")
+                  + ("; the run had finished: nothing to train" if start >= train.max_steps else ""))
         if start == 0:
             self._log(self.evaluate(), step=0, split="eval")
         progress = tqdm(range(start + 1, train.max_steps + 1), initial=start, total=train.max_steps,
@@ -151,7 +158,7 @@ class Trainer:
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if step == train.max_steps or (train.eval_every and step % train.eval_every == 0):
                     self._log(self.evaluate(), step=step, split="eval")
-                saved = train.save_every and (step % train.save_every == 0 or step == train.max_steps)
+                saved = step == train.max_steps or (train.save_every and step % train.save_every == 0)
                 if saved or stopping:
                     self.save_checkpoint(step)
                 if stopping:
@@ -457,8 +464,11 @@ class Trainer:
             write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
             state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed,
                      "fingerprint": runs.fingerprint(self.recipe), "recipe": runs.identity(self.recipe)}
+            fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
             write_atomic(tmp / STATE_FILE, json.dumps(state, default=str) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
+            fsync_dir(tmp)
+            if final.exists():
+                discard(final)
             os.replace(tmp, final)
             fsync_dir(root)
             self._prune_checkpoints(root)
@@ -466,10 +476,13 @@ class Trainer:
         return final
 
     def _prune_checkpoints(self, root: Path) -> None:
+        """Keep the newest train.keep_checkpoints. Each goes out of the complete set (renamed) before its files are
+        deleted, so a kill mid-way never leaves a half-deleted checkpoint that counts as complete. Checkpoints hold
+        finite weights only (_check_finite_weights), so the newest finite one is always kept."""
         keep = self.recipe.train.keep_checkpoints
         if keep is not None:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old[1])
+            for _, old in complete_checkpoints(root)[:-keep]:
+                discard(old)
 
     @torch.no_grad()
     def _check_finite_weights(self, what: str) -> None:
@@ -501,8 +514,11 @@ class Trainer:
         return 0
 
     def _load_checkpoint(self, path: Path) -> None:
+        from accelerate.utils import load
         from safetensors.torch import load_file
 
+        # Accelerate skips a missing or unreadable RNG file without a word (and the run then draws other samples)
+        load(path / f"random_states_{self.accelerator.process_index}.pkl")  # weights_only, numpy's state allowed
         self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
         saved = json.loads((path / EXTRA_STATE_FILE).read_text())
         for name, obj in self.checkpointed.items():
@@ -525,7 +541,9 @@ class Trainer:
             self.tokenizer.save_pretrained(tmp)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
-            shutil.rmtree(final, ignore_errors=True)
+            fsync_tree(tmp)
+            if final.exists():
+                discard(final)
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final

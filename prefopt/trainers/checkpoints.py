@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
@@ -38,6 +39,36 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under root, then every directory: a power loss cannot leave them empty once renamed."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(root)
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint (or final/) so that no kill leaves it half-deleted under its name: renamed out of
+    the complete set first (.deleting-*, which remove_leftovers clears at the next start)."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Directories a crashed write left (.tmp-*, .deleting-*): never complete, removed at the next start."""
+    for parent in (output_dir, output_dir / "checkpoints"):
+        if parent.is_dir():
+            for path in parent.iterdir():
+                if path.name.startswith((".tmp-", ".deleting-")) and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:
