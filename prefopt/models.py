@@ -47,12 +47,20 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     if reward_head:
         kwargs["num_labels"] = 1
+    local = Path(name_or_path)
+    if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        raise RecipeError(f"{key}: {local} holds no weights (model.safetensors, or pytorch_model.bin); was the save "
+                          "cut short? Point it at a directory written by save_pretrained")
     try:
         if not cfg.dropout:
             kwargs["config"] = _without_dropout(name_or_path, cfg.trust_remote_code, num_labels=kwargs.pop("num_labels", None))
         model = auto.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
         kind = "reward model" if reward_head else "causal LM"
+        bad = next((f for f in sorted(local.glob("*.safetensors")) if not _readable(f)), None) if local.is_dir() else None
+        if bad:
+            raise RecipeError(f"{key}: {bad} cannot be read (truncated or corrupt: {_first_line(exc)}); save the "
+                              "model again") from None
         raise RecipeError(f"{key}: cannot load a {kind} from {name_or_path!r}: {_first_line(exc)} "
                           "(give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or a directory written by "
                           "save_pretrained)") from None
@@ -61,6 +69,18 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def _readable(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    except Exception:
+        return False
+    return True
 
 
 def absolute(name_or_path: str) -> str:

@@ -75,3 +75,55 @@ def test_an_output_dir_that_is_a_file_stops_before_anything_loads(sort_task, tmp
     path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "taken")
     assert main(["train", str(path)]) == 2
     assert "output_dir: " in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.6 MB tmpfs: room for the run's files and one checkpoint (1.8 MB), not two."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_names_the_write_and_the_free_space_and_keeps_the_last_checkpoint(sort_task, tmp_path,
+                                                                                       small_disk, capsys):
+    path = write_recipe(tmp_path / "r.yaml", sort_task, small_disk / "run",
+                        train={"max_steps": 3, "save_every": 1, "keep_checkpoints": None})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "writing checkpoint step-2 to" in err and "the disk is full (" in err and "MiB free at" in err
+    assert "Traceback" not in err
+    root = small_disk / "run" / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(root)] == [1] and not list(root.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("fault", ["truncated", "deleted"])
+def test_a_broken_model_directory_names_the_file(sort_task, tmp_path, capsys, fault):
+    model = tmp_path / "model"
+    shutil.copytree(sort_task / "model", model)
+    weights = model / "model.safetensors"
+    if fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                           model={"name_or_path": str(model)}))]) == 2
+    err = capsys.readouterr().err
+    assert ("model.safetensors cannot be read (truncated or corrupt" if fault == "truncated"
+            else "holds no weights (model.safetensors, or pytorch_model.bin)") in err
+
+
+def test_invalid_utf8_names_the_file_and_line(sort_task, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    lines = (sort_task / "train.jsonl").read_bytes().splitlines(keepends=True)[:20]
+    lines[6] = lines[6].replace(b"sort", b"s\xffrt")
+    data.write_bytes(b"".join(lines))
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", data={"train": str(data), "eval": None})
+    assert main(["train", str(path)]) == 2
+    assert "pairs.jsonl line 7 is not valid UTF-8 (byte 13 of the line)" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from prefopt.data.formats import BadRow, canonical_pair, canonical_prompt, canonical_unpaired
-from prefopt.data.sources import load_source, map_columns, row_format
+from prefopt.data.sources import load_source, map_columns, not_utf8, row_format
 from prefopt.data.tokenize import TruncationReport, tokenize_examples
 from prefopt.errors import DataError
 from prefopt.recipe import DataConfig, DataSource
@@ -103,9 +103,13 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
                     "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns)}
         keep = ["prompt"] if keep_prompt else []
-        tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
-                                num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
-                                remove_columns=[c for c in dataset.column_names if c not in keep])
+        try:
+            tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
+                                    num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
+                                    remove_columns=[c for c in dataset.column_names if c not in keep])
+        except UnicodeDecodeError:  # datasets may read bytes that are not UTF-8 and fail only on the text
+            not_utf8(source.path, origin)
+            raise
         n = len(tokenized)
         whole, fraction = divmod(source.weight, 1.0)
         index = list(range(n)) * int(whole) + sorted(rng.sample(range(n), round(fraction * n)))

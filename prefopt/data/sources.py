@@ -58,8 +58,24 @@ def load_source(source: DataSource, where: str):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; name the source instead of a deep traceback
+        if looks_local and path.is_file():
+            not_utf8(source.path, where)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{where}: could not load {source.path!r} (split {source.split!r}): {first_line}") from None
+
+
+def not_utf8(path: str, where: str) -> None:
+    """A DataError naming the first line of a local file that is not UTF-8, if there is one."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: {path} line {number} is not valid UTF-8 (byte {exc.start} of the line); "
+                                "save the file as UTF-8") from None
 
 
 TEXT_ROLES = ("prompt", "chosen", "rejected", "completion", "label", "margin")

@@ -49,6 +49,7 @@ from prefopt.trainers.checkpoints import (
     fsync_tree,
     remove_leftovers,
     write_atomic,
+    writing,
 )
 from prefopt.trainers.metrics import MetricMeans
 
@@ -412,7 +413,8 @@ class Trainer:
             return
         line = {"step": step, "split": split, **({"loss": record["loss"]} if "loss" in record else {})}
         line.update({k: v for k, v in sorted(record.items()) if k != "loss"})
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
+        with writing(f"step {step}'s metrics", self.output_dir / "metrics.jsonl"), \
+                open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -450,10 +452,19 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        with writing(f"checkpoint step-{step}", root, cleanup=tmp):
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         extra = {name: obj.state_dict() for name, obj in self.checkpointed.items()}  # every process: may gather
         if acc.is_main_process:
+            self._write_checkpoint(step, tmp, final, extra)
+        acc.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(self, step: int, tmp: Path, final: Path, extra: dict) -> None:
+        """The main process's part: prefopt's own state, then the state file, then the rename; then pruning."""
+        root = final.parent
+        with writing(f"checkpoint step-{step}", root, cleanup=tmp):
             from safetensors.torch import save_file
 
             tensors = {name: value for name, value in extra.items()
@@ -471,9 +482,7 @@ class Trainer:
                 discard(final)
             os.replace(tmp, final)
             fsync_dir(root)
-            self._prune_checkpoints(root)
-        acc.wait_for_everyone()
-        return final
+        self._prune_checkpoints(root)
 
     def _prune_checkpoints(self, root: Path) -> None:
         """Keep the newest train.keep_checkpoints. Each goes out of the complete set (renamed) before its files are
@@ -537,14 +546,15 @@ class Trainer:
         state_dict = acc.get_state_dict(self.model) if distributed.shards_parameters(acc) else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
-            self.tokenizer.save_pretrained(tmp)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-            fsync_tree(tmp)
-            if final.exists():
-                discard(final)
-            os.replace(tmp, final)
+            with writing("final/", self.output_dir, cleanup=tmp):
+                acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
+                self.tokenizer.save_pretrained(tmp)
+                for name, text in (extra_files or {}).items():
+                    (tmp / name).write_text(text)
+                fsync_tree(tmp)
+                if final.exists():
+                    discard(final)
+                os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
@@ -39,6 +41,29 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextmanager
+def writing(what: str, where: Path, cleanup: Path | None = None):
+    """A failed write (a full disk, an I/O error) as one paragraph: what was being written, where, and for a full
+    disk the free space there; `cleanup` (the temporary directory) is removed to give the space back."""
+    from prefopt.errors import TrainingError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, TrainingError):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "unexpected pos" in text
+        existing = next(p for p in (where, *where.parents) if p.exists())
+        reason = (f"the disk is full ({shutil.disk_usage(existing).free / 2**20:.1f} MiB free at {existing})" if full
+                  else text)
+        raise TrainingError(f"writing {what} to {where} failed: {reason}. The previous checkpoints and final/ are "
+                            "intact (every write goes to a temporary name first); free space or set output_dir "
+                            "elsewhere, then run the same command to resume") from None
 
 
 def fsync_tree(root: Path) -> None:
