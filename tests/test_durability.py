@@ -127,3 +127,20 @@ def test_invalid_utf8_names_the_file_and_line(sort_task, tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", data={"train": str(data), "eval": None})
     assert main(["train", str(path)]) == 2
     assert "pairs.jsonl line 7 is not valid UTF-8 (byte 13 of the line)" in capsys.readouterr().err
+
+
+def test_a_read_only_output_dir_stops_before_anything_loads(sort_task, tmp_path, capsys):
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        path = write_recipe(tmp_path / "r.yaml", sort_task, mount / "run")
+        assert main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"output_dir: cannot write to {mount / 'run'} (Read-only file system)" in err
+        assert "Loading weights" not in err  # before any model loads
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
