@@ -78,7 +78,7 @@ def test_precomputed_matches_copy_reuses_its_cache_and_is_invalidated(sort_task,
     rows = (sort_task / "train.jsonl").read_text().splitlines()
     (tmp_path / "fewer.jsonl").write_text("\n".join(rows[:200]) + "\n")
     capsys.readouterr()
-    train_recipe(path, ["data.train=" + str(tmp_path / "fewer.jsonl"), "train.max_steps=1"])
+    train_recipe(path, ["data.train=" + str(tmp_path / "fewer.jsonl"), "train.max_steps=1"], restart=True)
     assert len(computed) == 1 and len(loaded) == 1
     printed = capsys.readouterr().out
     assert "log-probs of data.train: computed and cached in" in printed
@@ -91,7 +91,7 @@ def test_precomputed_matches_copy_reuses_its_cache_and_is_invalidated(sort_task,
         model.model.norm.weight.add_(0.01)
     model.save_pretrained(tmp_path / "changed")
     AutoTokenizer.from_pretrained(sort_task / "model").save_pretrained(tmp_path / "changed")
-    train_recipe(path, ["model.name_or_path=" + str(tmp_path / "changed"), "train.max_steps=1"])
+    train_recipe(path, ["model.name_or_path=" + str(tmp_path / "changed"), "train.max_steps=1"], restart=True)
     assert len(computed) == 3 and len(loaded) == 2
 
 

@@ -47,6 +47,7 @@ from prefopt.trainers.checkpoints import (
     discard,
     fsync_dir,
     fsync_tree,
+    read_state,
     remove_leftovers,
     write_atomic,
     writing,
@@ -526,8 +527,14 @@ class Trainer:
         from accelerate.utils import load
         from safetensors.torch import load_file
 
-        # Accelerate skips a missing or unreadable RNG file without a word (and the run then draws other samples)
-        load(path / f"random_states_{self.accelerator.process_index}.pkl")  # weights_only, numpy's state allowed
+        # Accelerate skips a missing or unreadable RNG file without a word (and the run then draws other samples);
+        # a process the checkpoint did not have (resumed on more processes) starts from the seed, as it says
+        rank, saved_world = self.accelerator.process_index, (read_state(path) or {}).get("world_size", 1)
+        if rank < saved_world:
+            load(path / f"random_states_{rank}.pkl")  # weights_only, numpy's state allowed
+        else:
+            print(f"[prefopt] process {rank}: {path} was written by {saved_world} process(es); its random state "
+                  "starts from the seed")
         self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
         saved = json.loads((path / EXTRA_STATE_FILE).read_text())
         for name, obj in self.checkpointed.items():
