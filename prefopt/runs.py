@@ -12,8 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.errors import RecipeError
@@ -168,3 +171,27 @@ def _alive(holder: dict) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def stop_signals(on_signal):
+    """Within the block, SIGTERM and SIGINT (what SLURM, Kubernetes and Ctrl-C send) call on_signal(signum), so
+    that the run can checkpoint and stop at the end of its step; a second signal exits at once. Off the main
+    thread (where signals cannot be handled) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        on_signal(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

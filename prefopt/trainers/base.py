@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,18 +36,9 @@ from prefopt import distributed, runs
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.models import decoder_layers, load_tokenizer
-from prefopt.trainers.checkpoints import (
-    EXTRA_STATE_FILE,
-    STATE_FILE,
-    complete_checkpoints,
-    discard,
-    fsync_dir,
-    fsync_tree,
-    read_state,
-    remove_leftovers,
-    write_atomic,
-    writing,
-)
+from prefopt.trainers import checkpoints
+from prefopt.trainers import metrics as metrics_file
+from prefopt.trainers.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
 from prefopt.trainers.metrics import MetricMeans
 
 
@@ -148,7 +135,7 @@ class Trainer:
         progress = tqdm(range(start + 1, train.max_steps + 1), initial=start, total=train.max_steps,
                         disable=not (train.progress_bar and acc.is_main_process), desc="train")
         window: dict[str, list[float]] = defaultdict(list)
-        with self._stop_on_signals():
+        with runs.stop_signals(self._on_stop_signal):
             for step in progress:
                 for key, value in self.train_step(step).items():
                     window[key].append(value)
@@ -172,27 +159,10 @@ class Trainer:
             write_atomic(self.output_dir / "run.json", json.dumps({**info, "ended": _now()}, indent=2) + "\n")
         return self._summary()
 
-    @contextmanager
-    def _stop_on_signals(self):
-        """SIGTERM and SIGINT (what SLURM, Kubernetes and Ctrl-C send) set stop_signal: the run checkpoints at the
-        end of the step and stops; a second signal exits at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                os._exit(128 + signum)
-            self.stop_signal = signum
-            print(f"[prefopt] {signal.Signals(signum).name}: stopping after this step with a checkpoint (send it "
-                  "again to exit at once)", flush=True)
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+    def _on_stop_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+        print(f"[prefopt] {signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
+              "to exit at once)", flush=True)
 
     def _stopping(self, step: int) -> bool:
         """Whether a stop signal reached any process and this step is one a run may stop after."""
@@ -410,177 +380,35 @@ class Trainer:
     # ----- logging ----------------------------------------------------------------------------
 
     def _log(self, record: dict[str, float], step: int, split: str) -> None:
-        if not record or not self.accelerator.is_main_process:
-            return
-        line = {"step": step, "split": split, **({"loss": record["loss"]} if "loss" in record else {})}
-        line.update({k: v for k, v in sorted(record.items()) if k != "loss"})
-        with writing(f"step {step}'s metrics", self.output_dir / "metrics.jsonl"), \
-                open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if record and self.accelerator.is_main_process:
+            metrics_file.append(self.output_dir / "metrics.jsonl", record, step, split)
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint: they will be logged again."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = [ln for ln, record in read_records(path) if record["step"] <= step] if step else []
-        write_atomic(path, "".join(ln + "\n" for ln in kept))
+        metrics_file.truncate(self.output_dir / "metrics.jsonl", step)
 
     def _summary(self) -> list[dict]:
         """Eval records of this run; the main process prints the first and last side by side."""
-        path = self.output_dir / "metrics.jsonl"
-        if not self.accelerator.is_main_process or not path.exists():
+        if not self.accelerator.is_main_process:
             return []
-        evals = [r for _, r in read_records(path) if r["split"] == "eval"]
-        if len(evals) >= 2:
-            first, last = evals[0], evals[-1]
-            keys = [k for k in first if k not in ("step", "split")]
-            print(f"\n{'eval metric':<22}{'step ' + str(first['step']):>14}{'step ' + str(last['step']):>14}")
-            for key in keys:
-                print(f"{key:<22}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
-            print(f"\nrun directory: {self.output_dir} (metrics.jsonl, final/)")
-        return evals
+        return metrics_file.eval_summary(self.output_dir)
 
     # ----- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
-        acc = self.accelerator
-        self._check_finite_weights(f"checkpoint step-{step}")
-        root = self.output_dir / "checkpoints"
-        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        with writing(f"checkpoint step-{step}", root, cleanup=tmp):
-            acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        extra = {name: obj.state_dict() for name, obj in self.checkpointed.items()}  # every process: may gather
-        if acc.is_main_process:
-            self._write_checkpoint(step, tmp, final, extra)
-        acc.wait_for_everyone()
-        return final
-
-    def _write_checkpoint(self, step: int, tmp: Path, final: Path, extra: dict) -> None:
-        """The main process's part: prefopt's own state, then the state file, then the rename; then pruning."""
-        root = final.parent
-        with writing(f"checkpoint step-{step}", root, cleanup=tmp):
-            from safetensors.torch import save_file
-
-            tensors = {name: value for name, value in extra.items()
-                       if value and all(isinstance(v, torch.Tensor) for v in value.values())}
-            for name, weights in tensors.items():
-                save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
-                          str(tmp / f"{name}.safetensors"))
-            write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
-            state = {"step": step, "world_size": self.world_size, "seed": self.recipe.seed,
-                     "fingerprint": runs.fingerprint(self.recipe), "recipe": runs.identity(self.recipe)}
-            fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
-            write_atomic(tmp / STATE_FILE, json.dumps(state, default=str) + "\n")
-            fsync_dir(tmp)
-            if final.exists():
-                discard(final)
-            os.replace(tmp, final)
-            fsync_dir(root)
-        self._prune_checkpoints(root)
-
-    def _prune_checkpoints(self, root: Path) -> None:
-        """Keep the newest train.keep_checkpoints. Each goes out of the complete set (renamed) before its files are
-        deleted, so a kill mid-way never leaves a half-deleted checkpoint that counts as complete. Checkpoints hold
-        finite weights only (_check_finite_weights), so the newest finite one is always kept."""
-        keep = self.recipe.train.keep_checkpoints
-        if keep is not None:
-            for _, old in complete_checkpoints(root)[:-keep]:
-                discard(old)
-
-    @torch.no_grad()
-    def _check_finite_weights(self, what: str) -> None:
-        """Refuse to write `what` from weights that are not all finite (on any process's shards)."""
-        bad = sum(int(not torch.isfinite(p).all()) for p in self.model.parameters() if p.numel())
-        if self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), "sum"):
-            good = complete_checkpoints(self.output_dir / "checkpoints")
-            raise TrainingError(f"the weights hold non-finite values, so {what} was not written"
-                                + (f"; the last good checkpoint is {good[-1][1]}" if good else "")
-                                + ". Lower optim.lr or train.max_grad_norm")
-
-    def _resume(self) -> int:
-        """Load the newest checkpoint that loads whole (on every process), falling back past unreadable ones."""
-        acc = self.accelerator
-        checkpoints = complete_checkpoints(self.output_dir / "checkpoints")
-        for step, path in reversed(checkpoints):
-            try:
-                self._load_checkpoint(path)
-                failure = ""
-            except Exception as exc:  # a truncated or missing file, a planted payload: say which, go back one
-                failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
-                return step
-            acc.print(f"[prefopt] checkpoint {path} cannot be loaded ({failure or 'on another process'}); "
-                      "falling back to the previous one")
-        if checkpoints:
-            raise TrainingError(f"no checkpoint in {self.output_dir / 'checkpoints'} can be loaded (see above); run "
-                                "again with --restart to move them to the archive and start over")
-        return 0
-
-    def _load_checkpoint(self, path: Path) -> None:
-        from accelerate.utils import load
-        from safetensors.torch import load_file
-
-        # Accelerate skips a missing or unreadable RNG file without a word (and the run then draws other samples);
-        # a process the checkpoint did not have (resumed on more processes) starts from the seed, as it says
-        rank, saved_world = self.accelerator.process_index, (read_state(path) or {}).get("world_size", 1)
-        if rank < saved_world:
-            load(path / f"random_states_{rank}.pkl")  # weights_only, numpy's state allowed
-        else:
-            print(f"[prefopt] process {rank}: {path} was written by {saved_world} process(es); its random state "
-                  "starts from the seed")
-        self.accelerator.load_state(str(path), **({"strict": False} if self.partial_checkpoints else {}))
-        saved = json.loads((path / EXTRA_STATE_FILE).read_text())
-        for name, obj in self.checkpointed.items():
-            tensors = path / f"{name}.safetensors"
-            if name not in saved and not tensors.exists():
-                raise FileNotFoundError(f"{path} holds no state for {name}")
-            obj.load_state_dict(load_file(str(tensors)) if name not in saved else saved[name])
+        """checkpoints/step-N, written atomically (prefopt.trainers.checkpoints.save)."""
+        return checkpoints.save(self, step)
 
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
-        """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
-        written atomically."""
-        acc = self.accelerator
-        self._check_finite_weights("final/")
-        final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
-        # sharded weights gathered, on every process
-        state_dict = acc.get_state_dict(self.model) if distributed.shards_parameters(acc) else None
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            with writing("final/", self.output_dir, cleanup=tmp):
-                acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
-                self.tokenizer.save_pretrained(tmp)
-                for name, text in (extra_files or {}).items():
-                    (tmp / name).write_text(text)
-                fsync_tree(tmp)
-                if final.exists():
-                    discard(final)
-                os.replace(tmp, final)
-        acc.wait_for_everyone()
-        return final
+        """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text)."""
+        return checkpoints.save_final(self, extra_files)
+
+    def _resume(self) -> int:
+        return checkpoints.resume(self)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def read_records(path: Path) -> list[tuple[str, dict]]:
-    """metrics.jsonl's lines and records; a torn line (a full disk, a kill mid-write) is left out."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            out.append((line, record))
-    return out
 
 
 def example_length(example: dict) -> int:

@@ -1,4 +1,5 @@
-"""Checkpoint files: what counts as complete, and writes that a crash cannot leave half-done."""
+"""Checkpoints: what counts as complete, writes that a crash cannot leave half-done, and a trainer's
+checkpoints and final/ saved and resumed (Trainer.save_checkpoint, save_final and _resume call these)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from prefopt import distributed, runs
+from prefopt.errors import TrainingError
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 EXTRA_STATE_FILE = "prefopt_state.json"  # Trainer.checkpointed: schedule, KL controller, running means
@@ -47,8 +53,6 @@ def write_atomic(path: Path, text: str) -> None:
 def writing(what: str, where: Path, cleanup: Path | None = None):
     """A failed write (a full disk, an I/O error) as one paragraph: what was being written, where, and for a full
     disk the free space there; `cleanup` (the temporary directory) is removed to give the space back."""
-    from prefopt.errors import TrainingError
-
     try:
         yield
     except (OSError, RuntimeError) as exc:
@@ -102,3 +106,135 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----- a trainer's checkpoints and final model ----------------------------------------------------------
+
+
+def save(trainer, step: int) -> Path:
+    """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
+    acc = trainer.accelerator
+    check_finite_weights(trainer, f"checkpoint step-{step}")
+    root = trainer.output_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    with writing(f"checkpoint step-{step}", root, cleanup=tmp):
+        acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    extra = {name: obj.state_dict() for name, obj in trainer.checkpointed.items()}  # every process: may gather
+    if acc.is_main_process:
+        _write(trainer, step, tmp, final, extra)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:
+    """The main process's part: prefopt's own state, then the state file, then the rename; then pruning."""
+    root = final.parent
+    with writing(f"checkpoint step-{step}", root, cleanup=tmp):
+        from safetensors.torch import save_file
+
+        tensors = {name: value for name, value in extra.items()
+                   if value and all(isinstance(v, torch.Tensor) for v in value.values())}
+        for name, weights in tensors.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
+                      str(tmp / f"{name}.safetensors"))
+        write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
+        state = {"step": step, "world_size": trainer.world_size, "seed": trainer.recipe.seed,
+                 "fingerprint": runs.fingerprint(trainer.recipe), "recipe": runs.identity(trainer.recipe)}
+        fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
+        write_atomic(tmp / STATE_FILE, json.dumps(state, default=str) + "\n")
+        fsync_dir(tmp)
+        if final.exists():
+            discard(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    _prune(trainer, root)
+
+
+def _prune(trainer, root: Path) -> None:
+    """Keep the newest train.keep_checkpoints. Each goes out of the complete set (renamed) before its files are
+    deleted, so a kill mid-way never leaves a half-deleted checkpoint that counts as complete. Checkpoints hold
+    finite weights only (_check_finite_weights), so the newest finite one is always kept."""
+    keep = trainer.recipe.train.keep_checkpoints
+    if keep is not None:
+        for _, old in complete_checkpoints(root)[:-keep]:
+            discard(old)
+
+
+@torch.no_grad()
+def check_finite_weights(trainer, what: str) -> None:
+    """Refuse to write `what` from weights that are not all finite (on any process's shards)."""
+    bad = sum(int(not torch.isfinite(p).all()) for p in trainer.model.parameters() if p.numel())
+    if trainer.accelerator.reduce(torch.tensor(float(bad), device=trainer.accelerator.device), "sum"):
+        good = complete_checkpoints(trainer.output_dir / "checkpoints")
+        raise TrainingError(f"the weights hold non-finite values, so {what} was not written"
+                            + (f"; the last good checkpoint is {good[-1][1]}" if good else "")
+                            + ". Lower optim.lr or train.max_grad_norm")
+
+
+def resume(trainer) -> int:
+    """Load the newest checkpoint that loads whole (on every process), falling back past unreadable ones."""
+    acc = trainer.accelerator
+    checkpoints = complete_checkpoints(trainer.output_dir / "checkpoints")
+    for step, path in reversed(checkpoints):
+        try:
+            _load(trainer, path)
+            failure = ""
+        except Exception as exc:  # a truncated or missing file, a planted payload: say which, go back one
+            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
+            return step
+        acc.print(f"[prefopt] checkpoint {path} cannot be loaded ({failure or 'on another process'}); "
+                  "falling back to the previous one")
+    if checkpoints:
+        raise TrainingError(f"no checkpoint in {trainer.output_dir / 'checkpoints'} can be loaded (see above); run "
+                            "again with --restart to move them to the archive and start over")
+    return 0
+
+
+def _load(trainer, path: Path) -> None:
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    # Accelerate skips a missing or unreadable RNG file without a word (and the run then draws other samples);
+    # a process the checkpoint did not have (resumed on more processes) starts from the seed, as it says
+    rank, saved_world = trainer.accelerator.process_index, (read_state(path) or {}).get("world_size", 1)
+    if rank < saved_world:
+        load(path / f"random_states_{rank}.pkl")  # weights_only, numpy's state allowed
+    else:
+        print(f"[prefopt] process {rank}: {path} was written by {saved_world} process(es); its random state "
+              "starts from the seed")
+    trainer.accelerator.load_state(str(path), **({"strict": False} if trainer.partial_checkpoints else {}))
+    saved = json.loads((path / EXTRA_STATE_FILE).read_text())
+    for name, obj in trainer.checkpointed.items():
+        tensors = path / f"{name}.safetensors"
+        if name not in saved and not tensors.exists():
+            raise FileNotFoundError(f"{path} holds no state for {name}")
+        obj.load_state_dict(load_file(str(tensors)) if name not in saved else saved[name])
+
+
+def save_final(trainer, extra_files: dict[str, str] | None = None) -> Path:
+    """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text),
+    written atomically."""
+    acc = trainer.accelerator
+    check_finite_weights(trainer, "final/")
+    final, tmp = trainer.output_dir / "final", trainer.output_dir / ".tmp-final"
+    # sharded weights gathered, on every process
+    state_dict = acc.get_state_dict(trainer.model) if distributed.shards_parameters(acc) else None
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing("final/", trainer.output_dir, cleanup=tmp):
+            acc.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
+            trainer.tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            fsync_tree(tmp)
+            if final.exists():
+                discard(final)
+            os.replace(tmp, final)
+    acc.wait_for_everyone()
+    return final

@@ -1,8 +1,13 @@
-"""Metric averaging over micro-batches, examples and processes."""
+"""Metric averaging over micro-batches, examples and processes, and the run's metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+from prefopt.trainers.checkpoints import write_atomic, writing
 
 
 class MetricMeans:
@@ -33,3 +38,47 @@ class MetricMeans:
                                     reduction="sum").tolist()
         sums, counts = totals[: len(keys)], totals[len(keys) :]
         return {k: total / count for k, total, count in zip(keys, sums, counts) if count}
+
+
+def append(path: Path, record: dict[str, float], step: int, split: str) -> None:
+    """One line of metrics.jsonl: step, split, loss first, then the rest sorted."""
+    line = {"step": step, "split": split, **({"loss": record["loss"]} if "loss" in record else {})}
+    line.update({k: v for k, v in sorted(record.items()) if k != "loss"})
+    with writing(f"step {step}'s metrics", path), open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines and records; a torn line (a full disk, a kill mid-write) is left out."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            out.append((line, record))
+    return out
+
+
+def truncate(path: Path, step: int) -> None:
+    """Keep the records up to `step` (none for 0), rewritten atomically."""
+    if path.exists():
+        kept = [ln for ln, record in read_records(path) if record["step"] <= step] if step else []
+        write_atomic(path, "".join(ln + "\n" for ln in kept))
+
+
+def eval_summary(output_dir: Path) -> list[dict]:
+    """The run's eval records; the first and last printed side by side."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    evals = [r for _, r in read_records(path) if r["split"] == "eval"]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        keys = [k for k in first if k not in ("step", "split")]
+        print(f"\n{'eval metric':<22}{'step ' + str(first['step']):>14}{'step ' + str(last['step']):>14}")
+        for key in keys:
+            print(f"{key:<22}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
+        print(f"\nrun directory: {output_dir} (metrics.jsonl, final/)")
+    return evals
