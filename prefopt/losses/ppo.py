@@ -90,14 +90,57 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), as a loss: mean over completion tokens of
     max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old. Also the clip fraction and approximate KL
     0.5 * mean((log r)^2) (as TRL)."""
-    log_ratio = logps - old_logps
-    ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = policy_loss(logps, old_logps, advantages, mask, clip_low=clip, clip_high=clip)
     with torch.no_grad():
+        log_ratio = logps - old_logps
+        ratio = torch.exp(log_ratio)
+        unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "approx_kl": 0.5 * masked_mean(log_ratio**2, mask)}
     return loss, stats
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None, ratio: str = "token",
+                aggregation: str = "token_mean", normalizer: float | torch.Tensor | None = None,
+                max_new_tokens: int | None = None) -> torch.Tensor:
+    """The clipped surrogate of the GRPO family, as a loss: per token -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
+    aggregated. logps, old_logps, mask: (B, T); advantages: (B,) per sequence or (B, T) per token.
+
+    - ratio "token": r_t = pi(y_t) / pi_old(y_t) (PPO, Schulman et al. 2017, Eq. 7); "sequence": one ratio per
+      sequence, exp of the mean of its tokens' log-ratios (GSPO, Zheng et al. 2025, Eq. 7), gradient through all;
+    - clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, Eq. 10);
+    - dual_clip c > 1 bounds the loss of a negative advantage by -c A (dual-clip PPO, Ye et al. 2020, Eq. 5);
+    - aggregation "token_mean": the sum over tokens divided by the token count (DAPO, Eq. 12; TRL's bnpo and
+      dapo); "sequence_mean": the sum over sequences of each one's token mean, divided by the sequence count
+      (GRPO, Shao et al. 2024, Eq. 3); "constant": the sum over tokens divided by sequences x max_new_tokens
+      (Dr. GRPO, Liu et al. 2025).
+
+    `normalizer` is the count that divides: tokens (token_mean) or sequences (the others). None takes this
+    batch's own; a trainer passes the count of the whole global mini-batch per micro-batch share, so that
+    however the mini-batch is cut (micro-batches, processes) the gradient is the same.
+    """
+    log_ratio = (logps - old_logps) * mask  # (B, T)
+    if ratio == "sequence":
+        log_ratio = (log_ratio.sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logps)
+    elif ratio != "token":
+        raise ValueError(f"ratio must be token or sequence, got {ratio!r}")
+    importance = torch.exp(log_ratio)
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    per_token = -torch.min(importance * advantages, importance.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
+    per_token = per_token * mask  # (B, T)
+    if aggregation == "token_mean":
+        return per_token.sum() / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
+    sequences = len(mask) if normalizer is None else normalizer
+    if aggregation == "sequence_mean":
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / sequences
+    if aggregation == "constant":
+        if max_new_tokens is None:
+            raise ValueError("aggregation constant divides by max_new_tokens: give it")
+        return per_token.sum() / (sequences * max_new_tokens)
+    raise ValueError(f"aggregation must be token_mean, sequence_mean or constant, got {aggregation!r}")
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
