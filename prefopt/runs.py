@@ -58,12 +58,14 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
 
 
 def identity(recipe) -> dict[str, object]:
-    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE."""
-    return {k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE}
+    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE, as JSON values (what a
+    checkpoint stores, so that a saved identity and a new one compare as they are)."""
+    return json.loads(json.dumps({k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE},
+                                 default=str))
 
 
 def fingerprint(recipe) -> str:
-    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()
 
 
 def check_resume(recipe, restart: bool = False, main: bool = True, log=print) -> None:
@@ -82,7 +84,7 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
         return
     step, path = checkpoints[-1]
     saved = (read_state(path) or {}).get("recipe") or {}
-    now = json.loads(json.dumps(identity(recipe), default=str))
+    now = identity(recipe)
     # a key only one side has is a key this version of prefopt added or dropped, not a change of the run
     changed = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(set(saved) & set(now))
                if saved[key] != now[key]]

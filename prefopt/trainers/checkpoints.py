@@ -146,7 +146,7 @@ def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:
         state = {"step": step, "world_size": trainer.world_size, "seed": trainer.recipe.seed,
                  "fingerprint": runs.fingerprint(trainer.recipe), "recipe": runs.identity(trainer.recipe)}
         fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
-        write_atomic(tmp / STATE_FILE, json.dumps(state, default=str) + "\n")
+        write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
         fsync_dir(tmp)
         if final.exists():
             discard(final)
@@ -158,7 +158,7 @@ def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:
 def _prune(trainer, root: Path) -> None:
     """Keep the newest train.keep_checkpoints. Each goes out of the complete set (renamed) before its files are
     deleted, so a kill mid-way never leaves a half-deleted checkpoint that counts as complete. Checkpoints hold
-    finite weights only (_check_finite_weights), so the newest finite one is always kept."""
+    finite weights only (check_finite_weights), so the newest finite one is always kept."""
     keep = trainer.recipe.train.keep_checkpoints
     if keep is not None:
         for _, old in complete_checkpoints(root)[:-keep]:
