@@ -95,3 +95,51 @@ def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0)
     counts = batch["completion_tokens"]
     sums = logps.new_zeros(len(counts)).index_add(0, batch["token_sequence"], logps)
     return sums, counts.to(sums.dtype)
+
+
+def _head_logps_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                        entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float() / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - E_p[logits]
+    return logps, entropy
+
+
+def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, *,
+                   temperature: float = 1.0, chunk_size: int = 0, entropy_grad: bool = False,
+                   **forward) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Log-probs and entropies (N, W) of the last W = mask.shape[1] tokens of left-padded rows (the completions),
+    under the logits divided by `temperature`, at the positions where mask is 1 (0 elsewhere), and the model's output.
+
+    Only those positions reach the LM head and the fp32 log-softmax, `chunk_size` at a time (0: the model's full
+    logits, sliced), recomputed in the backward pass: the (N, L, V) logits never exist with a chunk size. The
+    entropy carries a gradient only with `entropy_grad` (an entropy bonus); else it is a detached metric.
+    """
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False, **forward}
+    width = mask.shape[1]
+    if chunk_size:
+        with hidden_states_as_logits(model) as head:
+            out = model(**inputs)
+    else:
+        head, out = (lambda x: x), model(**inputs)
+    where = mask.bool()
+    states = out.logits[:, -width - 1 : -1][where]  # (M, hidden or V): the scored positions only
+    targets = input_ids[:, -width:][where]
+    size = chunk_size or 1024
+    pieces = []
+    for i in range(0, len(targets), size):
+        args = (head, states[i : i + size], targets[i : i + size], temperature, entropy_grad)
+        pieces.append(checkpoint(_head_logps_entropy, *args, use_reentrant=False)
+                      if chunk_size and torch.is_grad_enabled() else _head_logps_entropy(*args))
+    logps = mask.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logps)
+    if pieces:
+        logps = logps.masked_scatter(where, torch.cat([p[0] for p in pieces]))
+        entropy = entropy.masked_scatter(where, torch.cat([p[1] for p in pieces]))
+    else:  # no token scored: still a graph to backprop
+        logps = logps + out.logits[:0].sum()
+    return logps, entropy, out

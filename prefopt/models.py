@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from prefopt.errors import RecipeError
 from prefopt.recipe import ModelConfig
@@ -201,3 +202,61 @@ def decoder_layers(model) -> list:
     of compilation."""
     names = set(getattr(model, "_no_split_modules", None) or [])  # the class or a base (FSDP2 subclasses it)
     return [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy, and for GAE a scalar value head on the last hidden state of the policy's backbone or of a
+    separate critic model (trained alongside): one module to prepare."""
+
+    def __init__(self, policy, value_head: bool, critic=None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        hidden = (critic or policy).config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:  # start from V = 0: the first advantages are the rewards themselves
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    # What Accelerate's FSDP2 preparation asks of a transformers model: the decoder layer classes (each layer
+    # one shard unit), the embeddings, and re-tying them after the move to the meta device (else a tied LM head
+    # would train as a separate weight)
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return [name for model in (self.policy, self.critic) if model is not None
+                for name in getattr(model, "_no_split_modules", None) or []]
+
+    def get_input_embeddings(self):
+        return self.policy.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+    def tie_weights(self):
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.tie_weights()
+
+    def forward(self, **inputs):
+        """The policy's output (`logits`; hidden states where prefopt.logprobs bypasses the LM head), with
+        `critic_values` (N, L) from the value head, or None without one."""
+        out = self.policy(**inputs, output_hidden_states=self.value_head is not None and self.critic is None)
+        if self.value_head is not None:
+            hidden = (out.hidden_states[-1] if self.critic is None  # the last layer's, normed: the LM head's input
+                      else self.critic.base_model(**inputs).last_hidden_state)
+            out.critic_values = self.value_head(hidden).squeeze(-1).float()
+        else:
+            out.critic_values = None
+        return out
+
+    def save_pretrained(self, path, state_dict=None, **kwargs):
+        """The policy in Hugging Face (or PEFT) format; the value head beside it as value_head.pt, and a separate
+        critic in critic/. `state_dict`: the whole model's weights, gathered where they are sharded."""
+        def part(prefix):
+            return None if state_dict is None else {
+                k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        self.policy.save_pretrained(path, state_dict=part("policy."), **kwargs)
+        if self.value_head is not None:
+            torch.save(part("value_head.") or self.value_head.state_dict(), f"{path}/value_head.pt")
+        if self.critic is not None:
+            self.critic.save_pretrained(f"{path}/critic", state_dict=part("critic."))

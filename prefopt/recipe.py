@@ -135,22 +135,40 @@ class TrainConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment: a completion longer than rollout.max_new_tokens - buffer loses up to penalty."""
+
+    buffer: int  # the last `buffer` of rollout.max_new_tokens tokens, where the penalty grows linearly
+    penalty: float = 1.0  # the penalty at rollout.max_new_tokens
+
+
+@dataclass
 class RolloutConfig:
-    """How PPO-family methods sample completions (Hugging Face generate, KV cache, left padding)."""
+    """How online methods sample completions (Hugging Face generate, KV cache, left padding)."""
 
     samples_per_prompt: int = 4  # completions per prompt (k): RLOO and GRPO compare them
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ends
+    overlong: OverlongConfig | None = None  # DAPO's soft overlong punishment, added to the score
+    mask_truncated: bool = False  # completions cut by max_new_tokens (no EOS) leave the loss (DAPO; TRL's option)
+    # DAPO's dynamic sampling: drop prompts whose completions all score the same (no signal) and sample more
+    # prompts until the rollout is full, for at most filter_max_rounds rounds (then the dropped fill the rest)
+    filter_groups: bool = False
+    filter_max_rounds: int = 4
 
 
 @dataclass
-class RewardModelConfig:
-    """What scores the completions: reward models (an ensemble when several) or a Python function."""
+class RewardTerm:
+    """One term of the score: reward models (an ensemble when several) or a Python function, times weight."""
 
+    name: str | None = None  # metrics rewards/<name>/mean; None: the function's name, or model<i>
     models: list[str] = field(default_factory=list)  # run directories or model directories / hub ids
-    function: str | None = None  # "module:function", called as function(prompts, completions) -> scores
+    # "module:function", called as function(prompts, completions, **columns) -> one float (or None: does not
+    # apply) per completion; columns: the prompt's dataset row (e.g. answer=[...]), each a list like prompts
+    function: str | None = None
+    weight: float = 1.0
     aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
     std_coef: float = 1.0  # lambda of mean_minus_std
     normalize: bool = False  # (r - mean) / std with each reward model's stored statistics
@@ -158,25 +176,34 @@ class RewardModelConfig:
 
 @dataclass
 class PPOConfig:
-    """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and its critic-free variants."""
+    """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and the critic-free GRPO family."""
 
-    advantage: Literal["gae", "rloo", "grpo", "reinforce"] = "gae"  # gae learns a value function (critic)
+    # gae learns a value function (critic); the others are critic-free (prefopt.losses.ppo.ADVANTAGES)
+    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp
+    advantage_scale: Literal["group", "batch", "none"] | None = None  # None: group for grpo, batch for the others
+    # token_mean: over every completion token of the mini-batch (DAPO); sequence_mean: over sequences of each one's
+    # token mean (GRPO); constant: token sum / (sequences x rollout.max_new_tokens) (Dr. GRPO). None: sequence_mean
+    # for grpo, else token_mean. The count is the whole mini-batch's: micro-batches and processes do not change it
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
     critic: Literal["head", "separate"] = "head"  # gae: a value head on the policy's backbone, or its own model
     critic_name_or_path: str | None = None  # separate critic's starting weights; None: model.name_or_path
     epochs: int = 1  # passes over each rollout
     num_mini_batches: int = 1  # optimizer steps per pass; train.batch_size completions each
-    clip: float = 0.2  # policy ratio clip epsilon
+    clip: float = 0.2  # policy ratio clip epsilon: ratio in [1 - clip_low, 1 + clip_high]
+    clip_low: float | None = None  # None: clip
+    clip_high: float | None = None  # None: clip; DAPO's clip-higher uses 0.28
+    dual_clip: float | None = None  # dual-clip PPO (Ye et al. 2020): a negative advantage's loss at most -c A; c > 1
+    ratio: Literal["token", "sequence"] = "token"  # sequence: GSPO's one ratio per completion
     value_clip: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0  # entropy bonus
-    kl_coef: float = 0.05  # beta
+    kl_coef: float = 0.05  # beta; 0 loads and runs no reference
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_penalty: Literal["reward", "loss"] = "reward"  # subtract beta KL from the reward, or add it to the loss
     target_kl: float | None = None  # adaptive beta toward this KL per completion (Ziegler et al. 2019)
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
     approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
 
 
@@ -186,7 +213,7 @@ class PPOConfig:
 METHODS = {
     "preference": ("reference", "loss"),  # a policy on offline pairs or unpaired feedback (DPO and its family)
     "reward": ("loss",),  # a reward model on pairs (bradley_terry)
-    "rl": ("reference", "rollout", "reward_model", "ppo"),  # a policy on its own samples (PPO, RLOO, GRPO)
+    "rl": ("reference", "rollout", "rewards", "ppo"),  # a policy on its own samples (PPO, RLOO, GRPO)
 }
 
 
@@ -204,7 +231,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig | None = None  # online: present, the recipe runs PPOTrainer on prompt-only data
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rewards: list[RewardTerm] = field(default_factory=list)  # online: the terms whose weighted sum is the score
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-ready data: the method's sections only, loss params inlined."""
@@ -259,7 +286,7 @@ SECTIONS = {section for sections in METHODS.values() for section in sections}
 
 def _implied_method(data: dict[str, Any]) -> str:
     """The method of a recipe that does not name one (written before `method:` existed)."""
-    if "ppo" in data or "rollout" in data or "reward_model" in data:
+    if "ppo" in data or "rollout" in data or "rewards" in data:
         return "rl"
     loss = data.get("loss")
     first = (loss[0] if isinstance(loss, list) and loss else loss) or {}
@@ -316,7 +343,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is list:
         (item_tp,) = args
         if not isinstance(value, list):
-            if item_tp in (DataSource, LossConfig):  # a single source or loss stands for a list of one
+            if item_tp in (DataSource, LossConfig, RewardTerm):  # a single one stands for a list of one
                 value = [value]
             else:
                 fail(where, key, f"expected a list, got {_show(value)}")
@@ -382,7 +409,9 @@ ALIASES = {
     "gradient_accumulation_steps": "train.batch_size", "logging_steps": "train.log_every",
     "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
     "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "beta": "loss.beta",
-    "dataset_name": "data.train", "bf16": "train.mixed_precision",
+    "dataset_name": "data.train", "bf16": "train.mixed_precision", "reward_model": "rewards",
+    "reward_funcs": "rewards", "whiten_advantages": "ppo.advantage_scale", "loss_type": "ppo.loss_aggregation",
+    "epsilon": "ppo.clip", "epsilon_high": "ppo.clip_high", "num_generations": "rollout.samples_per_prompt",
 }
 
 

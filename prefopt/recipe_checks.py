@@ -70,8 +70,10 @@ RANGES = {
     "reference.sync_every": NON_NEGATIVE, "reference.sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "rollout.samples_per_prompt": AT_LEAST_ONE, "rollout.max_new_tokens": AT_LEAST_ONE,
     "rollout.temperature": POSITIVE, "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "reward_model.std_coef": NON_NEGATIVE,
+    "rollout.filter_max_rounds": AT_LEAST_ONE, "rollout.overlong.buffer": AT_LEAST_ONE,
+    "rollout.overlong.penalty": NON_NEGATIVE,
     "ppo.epochs": AT_LEAST_ONE, "ppo.num_mini_batches": AT_LEAST_ONE, "ppo.clip": POSITIVE, "ppo.value_clip": POSITIVE,
+    "ppo.clip_low": POSITIVE, "ppo.clip_high": POSITIVE, "ppo.dual_clip": ((lambda v: v > 1), "> 1"),
     "ppo.vf_coef": NON_NEGATIVE, "ppo.entropy_coef": NON_NEGATIVE, "ppo.kl_coef": NON_NEGATIVE,
     "ppo.target_kl": POSITIVE, "ppo.kl_horizon": AT_LEAST_ONE, "ppo.gamma": UNIT, "ppo.lam": UNIT,
     "ppo.approx_kl_stop": POSITIVE,
@@ -92,16 +94,37 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
 
 
 def _check_ppo(recipe: Recipe, where: str) -> None:
-    ppo, rollout, reward, train, ref = recipe.ppo, recipe.rollout, recipe.reward_model, recipe.train, recipe.reference
-    if bool(reward.models) == bool(reward.function):
-        fail(where, "reward_model", "give reward_model.models (reward models) or reward_model.function "
-              "(module:function), exactly one")
+    """The online recipe's cross-key rules, and its defaults that depend on other keys, resolved in place."""
+    from prefopt.losses.ppo import ADVANTAGES
+
+    ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
+    _check_rewards(recipe.rewards, where)
+    if ppo.advantage not in ADVANTAGES:
+        fail(where, "ppo.advantage", f"unknown estimator {ppo.advantage!r}; known: {', '.join(ADVANTAGES)} "
+              "(prefopt.losses.ppo.register_advantage adds one)")
+    estimator = ADVANTAGES[ppo.advantage]
     k = rollout.samples_per_prompt
-    if k < 1 or (ppo.advantage == "rloo" and k < 2):
-        fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage} (rloo needs 2)")
+    if k < estimator.min_group or (rollout.filter_groups and k < 2):
+        fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage}"
+              + (" with rollout.filter_groups" if rollout.filter_groups else "")
+              + f" (it compares at least {max(2 if rollout.filter_groups else 1, estimator.min_group)})")
     if train.batch_size % k:
         fail(where, "train.batch_size", f"{train.batch_size} completions per step must be a multiple of "
               f"rollout.samples_per_prompt ({k}): a prompt's completions stay together")
+    if ppo.advantage_scale is None:
+        ppo.advantage_scale = "group" if ppo.advantage == "grpo" else "batch"
+    if ppo.advantage_scale == "group" and (estimator.level != "sequence" or k < 2):
+        fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
+              f"sequence-level advantage (not {ppo.advantage}) and rollout.samples_per_prompt >= 2")
+    if ppo.loss_aggregation is None:
+        ppo.loss_aggregation = "sequence_mean" if ppo.advantage == "grpo" else "token_mean"
+    ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
+    ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
+    if ppo.clip_low >= 1:
+        fail(where, "ppo.clip_low", f"must be below 1 (the ratio's lower bound is 1 - clip_low), got {ppo.clip_low}")
+    if rollout.overlong and rollout.overlong.buffer > rollout.max_new_tokens:
+        fail(where, "rollout.overlong.buffer", f"{rollout.overlong.buffer} is more than rollout.max_new_tokens "
+              f"({rollout.max_new_tokens}); the penalty grows over the last `buffer` of them")
     cycle = ppo.epochs * ppo.num_mini_batches
     if train.save_every % cycle:
         fail(where, "train.save_every", f"must be a multiple of ppo.epochs x ppo.num_mini_batches ({cycle}), so "
@@ -113,6 +136,25 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
     if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
         fail(where, "reference.kind", f"{ref.kind} cannot give the per-token reference log-probs of fresh "
               "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
+
+
+def _check_rewards(terms: list, where: str) -> None:
+    if not terms:
+        fail(where, "rewards", "give at least one term: {function: module:function} or {models: [reward model]}")
+    names = []
+    for i, term in enumerate(terms):
+        key = f"rewards[{i}]"
+        if bool(term.models) == bool(term.function):
+            fail(where, key, "give models (reward models) or function (module:function), exactly one")
+        if not math.isfinite(term.weight):
+            fail(where, f"{key}.weight", f"must be a finite number, got {term.weight}")
+        if term.std_coef < 0:
+            fail(where, f"{key}.std_coef", f"must be >= 0, got {term.std_coef}")
+        if term.name is None:
+            term.name = term.function.rpartition(":")[2] if term.function else f"model{i}"
+        names.append(term.name)
+    if len(set(names)) < len(names):
+        fail(where, "rewards", f"two terms share a name ({names}); give each a distinct `name`")
 
 
 def _check_reference(recipe: Recipe, specs: list, where: str) -> None:

@@ -158,3 +158,118 @@ def evaluate_reward_model(path: str | Path, data: str, batch_size: int = 16, max
             "margin_mean": (chosen - rejected).mean().item(), "reward_mean": every.mean().item(),
             "reward_std": every.std(unbiased=False).item(), "chosen_mean": chosen.mean().item(),
             "rejected_mean": rejected.mean().item()}
+
+
+INTERNAL_COLUMNS = ("prompt", "prompt_ids")  # what a prompt row carries besides its dataset columns
+
+
+class RewardTerms:
+    """The score of each completion: the weighted sum of a recipe's `rewards:` terms (prefopt.recipe.RewardTerm).
+
+    A function term is called as fn(prompts, completions, **columns): each column of the prompts' dataset rows
+    that the function names (all of them if it takes **kwargs), as lists beside prompts (None where a row lacks
+    it). It returns one float per completion, or None where it does not apply: such a row gets nothing from the
+    term (TRL's nansum), and the term's metrics skip it. A model term is a RewardScorer (an ensemble when
+    several). `scorer_options` go to each RewardScorer (device, placement, lockstep).
+    """
+
+    def __init__(self, terms: list, **scorer_options):
+        from prefopt.errors import import_object
+
+        self.terms = []  # (name, weight, scorer or function, the columns it takes or None for all)
+        for i, term in enumerate(terms):
+            if term.function:
+                fn = import_object(term.function, f"rewards[{i}].function")
+                self.terms.append((term.name, term.weight, fn, _named_columns(fn, term.name)))
+            else:
+                scorer = RewardScorer(term.models, term.aggregate, term.std_coef, term.normalize, **scorer_options)
+                self.terms.append((term.name, term.weight, scorer, ()))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, *_ in self.terms]
+
+    @property
+    def members(self) -> list:
+        """Every reward model of every term: (model, tokenizer, (mean, std))."""
+        return [m for _, _, scorer, _ in self.terms if isinstance(scorer, RewardScorer) for m in scorer.members]
+
+    def check_columns(self, rows: list[dict], where: str) -> None:
+        """Stop before training when a function names a column (without a default) that rows of `where` lack."""
+        import inspect
+
+        have = set().union(*(row.keys() for row in rows)) - set(INTERNAL_COLUMNS) if rows else set()
+        for name, _, fn, columns in self.terms:
+            if not callable(fn) or isinstance(fn, RewardScorer) or columns is None:
+                continue
+            params = inspect.signature(fn).parameters
+            for column in columns:
+                if params[column].default is not inspect.Parameter.empty:
+                    continue
+                lacking = sum(column not in row for row in rows)
+                if lacking:
+                    raise PrefoptError(
+                        f"rewards term {name!r}: {fn.__qualname__} takes column {column!r}, but {lacking} of "
+                        f"{len(rows)} rows of {where} lack it; their columns are {', '.join(sorted(have)) or 'none'}"
+                        f" besides the prompt. Add the column to the data, or give the parameter a default")
+
+    def __call__(self, prompts: list, completions: list, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total (N,), per term (terms, N) with NaN where a term does not apply)."""
+        values = torch.stack([self._term(i, prompts, completions, rows) for i in range(len(self.terms))])
+        weights = torch.tensor([weight for _, weight, _, _ in self.terms], dtype=values.dtype)[:, None]
+        return (values * weights).nansum(0), values
+
+    def _term(self, i: int, prompts: list, completions: list, rows: list[dict]) -> torch.Tensor:
+        name, _, scorer, columns = self.terms[i]
+        if isinstance(scorer, RewardScorer):
+            return scorer(prompts, completions).float()
+        keys = set().union(*(row.keys() for row in rows)) - set(INTERNAL_COLUMNS) if columns is None else columns
+
+        def call(index: list[int]):
+            kwargs = {key: [rows[j].get(key) for j in index] for key in keys}
+            return scorer([prompts[j] for j in index], [completions[j] for j in index], **kwargs)
+
+        where = f"rewards term {name!r} ({getattr(scorer, '__qualname__', scorer)})"
+        try:
+            out = call(list(range(len(prompts))))
+        except Exception as exc:
+            for j in range(len(prompts)):  # name the first row it fails on
+                try:
+                    call([j])
+                except Exception as row_exc:
+                    raise PrefoptError(f"{where} raised {type(row_exc).__name__}: {row_exc}, on the completion "
+                                       f"{completions[j]!r:.200} of prompt {prompts[j]!r:.200}") from row_exc
+            raise PrefoptError(f"{where} raised {type(exc).__name__}: {exc} on a batch of {len(prompts)}") from exc
+        if not hasattr(out, "__len__") or len(out) != len(prompts):
+            raise PrefoptError(f"{where} returned {len(out) if hasattr(out, '__len__') else type(out).__name__} "
+                               f"values for {len(prompts)} completions; return one float (or None) per completion")
+        scores = []
+        for j, value in enumerate(out):
+            try:
+                value = math.nan if value is None else float(value)
+                if not math.isfinite(value) and out[j] is not None:
+                    raise ValueError(value)
+            except (TypeError, ValueError):
+                raise PrefoptError(f"{where} gave {out[j]!r:.40} for the completion {completions[j]!r:.200} of "
+                                   f"prompt {prompts[j]!r:.200}; a score is a finite number, or None where the term "
+                                   "does not apply") from None
+            scores.append(value)
+        return torch.tensor(scores)
+
+
+def _named_columns(fn, name: str) -> tuple[str, ...] | None:
+    """The dataset columns a reward function takes: its parameters after (prompts, completions); None: all
+    (it takes **kwargs)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise PrefoptError(f"rewards term {name!r}: {getattr(fn, '__qualname__', fn)} must take (prompts, "
+                           "completions, **columns)")
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in positional[2:]) + tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)

@@ -65,13 +65,13 @@ def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> P
     return path
 
 
-TIMING = ("step_seconds", "tokens_per_second")  # wall-clock: differs between any two runs
+TIMING = ("step_seconds", "tokens_per_second", "rollout/tokens_per_second")  # wall-clock: differs between any two runs
 
 
 def read_metrics(output_dir: Path, split: str = "train", timing: bool = False) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in r.items() if timing or k not in TIMING} for r in map(json.loads, lines)
-            if r["split"] == split]
+    return [{k: v for k, v in r.items() if timing or not (k in TIMING or k.startswith("timing/"))}
+            for r in map(json.loads, lines) if r["split"] == split]
 
 
 def assert_resume_matches(sort_task: Path, tmp_path: Path, **sections) -> None:

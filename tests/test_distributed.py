@@ -136,7 +136,7 @@ def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, conf
     rows = (sort_task / "eval.jsonl").read_text().splitlines()[:33]
     (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
     if "ppo" in sections:
-        sections = {**sections, "reward_model": {"models": [str(reward_model)]}}
+        sections = {**sections, "rewards": {"models": [str(reward_model)]}}
     if "ppo" in sections or "reference" in sections:
         sections = {**sections, "data": {"eval": str(tmp_path / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"

@@ -18,7 +18,7 @@ def length_score(prompts, completions):
 
 
 def ppo_sections(**ppo):
-    return dict(data={"eval": None}, reward_model={"function": "test_ppo:length_score"},
+    return dict(data={"eval": None}, rewards={"function": "test_ppo:length_score"},
                 rollout={"samples_per_prompt": 2, "max_new_tokens": 8},
                 ppo={"advantage": "gae", "epochs": 1, "num_mini_batches": 2, **ppo},
                 train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "save_every": 2, "log_every": 1})
@@ -79,7 +79,7 @@ def test_lora_policy_trains_adapter_and_value_head(sort_task, tmp_path):
 
 
 @pytest.mark.parametrize("sections,message", [
-    ({"reward_model": {}}, "give reward_model.models"),
+    ({"rewards": []}, "give at least one term"), ({"rewards": {}}, "give models .reward models. or function"),
     ({"rollout": {"samples_per_prompt": 1}, "ppo": {"advantage": "rloo"}}, "too few for advantage rloo"),
     ({"rollout": {"samples_per_prompt": 3}}, "must be a multiple of rollout.samples_per_prompt"),
     ({"reference": {"kind": "precomputed"}}, "cannot give the per-token reference log-probs"),
@@ -88,7 +88,7 @@ def test_lora_policy_trains_adapter_and_value_head(sort_task, tmp_path):
 def test_ppo_recipe_errors(sort_task, tmp_path, sections, message):
     merged = ppo_sections()
     for key, value in sections.items():
-        merged[key] = {**merged.get(key, {}), **value} if key != "reward_model" else value
+        merged[key] = {**merged.get(key, {}), **value} if key != "rewards" else value
     with pytest.raises(RecipeError, match=message):
         recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **merged))
 

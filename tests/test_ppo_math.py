@@ -14,10 +14,11 @@ from prefopt.losses.ppo import (
     AdaptiveKLController,
     clipped_policy_loss,
     clipped_value_loss,
+    estimate_advantages,
     gae,
-    group_advantages,
     kl_estimate,
     masked_whiten,
+    overlong_penalty,
     shape_rewards,
 )
 
@@ -57,16 +58,36 @@ def test_gae_by_hand():
 
 
 def test_group_advantages_by_hand():
-    """Two prompts, k = 3: scores [1, 2, 3 | 0, 0, 3].
+    """Two prompts, k = 3: returns [1, 2, 3 | 0, 0, 3] (the score at each completion's last token).
     rloo: 1 - 2.5, 2 - 2, 3 - 1.5 | 0 - 1.5, 0 - 1.5, 3 - 0 = [-1.5, 0, 1.5, -1.5, -1.5, 3];
     grpo: group 1 mean 2, std 1 -> [-1, 0, 1] / (1 + 1e-4); group 2 mean 1, std sqrt(3) -> [-1, -1, 2] / (sqrt 3 + 1e-4);
-    reinforce: minus the batch mean 1.5."""
+    grpo with scale none (Dr. GRPO): [-1, 0, 1, -1, -1, 2]; reinforce: minus the batch mean 1.5.
+    Every token of a completion carries its sequence's advantage; REINFORCE++ the return-to-go."""
     scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 3.0])
-    assert group_advantages(scores, 3, "rloo").tolist() == pytest.approx([-1.5, 0, 1.5, -1.5, -1.5, 3])
+    mask = torch.tensor([[1.0, 1.0]] * 5 + [[1.0, 0.0]])
+    rewards = torch.zeros(6, 2).index_put((torch.arange(6), mask.sum(1).long() - 1), scores)
+
+    def sequence(estimator, scale):
+        advantages, returns = estimate_advantages(rewards, mask, estimator, scale, group_size=3)
+        assert torch.equal(advantages[:, 0] * mask[:, 1], advantages[:, 1]) and not returns.any()
+        return advantages[:, 0].tolist()
+
+    assert sequence("rloo", "none") == pytest.approx([-1.5, 0, 1.5, -1.5, -1.5, 3])
     s3 = math.sqrt(3) + 1e-4
-    assert group_advantages(scores, 3, "grpo").tolist() == pytest.approx(
-        [-1 / 1.0001, 0, 1 / 1.0001, -1 / s3, -1 / s3, 2 / s3], abs=1e-6)
-    assert group_advantages(scores, 3, "reinforce").tolist() == pytest.approx([-0.5, 0.5, 1.5, -1.5, -1.5, 1.5])
+    assert sequence("grpo", "group") == pytest.approx([-1 / 1.0001, 0, 1 / 1.0001, -1 / s3, -1 / s3, 2 / s3], abs=1e-6)
+    assert sequence("grpo", "none") == pytest.approx([-1, 0, 1, -1, -1, 2])
+    assert sequence("reinforce", "none") == pytest.approx([-0.5, 0.5, 1.5, -1.5, -1.5, 1.5])
+    whitened = estimate_advantages(rewards, mask, "grpo", "batch", group_size=3)[0]
+    assert masked_whiten(estimate_advantages(rewards, mask, "grpo", "none", group_size=3)[0], mask).equal(whitened)
+    kl_rewards = rewards - 0.5 * mask  # a KL penalty of 0.5 on every token: REINFORCE++'s return-to-go
+    pp = estimate_advantages(kl_rewards, mask, "reinforce_pp", "none", gamma=1.0)[0]
+    assert pp[0].tolist() == pytest.approx([1 - 1.0, 1 - 0.5]) and pp[5].tolist() == pytest.approx([2.5, 0])
+
+
+def test_overlong_penalty_by_hand():
+    """max_new_tokens 10, buffer 4, penalty 2: 0 up to 6 tokens, then -2 (len - 6) / 4: 8 -> -1, 10 -> -2."""
+    lengths = torch.tensor([3, 6, 8, 10])
+    assert overlong_penalty(lengths, 10, 4, 2.0).tolist() == pytest.approx([0, 0, -1, -2])
 
 
 def test_clipped_losses_by_hand():

@@ -86,7 +86,7 @@ def test_saved_recipes_hold_only_their_method(sort_task, tmp_path):
     ppo = recipe_lib.load(write_recipe(tmp_path / "p.yaml", sort_task, tmp_path / "p", **ppo_sections()))
     assert ppo.method == "rl" and "loss" not in ppo.to_dict() and "ppo" in ppo.to_dict()
     dpo = recipe_lib.load(write_recipe(tmp_path / "d.yaml", sort_task, tmp_path / "d"))
-    assert dpo.method == "preference" and not {"ppo", "rollout", "reward_model"} & set(dpo.to_dict())
+    assert dpo.method == "preference" and not {"ppo", "rollout", "rewards"} & set(dpo.to_dict())
 
 
 def test_a_user_trainer_runs_from_the_recipe(sort_task, tmp_path):

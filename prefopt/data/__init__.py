@@ -76,16 +76,17 @@ def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: i
 
 def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
                  log=print) -> list[dict]:
-    """Prompts for online methods: {prompt (as given: text or messages), prompt_ids}, from any source with a
-    `prompt` column (preference sets included), truncated by the same rules as offline prompts."""
+    """Prompts for online methods: {prompt (as given: text or messages), prompt_ids, and every other column of the
+    row, e.g. a ground-truth `answer` for a reward function}, from any source with a `prompt` column (preference
+    sets included), truncated by the same rules as offline prompts."""
     prompt_only = DataConfig(**{**vars(cfg), "columns": {**cfg.columns, "chosen": None, "rejected": None,
                                                             "completion": None}})
-    return [row for _, _, rows in _load(sources, tokenizer, prompt_only, seed, where, log, keep_prompt=True)
+    return [row for _, _, rows in _load(sources, tokenizer, prompt_only, seed, where, log, keep_columns=True)
             for row in rows]
 
 
 def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, log,
-          keep_prompt: bool = False) -> list[tuple[str, str, list[dict]]]:
+          keep_columns: bool = False) -> list[tuple[str, str, list[dict]]]:
     """Every source -> (origin, format, tokenized rows), mixed by weight: 1.0 every row, 0.5 a random half,
     2.0 every row twice. Unusable rows stop the run or are dropped and counted (data.on_bad_row)."""
     rng = random.Random(seed)
@@ -99,10 +100,11 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         if missing:
             raise DataError(f"{origin}: data.extra_columns names {missing}, not columns of this data; its columns are "
                             f"{', '.join(dataset.column_names)}")
-        fmt = row_format(dataset, origin, cfg.columns, log, ignore=cfg.extra_columns)
+        fmt = row_format(dataset, origin, cfg.columns, log,
+                         ignore=dataset.column_names if keep_columns else cfg.extra_columns)
         settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
                     "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns)}
-        keep = ["prompt"] if keep_prompt else []
+        keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
         try:
             tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
                                     num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,

@@ -8,6 +8,8 @@ Log-probs are per token of the sampled tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -63,41 +65,126 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, method: str) -> torch.Tensor:
-    """Critic-free sequence advantages from `group_size` completions per prompt (scores (B,), grouped
-    consecutively):
-    - rloo: score minus the mean of the other k - 1 of its group (Ahmadian et al. 2024, Eq. 9);
-    - grpo: (score - group mean) / (group std + 1e-4), std with Bessel's correction (Shao et al. 2024, Eq. 3,
-      as TRL);
-    - reinforce: score minus the batch mean (REINFORCE with a batch baseline; Williams 1992).
-    """
-    if method == "reinforce":
-        return scores - scores.mean()
-    groups = scores.view(-1, group_size)  # (prompts, k)
-    if method == "rloo":
-        if group_size < 2:
-            raise ValueError("rloo needs at least 2 completions per prompt")
-        baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
-        return (groups - baseline).reshape(-1)
-    if method == "grpo":
+# ----- advantage estimators ------------------------------------------------------------------------
+# An estimator maps the rollout's per-token rewards (B, T) (the score at each completion's last token, minus
+# beta x KL per token where the KL is in the reward) to advantages: a sequence-level one (B,) per completion, a
+# token-level one (B, T) with value targets (B, T) or None. The scale (ppo.advantage_scale: the group's std,
+# whitening over the batch, or none) is applied after, apart from the estimator.
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    fn: Callable
+    level: str  # "sequence": (B,) per completion; "token": (B, T)
+    critic: bool = False  # needs values (a value head)
+    min_group: int = 1  # completions per prompt it needs
+
+
+ADVANTAGES: dict[str, Estimator] = {}
+
+
+def register_advantage(name: str, *, level: str = "sequence", critic: bool = False, min_group: int = 1) -> Callable:
+    """Decorator: `@register_advantage("rloo", min_group=2)` above fn(rewards, mask, *, values, group_size, gamma,
+    lam) -> (advantages, returns or None); a recipe's `ppo.advantage: <name>` then picks it."""
+
+    def add(fn: Callable) -> Callable:
+        ADVANTAGES[name] = Estimator(name, fn, level, critic, min_group)
+        return fn
+
+    return add
+
+
+@register_advantage("gae", level="token", critic=True)
+def gae_advantages(rewards, mask, *, values, gamma, lam, **_):
+    """Generalised advantage estimation with a learned value function (Schulman et al. 2016, Eq. 16)."""
+    return gae(rewards, values, mask, gamma, lam)
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards, mask, *, group_size, **_):
+    """Each completion's return minus its group's mean (Shao et al. 2024, Eq. 3; its division by the group's std
+    is advantage_scale: group, GRPO's default, which Dr. GRPO drops: Liu et al. 2025, Sec. 3.1)."""
+    groups = rewards.sum(1).view(-1, group_size)
+    return (groups - groups.mean(1, keepdim=True)).reshape(-1), None
+
+
+@register_advantage("rloo", min_group=2)
+def rloo_advantages(rewards, mask, *, group_size, **_):
+    """Return minus the mean of the other k - 1 of its group (Ahmadian et al. 2024, Eq. 9)."""
+    groups = rewards.sum(1).view(-1, group_size)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1), None
+
+
+@register_advantage("reinforce")
+def reinforce_advantages(rewards, mask, **_):
+    """Return minus the batch mean (REINFORCE with a batch baseline; Williams 1992)."""
+    returns = rewards.sum(1)
+    return returns - returns.mean(), None
+
+
+@register_advantage("reinforce_pp", level="token")
+def reinforce_pp_advantages(rewards, mask, *, gamma, **_):
+    """REINFORCE++ (Hu 2025, Sec. 3): each token's discounted return-to-go of the per-token rewards (the KL
+    penalty at every token, the score at the last), no critic; whitened over the batch (advantage_scale: batch)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns, None
+
+
+def estimate_advantages(rewards: torch.Tensor, mask: torch.Tensor, estimator: str, scale: str, *,
+                        values: torch.Tensor | None = None, group_size: int = 1, gamma: float = 1.0,
+                        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages (B, T), 0 past each completion, and value targets (zeros without a critic): the estimator, then
+    its scale: "group" divides each completion's advantage by its group's std of returns + 1e-4 (Bessel; GRPO, as
+    TRL), "batch" whitens over every completion token (TRL's PPO, OpenRLHF), "none" leaves it."""
+    spec = ADVANTAGES[estimator]
+    advantages, returns = spec.fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam)
+    if scale == "group":
+        if spec.level != "sequence":
+            raise ValueError(f"advantage_scale group needs a sequence-level estimator, not {estimator}")
+        groups = rewards.sum(1).view(-1, group_size)
         std = groups.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
-        return ((groups - groups.mean(1, keepdim=True)) / (std + 1e-4)).reshape(-1)
-    raise ValueError(f"advantage method must be gae, rloo, grpo or reinforce, got {method!r}")
+        advantages = (advantages.view(-1, group_size) / (std + 1e-4)).reshape(-1)
+    if spec.level == "sequence":
+        advantages = advantages[:, None] * mask
+    if scale == "batch":
+        advantages = masked_whiten(advantages, mask)
+    elif scale not in ("group", "none"):
+        raise ValueError(f"advantage_scale must be group, batch or none, got {scale!r}")
+    return advantages, torch.zeros_like(mask) if returns is None else returns
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), per completion (B,): 0 up to max_new_tokens -
+    buffer tokens, then falling linearly to -penalty at max_new_tokens (verl's overlong_penalty_factor)."""
+    start = max_new_tokens - buffer
+    return -penalty * ((lengths.float() - start) / buffer).clamp(0, 1)
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), as a loss: mean over completion tokens of
-    max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old. Also the clip fraction and approximate KL
-    0.5 * mean((log r)^2) (as TRL)."""
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old. Also the clip fraction and approximate KL."""
     loss = policy_loss(logps, old_logps, advantages, mask, clip_low=clip, clip_high=clip)
-    with torch.no_grad():
-        log_ratio = logps - old_logps
-        ratio = torch.exp(log_ratio)
-        unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": 0.5 * masked_mean(log_ratio**2, mask)}
-    return loss, stats
+    return loss, clip_stats(logps, old_logps, advantages, mask, clip, clip)
+
+
+@torch.no_grad()
+def clip_stats(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_low: float = 0.2, clip_high: float = 0.2) -> dict[str, torch.Tensor]:
+    """The share of tokens whose ratio the clip holds (the clipped term binds), and the approximate KL
+    0.5 * mean((log r)^2) (as TRL's PPO), over the completion tokens."""
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask)}
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -130,7 +217,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     per_token = -torch.min(importance * advantages, importance.clamp(1 - clip_low, 1 + clip_high) * advantages)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
-    per_token = per_token * mask  # (B, T)
+    return aggregate(per_token, mask, aggregation, normalizer, max_new_tokens)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
+              normalizer: float | torch.Tensor | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+    """A per-token loss (B, T) to a scalar, as policy_loss describes; every token term of one objective (policy,
+    KL, entropy, value) aggregates the same way (as verl's loss_agg_mode)."""
+    per_token = per_token * mask
     if aggregation == "token_mean":
         return per_token.sum() / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
     sequences = len(mask) if normalizer is None else normalizer
@@ -144,14 +238,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                       clip: float = 0.2, **aggregation) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean over tokens of max((V - R)^2, (clip(V, V_old +- eps) - R)^2) (as TRL and OpenAI's PPO2),
-    and the fraction where the clipped term is the larger."""
+    and the fraction where the clipped term is the larger. `aggregation`: aggregate()'s keywords (token mean)."""
     # clamped to the band itself (as TRL), not V_old + clamp(V - V_old): inside the band that returns V exactly,
     # so rounding never counts an unclipped value as clipped
     clipped_values = values.clamp(old_values - clip, old_values + clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    loss = 0.5 * aggregate(torch.max(unclipped_loss, clipped_loss), mask, **aggregation)
     return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
 
 
