@@ -4,7 +4,7 @@
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
     prefopt recipes                             list the example recipes shipped with prefopt
     prefopt inspect RECIPE [--rows N] [key.sub=value ...]   rows as the model sees them, boundary marked
-    prefopt synth sort OUT_DIR                  write the tiny model and sorting data alone
+    prefopt synth sort|arithmetic OUT_DIR       write a tiny model and a synthetic task's data
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a run (policy or reward model) on a preference set
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     quick = commands.add_parser("quickstart", help="train DPO on a tiny sorting task on this machine")
     quick.add_argument("overrides", nargs="*")
     synth = commands.add_parser("synth", help="write a synthetic task with its tiny model")
-    synth.add_argument("task", choices=["sort"])
+    synth.add_argument("task", choices=["sort", "arithmetic"])
     synth.add_argument("out_dir")
-    synth.add_argument("--train", type=int, default=2000, help="training pairs")
-    synth.add_argument("--eval", type=int, default=200, help="held-out pairs")
+    synth.add_argument("--train", type=int, default=2000, help="training rows")
+    synth.add_argument("--eval", type=int, default=200, help="held-out rows")
     synth.add_argument("--seed", type=int, default=0)
     merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
     merge.add_argument("run_dir")
@@ -105,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"wrote {merge_adapter(args.run_dir, args.out)}")
         else:
-            from prefopt.data.synthetic import write_sort_task
+            from prefopt.data import synthetic
 
-            print(f"wrote {write_sort_task(args.out_dir, args.train, args.eval, args.seed)}")
+            write = synthetic.write_sort_task if args.task == "sort" else synthetic.write_arithmetic_task
+            print(f"wrote {write(args.out_dir, args.train, args.eval, args.seed)}")
     except Stopped as exc:
         print(f"prefopt: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,6 +9,12 @@
     out_dir/eval.jsonl    chosen " 2 7 9" (sorted), rejected a wrong order
     out_dir/sft.jsonl     the training prompts with their sorted answer as `completion` (SFT rows)
 
+`write_arithmetic_task(out_dir)` writes a verifiable task for online methods, the same way:
+
+    out_dir/train.jsonl   prompts "add: 3 + 4 =" with the ground truth in an `answer` column ("7"),
+    out_dir/eval.jsonl    which a reward function reads (arithmetic_correct, number_format)
+    out_dir/sft.jsonl     the prompts with " 7" as `completion` (a starting policy by SFT)
+
 The model starts from random weights: the task checks that the trainer learns,
 not what a pretrained model already knows.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -58,6 +65,38 @@ def sort_score(prompt: str, completion: str) -> float:
 def sort_scores(prompts: list[str], completions: list[str]) -> list[float]:
     """sort_score over a batch: the verifier as a scoring function (prefopt label --verifier, PPO)."""
     return [sort_score(p, c) for p, c in zip(prompts, completions)]
+
+
+def arithmetic_row(rng: random.Random, max_value: int = 20) -> dict[str, str]:
+    a, b = rng.randint(0, max_value), rng.randint(0, max_value)
+    return {"prompt": f"add: {a} + {b} =", "answer": str(a + b)}
+
+
+def arithmetic_correct(prompts: list, completions: list[str], answer: list[str]) -> list[float]:
+    """Correctness: 1.0 where the completion's first number is the row's `answer` column."""
+    numbers = [re.findall(r"-?\d+", c) for c in completions]
+    return [float(bool(found) and found[0] == truth) for found, truth in zip(numbers, answer)]
+
+
+def number_format(prompts: list, completions: list[str]) -> list[float]:
+    """Format: 1.0 where the completion is one number and nothing else."""
+    return [float(re.fullmatch(r"\s*-?\d+\s*", c) is not None) for c in completions]
+
+
+def write_arithmetic_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                          hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write model/, train.jsonl, eval.jsonl and sft.jsonl for the addition task under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {"train": [arithmetic_row(rng) for _ in range(n_train)], "eval": [arithmetic_row(rng) for _ in range(n_eval)]}
+    splits["sft"] = [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in splits["train"]]
+    for name, rows in splits.items():
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    corpus = [r["prompt"] + " " + r["answer"] for r in splits["train"]] + ENGLISH * 20
+    build_tiny_model(build_tokenizer(corpus), out_dir / "model", hidden_size, num_layers, seed)
+    return out_dir
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 400):

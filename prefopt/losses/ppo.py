@@ -176,15 +176,15 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
 
 @torch.no_grad()
 def clip_stats(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-               clip_low: float = 0.2, clip_high: float = 0.2) -> dict[str, torch.Tensor]:
+               clip_low: float = 0.2, clip_high: float = 0.2, normalizer=None) -> dict[str, torch.Tensor]:
     """The share of tokens whose ratio the clip holds (the clipped term binds), and the approximate KL
-    0.5 * mean((log r)^2) (as TRL's PPO), over the completion tokens."""
+    0.5 * mean((log r)^2) (as TRL's PPO): token means over the completion tokens (see aggregate's normalizer)."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     advantages = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    return {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask)}
+    return {"clipfrac": aggregate((clipped > unclipped).float(), mask, normalizer=normalizer),
+            "approx_kl": 0.5 * aggregate(log_ratio**2, mask, normalizer=normalizer)}
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,

@@ -156,7 +156,8 @@ class PPOTrainer(Trainer):
                        "normalizer": batch["token_normalizer"] if ppo.loss_aggregation == "token_mean" else None}
         loss = ppo_math.policy_loss(logps, old_logps, batch["advantages"], mask, clip_low=ppo.clip_low,
                                     clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, ratio=ppo.ratio, **aggregation)
-        stats = ppo_math.clip_stats(logps, old_logps, batch["advantages"], mask, ppo.clip_low, ppo.clip_high)
+        stats = ppo_math.clip_stats(logps, old_logps, batch["advantages"], mask, ppo.clip_low, ppo.clip_high,
+                                    batch["token_normalizer"])
         metrics = {"policy/loss": loss.detach(), "policy/clipfrac": stats["clipfrac"],
                    "policy/approx_kl": stats["approx_kl"]}
         entropy = ppo_math.aggregate(entropy, mask, **aggregation)
