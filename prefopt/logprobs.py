@@ -103,7 +103,8 @@ def _head_logps_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, tempe
     logz = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - E_p[logits]
+        probs = torch.softmax(logits, -1)
+        entropy = logz - torch.einsum("nv,nv->n", probs, logits)  # H = log Z - E_p[logits], no (n, V) product
     return logps, entropy
 
 

@@ -53,7 +53,9 @@ class PPOTrainer(Trainer):
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
         # the LM head runs outside the model's forward: not where its weight is sharded between forwards
         chunked = plain_head(self.model.policy.config) and not distributed.shards_parameters(acc)
-        self.chunk_size = recipe.train.logps_chunk_size if chunked else 0
+        # at most 2^26 fp32 logits (256 MB) per chunk: a 152k vocabulary takes 441 tokens at a time, not 1024
+        vocab = self.model.policy.config.get_text_config().vocab_size
+        self.chunk_size = min(recipe.train.logps_chunk_size, max(16, 2**26 // vocab)) if chunked else 0
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
         self.checkpointed["kl_controller"] = self.kl_controller
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
