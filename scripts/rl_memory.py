@@ -92,12 +92,13 @@ def main() -> None:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if r["split"] == "train"][1:]
 
-        def median(key):
-            values = [r[key] for r in records if key in r]
-            return f"{statistics.median(values):.2f}" if values else "-"
+        print(f"| {name} | {peak['rss_mb']:.0f} | {peak['gpu_mb']:.0f} | {median(records, 'step_seconds')} | "
+              f"{' | '.join(median(records, key) for key in TIMING)} |", flush=True)
 
-        print(f"| {name} | {peak['rss_mb']:.0f} | {peak['gpu_mb']:.0f} | {median('step_seconds')} | "
-              f"{' | '.join(median(key) for key in TIMING)} |", flush=True)
+
+def median(records: list[dict], key: str) -> str:
+    values = [r[key] for r in records if key in r]
+    return f"{statistics.median(values):.2f}" if values else "-"
 
 
 if __name__ == "__main__":
