@@ -49,7 +49,8 @@ def grpo_sections(task, **ppo):
 
 VARIANTS = {
     "grpo": {},  # sequence_mean, group-scaled advantages
-    # token_mean over the mini-batch, clip-higher, soft overlong punishment, two mini-batches per rollout
+    # token_mean over the mini-batch, clip-higher, two mini-batches per rollout (and below: the soft overlong
+    # punishment and dynamic sampling)
     "dapo": {"loss_aggregation": "token_mean", "clip_high": 0.28, "num_mini_batches": 2},
 }
 
@@ -63,7 +64,7 @@ def test_loss_and_gradient_do_not_depend_on_how_the_mini_batch_is_cut(arithmetic
     sections["rewards"].append({"function": "test_ppo:length_score", "weight": 0.1})  # a signal in most groups
     sections["data"]["eval"] = str(arithmetic / "eval.jsonl")  # greedy evaluation, split over the processes
     if variant == "dapo":
-        sections["rollout"]["overlong"] = {"buffer": 4, "penalty": 0.5}
+        sections["rollout"].update(overlong={"buffer": 4, "penalty": 0.5}, filter_groups=True)
     runs = {}
     for name, micro in (("whole", 8), ("accumulated", 2), ("two", 4)):
         sections["train"]["micro_batch_size"] = micro

@@ -43,11 +43,17 @@ def test_ppo_runs_and_logs(sort_task, tmp_path, advantage):
 
 
 @pytest.mark.parametrize("ppo", [{"advantage": "gae"}, {"advantage": "gae", "critic": "separate"},
-                                 {"advantage": "grpo"}], ids=["gae", "gae-separate-critic", "grpo"])
+                                 {"advantage": "grpo"}, {"advantage": "grpo", "loss_aggregation": "token_mean",
+                                                         "clip_high": 0.28, "filter_groups": True}],
+                         ids=["gae", "gae-separate-critic", "grpo", "dapo-dynamic-sampling"])
 def test_ppo_resume_continues_exactly(sort_task, tmp_path, ppo):
-    """Stopped at step 2 (a rollout boundary) and resumed: the same rollouts (restored RNG), the same
-    value head (and critic), optimizer and KL controller, so the same losses."""
+    """Stopped at step 2 (a rollout boundary) and resumed: the same rollouts (restored RNG; dynamic sampling's
+    further prompts drawn from (seed, rollout, round)), the same value head (and critic), optimizer and KL
+    controller, so the same losses."""
+    ppo = dict(ppo)
+    filter_groups = ppo.pop("filter_groups", False)
     sections = ppo_sections(**ppo, target_kl=0.01)
+    sections["rollout"]["filter_groups"] = filter_groups
     sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-3}
     assert_resume_matches(sort_task, tmp_path, **sections)
 
@@ -84,6 +90,16 @@ def test_lora_policy_trains_adapter_and_value_head(sort_task, tmp_path):
     ({"rollout": {"samples_per_prompt": 3}}, "must be a multiple of rollout.samples_per_prompt"),
     ({"reference": {"kind": "precomputed"}}, "cannot give the per-token reference log-probs"),
     ({"train": {"batch_size": 8, "micro_batch_size": 4, "save_every": 3}}, "multiple of ppo.epochs"),
+    ({"ppo": {"advantage": "grpoo"}}, "unknown estimator 'grpoo'; known: gae, grpo"),
+    ({"ppo": {"advantage": "gae", "advantage_scale": "group"}}, "needs a sequence-level advantage"),
+    ({"ppo": {"whiten_advantages": False}}, "did you mean 'ppo.advantage_scale'"),
+    ({"ppo": {"dual_clip": 0.5}}, "ppo.dual_clip: must be > 1"),
+    ({"ppo": {"clip_low": 1.5}}, "ppo.clip_low: must be below 1"),
+    ({"rollout": {"overlong": {"buffer": 9}}}, "rollout.overlong.buffer: 9 is more than rollout.max_new_tokens"),
+    ({"rollout": {"filter_groups": True, "samples_per_prompt": 1}, "ppo": {"advantage": "reinforce"}},
+     "too few for advantage reinforce with rollout.filter_groups"),
+    ({"rewards": [{"function": "a:f"}, {"function": "b:f"}]}, "two terms share a name"),
+    ({"rewards": {"function": "a:f", "weight": float("nan")}}, "weight: must be a finite number"),
 ])
 def test_ppo_recipe_errors(sort_task, tmp_path, sections, message):
     merged = ppo_sections()
