@@ -86,16 +86,22 @@ def number_format(prompts: list, completions: list[str]) -> list[float]:
 def write_arithmetic_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
                           hidden_size: int = 64, num_layers: int = 2) -> Path:
     """Write model/, train.jsonl, eval.jsonl and sft.jsonl for the addition task under out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     splits = {"train": [arithmetic_row(rng) for _ in range(n_train)], "eval": [arithmetic_row(rng) for _ in range(n_eval)]}
     splits["sft"] = [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in splits["train"]]
+    corpus = [r["prompt"] + " " + r["answer"] for r in splits["train"]]
+    return _write_task(out_dir, splits, corpus, hidden_size, num_layers, seed)
+
+
+def _write_task(out_dir: str | Path, splits: dict[str, list[dict]], corpus: list[str], hidden_size: int,
+                num_layers: int, seed: int) -> Path:
+    """Each split as out_dir/<name>.jsonl, and a tiny model with a tokenizer trained on `corpus` in out_dir/model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         with open(out_dir / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-    corpus = [r["prompt"] + " " + r["answer"] for r in splits["train"]] + ENGLISH * 20
-    build_tiny_model(build_tokenizer(corpus), out_dir / "model", hidden_size, num_layers, seed)
+    build_tiny_model(build_tokenizer(corpus + ENGLISH * 20), out_dir / "model", hidden_size, num_layers, seed)
     return out_dir
 
 
@@ -140,14 +146,8 @@ def build_tiny_model(tokenizer, out_dir: str | Path, hidden_size: int = 64, num_
 def write_sort_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
                     hidden_size: int = 64, num_layers: int = 2) -> Path:
     """Write model/, train.jsonl and eval.jsonl for the sorting task under out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     splits = {"train": [sort_pair(rng) for _ in range(n_train)], "eval": [sort_pair(rng) for _ in range(n_eval)]}
     splits["sft"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in splits["train"]]
-    for name, rows in splits.items():
-        with open(out_dir / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    corpus = [r["prompt"] + r["chosen"] + r["rejected"] for r in splits["train"]] + ENGLISH * 20
-    build_tiny_model(build_tokenizer(corpus), out_dir / "model", hidden_size, num_layers, seed)
-    return out_dir
+    corpus = [r["prompt"] + r["chosen"] + r["rejected"] for r in splits["train"]]
+    return _write_task(out_dir, splits, corpus, hidden_size, num_layers, seed)
