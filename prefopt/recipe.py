@@ -157,6 +157,10 @@ class RolloutConfig:
     # prompts until the rollout is full, for at most filter_max_rounds rounds (then the dropped fill the rest)
     filter_groups: bool = False
     filter_max_rounds: int = 4
+    # hf: Hugging Face generate on the policy; vllm: a vLLM engine colocated in each process, synced after updates
+    engine: Literal["hf", "vllm"] = "hf"
+    gpu_memory_utilization: float = 0.3  # vllm: the share of GPU memory the engine may take
+    tensor_parallel_size: int = 1  # vllm
 
 
 @dataclass
@@ -205,6 +209,10 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
+    # correct for the gap between the engine's sampling distribution and the trainer's (TIS): each token's loss
+    # times min(pi_trainer / pi_engine, engine_is_cap); None: truncate with rollout.engine vllm, else none
+    engine_is: Literal["none", "truncate"] | None = None
+    engine_is_cap: float = 2.0
 
 
 # What each method trains, and the sections it owns besides the common ones (model, data, optim, train, ...).

@@ -71,7 +71,8 @@ RANGES = {
     "rollout.samples_per_prompt": AT_LEAST_ONE, "rollout.max_new_tokens": AT_LEAST_ONE,
     "rollout.temperature": POSITIVE, "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "rollout.filter_max_rounds": AT_LEAST_ONE, "rollout.overlong.buffer": AT_LEAST_ONE,
-    "rollout.overlong.penalty": NON_NEGATIVE,
+    "rollout.overlong.penalty": NON_NEGATIVE, "rollout.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.tensor_parallel_size": AT_LEAST_ONE, "ppo.engine_is_cap": (lambda v: v >= 1, ">= 1"),
     "ppo.epochs": AT_LEAST_ONE, "ppo.num_mini_batches": AT_LEAST_ONE, "ppo.clip": POSITIVE, "ppo.value_clip": POSITIVE,
     "ppo.clip_low": POSITIVE, "ppo.clip_high": POSITIVE, "ppo.dual_clip": ((lambda v: v > 1), "> 1"),
     "ppo.vf_coef": NON_NEGATIVE, "ppo.entropy_coef": NON_NEGATIVE, "ppo.kl_coef": NON_NEGATIVE,
@@ -116,6 +117,11 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
     if ppo.advantage_scale == "group" and (estimator.level != "sequence" or k < 2):
         fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
               f"sequence-level advantage (not {ppo.advantage}) and rollout.samples_per_prompt >= 2")
+    if ppo.engine_is is None:
+        ppo.engine_is = "truncate" if rollout.engine == "vllm" else "none"
+    if ppo.engine_is == "truncate" and rollout.engine == "hf":
+        fail(where, "ppo.engine_is", "truncate corrects samples drawn by another engine; rollout.engine hf samples "
+              "from the trained policy itself: set ppo.engine_is: none")
     if ppo.loss_aggregation is None:
         ppo.loss_aggregation = "sequence_mean" if ppo.advantage == "grpo" else "token_mean"
     ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low

@@ -190,7 +190,7 @@ def clip_stats(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None, ratio: str = "token",
                 aggregation: str = "token_mean", normalizer: float | torch.Tensor | None = None,
-                max_new_tokens: int | None = None) -> torch.Tensor:
+                max_new_tokens: int | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The clipped surrogate of the GRPO family, as a loss: per token -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
     aggregated. logps, old_logps, mask: (B, T); advantages: (B,) per sequence or (B, T) per token.
 
@@ -203,7 +203,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
       (GRPO, Shao et al. 2024, Eq. 3); "constant": the sum over tokens divided by sequences x max_new_tokens
       (Dr. GRPO, Liu et al. 2025).
 
-    `normalizer` is the count that divides: tokens (token_mean) or sequences (the others). None takes this
+    `weights` (B, T) multiply each token's loss: truncated importance weights for samples drawn by another engine
+    (TIS; TRL's vllm_importance_sampling_correction). `normalizer` is the count that divides: tokens (token_mean) or sequences (the others). None takes this
     batch's own; a trainer passes the count of the whole global mini-batch per micro-batch share, so that
     however the mini-batch is cut (micro-batches, processes) the gradient is the same.
     """
@@ -217,6 +218,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     per_token = -torch.min(importance * advantages, importance.clamp(1 - clip_low, 1 + clip_high) * advantages)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
+    if weights is not None:
+        per_token = per_token * weights
     return aggregate(per_token, mask, aggregation, normalizer, max_new_tokens)
 
 

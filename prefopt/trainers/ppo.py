@@ -62,7 +62,17 @@ class PPOTrainer(Trainer):
         # one update per rollout: its old log-probs are the update's own, detached (no forward at the rollout),
         # unless the rollout needs them for a KL in the reward, the adaptive KL or a critic
         self.fused_old_logps = self.cycle == 1 and not critic_based and ppo.target_kl is None and not (
-            ppo.kl_penalty == "reward" and ppo.kl_coef > 0)
+            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and recipe.rollout.engine == "hf"
+        self.engine, self.engine_stale, self.sync_seconds = None, True, 0.0  # the engine's weights are not yet the policy's
+        if recipe.rollout.engine == "vllm":
+            from prefopt.engines import VLLMEngine
+
+            rollout, model = recipe.rollout, recipe.model
+            self.engine = VLLMEngine(model.name_or_path, seed=recipe.seed, dtype=model.dtype,
+                                     max_model_len=data.max_length + rollout.max_new_tokens,
+                                     gpu_memory_utilization=rollout.gpu_memory_utilization,
+                                     tensor_parallel_size=rollout.tensor_parallel_size,
+                                     trust_remote_code=model.trust_remote_code)
         self.buffer, self.buffer_cycle, self.stop_epoch, self.samples = None, None, False, []
 
     def can_stop_after(self, step: int) -> bool:
@@ -75,6 +85,11 @@ class PPOTrainer(Trainer):
             ids = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.accelerator.device)
             with torch.no_grad():
                 self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        super().close()
 
     def placed_models(self) -> dict[str, nn.Module]:
         members = {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.rewards.members)}
@@ -100,6 +115,17 @@ class PPOTrainer(Trainer):
         epoch, index = divmod(cycle, n // prompts)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         return [self.train_data[i] for i in order[index * prompts : (index + 1) * prompts]]
+
+    def sync_engine(self) -> None:
+        """Load the policy's current weights into the engine, where an update changed them since the last sync."""
+        if self.engine is None or not self.engine_stale:
+            return
+        from prefopt.engines import policy_weights
+
+        start = time.perf_counter()
+        with distributed.generation_weights(self.model, self.accelerator):
+            self.engine.sync(policy_weights(self.model, self.accelerator))
+        self.engine_stale, self.sync_seconds = False, time.perf_counter() - start
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every process's rows, in process order, on every process: prompts left-padded and completions
@@ -157,7 +183,8 @@ class PPOTrainer(Trainer):
         aggregation = {"aggregation": ppo.loss_aggregation, "max_new_tokens": rollout.max_new_tokens,
                        "normalizer": batch["token_normalizer"] if ppo.loss_aggregation == "token_mean" else None}
         loss = ppo_math.policy_loss(logps, old_logps, batch["advantages"], mask, clip_low=ppo.clip_low,
-                                    clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, ratio=ppo.ratio, **aggregation)
+                                    clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, ratio=ppo.ratio,
+                                    weights=batch.get("is_weights"), **aggregation)
         stats = ppo_math.clip_stats(logps, old_logps, batch["advantages"], mask, ppo.clip_low, ppo.clip_high,
                                     batch["token_normalizer"])
         metrics = {"policy/loss": loss.detach(), "policy/clipfrac": stats["clipfrac"],
@@ -183,6 +210,7 @@ class PPOTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         start, made = time.perf_counter(), self.buffer_cycle
         record = super().train_step(step)
+        self.engine_stale = True
         bound = self.recipe.ppo.approx_kl_stop
         if bound is not None and record.get("policy/approx_kl", 0.0) > bound:
             self.stop_epoch = True

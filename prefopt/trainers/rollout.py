@@ -49,6 +49,7 @@ class Rollout:
     old_values: torch.Tensor  # (B, R) the value head's (0 without one)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R) value targets (0 without a critic)
+    is_weights: torch.Tensor | None  # (B, R) truncated importance weights trainer / engine (ppo.engine_is)
     stats: dict[str, float] = field(default_factory=dict)  # rollout/*, rewards/*, timing/* metrics
 
     def __len__(self) -> int:
@@ -56,7 +57,7 @@ class Rollout:
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         tensors = {key: getattr(self, key) for key in ("input_ids", "attention_mask", "mask", "ref_logps",
-                                                       "old_logps", "old_values", "advantages", "returns")}
+                                                       "old_logps", "old_values", "advantages", "returns", "is_weights")}
         return {key: value[index] for key, value in tensors.items() if value is not None}
 
 
@@ -82,6 +83,9 @@ def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None
     prompt_ids, prompt_mask = pad_prompts([ex["prompt_ids"] for ex in examples], tokenizer.pad_token_id,
                                           trainer.accelerator.device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+    rows = [ex for ex in examples for _ in range(k)]
+    if trainer.engine is not None:
+        return _engine_generate(trainer, rows, prompt_ids, prompt_mask, sampler)
     processors = LogitsProcessorList()
     if sampler:  # the whole temperature-scaled (top-p) distribution the update's log-probs are taken under,
         # not the top 50 or the repetition penalty of a model's own generation config
@@ -106,8 +110,31 @@ def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None
     mask = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
     responses = responses.masked_fill(~mask, tokenizer.pad_token_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses, "mask": mask.float(),
-            "ended": ended, "texts": tokenizer.batch_decode(responses, skip_special_tokens=True),
-            "rows": [ex for ex in examples for _ in range(k)]}
+            "ended": ended, "texts": tokenizer.batch_decode(responses, skip_special_tokens=True), "rows": rows}
+
+
+def _engine_generate(trainer, rows: list[dict], prompt_ids, prompt_mask, sampler: GumbelSampler | None) -> dict:
+    """generate() through the vLLM engine: each row drawn with a seed from (rollout seed, global row), greedy
+    without a sampler; also the engine's log-prob of each sampled token (`engine_logps`)."""
+    rollout, tokenizer, device = trainer.recipe.rollout, trainer.tokenizer, prompt_ids.device
+    trainer.sync_engine()
+    seeds = [None] * len(rows) if sampler is None else [
+        hash((sampler.seed, int(row))) & (2**31 - 1) for row in sampler.rows]
+    tokens, logps = trainer.engine.generate([row["prompt_ids"] for row in rows], seeds,
+                                            temperature=rollout.temperature, top_p=rollout.top_p,
+                                            max_new_tokens=rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    width = max(1, max(map(len, tokens)))
+    responses = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    engine_logps = torch.zeros(len(rows), width)
+    for i, (ids, values) in enumerate(zip(tokens, logps)):
+        responses[i, : len(ids)], engine_logps[i, : len(values)] = torch.tensor(ids, dtype=torch.long), \
+            torch.tensor(values)
+    lengths = torch.tensor([len(ids) for ids in tokens])
+    mask = torch.arange(width)[None] < lengths[:, None]
+    ended = torch.tensor([bool(ids) and ids[-1] == tokenizer.eos_token_id for ids in tokens])
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses.to(device),
+            "mask": mask.float().to(device), "ended": ended.to(device), "engine_logps": engine_logps.to(device),
+            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True), "rows": rows}
 
 
 def score(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +183,8 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         timing["score"] += time.perf_counter() - start
         samples = samples or [{"cycle": cycle, "prompt": batch["rows"][i]["prompt"], "completion": batch["texts"][i],
                                "score": scores[i].item()} for i in range(min(3, len(scores)))]
-        local = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask")}
+        local = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask", "engine_logps")
+                 if key in batch}
         gathered = trainer.gather({**local, "ended": batch["ended"].float(), "scores": scores, "terms": terms.T})
         gathered["ended"] = gathered["ended"].bool()
         generated += gathered["mask"].sum().item()
@@ -212,6 +240,13 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         total = ppo_math.masked_mean((returns - ppo_math.masked_mean(returns, mask)) ** 2, mask)
         stats["value/explained_variance"] = 1 - residual / total
 
+    is_weights = None
+    if "engine_logps" in buffer:  # the engine's and the trainer's log-probs of the same tokens
+        gap = (buffer["engine_logps"] - old_logps).abs() * mask
+        stats.update({"rollout/engine_logp_gap_mean": gap.sum() / mask.sum(), "rollout/engine_logp_gap_max": gap.max()})
+        if ppo.engine_is == "truncate":  # truncated importance sampling (TIS): pi_trainer / pi_engine, capped
+            is_weights = torch.exp(old_logps - buffer["engine_logps"]).clamp(max=ppo.engine_is_cap) * mask
+
     # 7. the loss mask: completions cut by max_new_tokens leave it with rollout.mask_truncated
     loss_mask = mask * ended[:, None] if rollout.mask_truncated else mask
     for i, name in enumerate(trainer.rewards.names):
@@ -222,10 +257,12 @@ def make_rollout(trainer, cycle: int) -> Rollout:
     if rollout.filter_groups:
         stats.update({"rollout/groups_filtered": filtered, "rollout/sampling_rounds": rounds,
                       "rollout/groups_short": short})
+    if trainer.engine is not None:  # the engine's weight sync (inside timing/generate)
+        timing["sync"] = trainer.sync_seconds
     stats.update({f"timing/{key}": value for key, value in timing.items()})
     stats["rollout/tokens_per_second"] = generated / max(timing["generate"], 1e-9)
     result = Rollout(input_ids, attention_mask, loss_mask, tokens["ref_logps"], old_logps,
-                     tokens.get("old_values", torch.zeros_like(mask)), advantages, returns,
+                     tokens.get("old_values", torch.zeros_like(mask)), advantages, returns, is_weights,
                      {key: float(value) for key, value in stats.items()})
     trainer.samples = samples
     return result
