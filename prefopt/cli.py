@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--train", type=int, default=2000, help="training rows")
     synth.add_argument("--eval", type=int, default=200, help="held-out rows")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--hidden-size", type=int, default=64, help="the tiny model's width (vLLM needs 128+: head_dim 32+)")
+    synth.add_argument("--layers", type=int, default=2)
     merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
     merge.add_argument("run_dir")
     merge.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     label.add_argument("--n", type=int, default=4, help="completions sampled per prompt (with --policy)")
     label.add_argument("--max-new-tokens", type=int, default=128)
     label.add_argument("--temperature", type=float, default=1.0)
+    label.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="what samples (as rollout.engine)")
+    label.add_argument("--seed", type=int, default=0, help="the samples' seed (vllm: per completion)")
     code = run(parser.parse_args(argv))
     end_launched_process(code)
     return code
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             from prefopt.data import synthetic
 
             write = synthetic.write_sort_task if args.task == "sort" else synthetic.write_arithmetic_task
-            print(f"wrote {write(args.out_dir, args.train, args.eval, args.seed)}")
+            print(f"wrote {write(args.out_dir, args.train, args.eval, args.seed, args.hidden_size, args.layers)}")
     except Stopped as exc:
         print(f"prefopt: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -31,14 +31,31 @@ def best_vs_worst(prompts: list, completions: list[list[str]], scorer) -> tuple[
 
 
 @torch.no_grad()
-def sample(model_path: str, prompts: list[str], n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
-    """n sampled completions per prompt from a causal LM (left-padded batches, stop at EOS)."""
+def sample(model_path: str, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+           engine: str = "hf", seed: int = 0) -> list[list[str]]:
+    """n sampled completions per prompt from a causal LM, stopped at EOS: Hugging Face generate (left-padded
+    batches), or a vLLM engine (engine="vllm"), each completion with its own seed from (seed, row)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if engine == "vllm":
+        from prefopt.engines import VLLMEngine
+
+        ids = [tokenizer(p)["input_ids"] for p in prompts for _ in range(n)]
+        llm = VLLMEngine(model_path, seed=seed, max_model_len=max(map(len, ids)) + max_new_tokens,
+                         gpu_memory_utilization=0.5, tensor_parallel_size=1, dtype="auto")
+        try:
+            tokens, _ = llm.generate(ids, [hash((seed, row)) & (2**31 - 1) for row in range(len(ids))],
+                                     temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                                     eos_token_id=tokenizer.eos_token_id)
+        finally:
+            llm.close()
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**batch, do_sample=True, temperature=temperature, num_return_sequences=n,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -50,7 +67,8 @@ def label_file(args) -> str:
     rows = [json.loads(line) for line in Path(args.input).read_text().splitlines() if line.strip()]
     prompts = [row["prompt"] for row in rows]
     if args.policy:
-        completions = sample(args.policy, prompts, args.n, args.max_new_tokens, args.temperature)
+        completions = sample(args.policy, prompts, args.n, args.max_new_tokens, args.temperature, args.engine,
+                             args.seed)
     elif all(isinstance(row.get("completions"), list) and len(row["completions"]) >= 2 for row in rows):
         completions = [row["completions"] for row in rows]
     else:

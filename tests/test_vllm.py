@@ -55,6 +55,11 @@ def test_a_sync_the_engine_cannot_take_stops_at_once(checks):
     assert "vLLM weight sync failed" in bad["message"] and "not_a_parameter" in bad["message"]
 
 
+def test_labelling_samples_through_the_engine(checks):
+    label = checks["label"]
+    assert label["repeated"] and label["shape"] == [3, 3] and label["distinct"] > 1
+
+
 def test_two_processes_sample_what_one_does(tmp_path):
     run(tmp_path, "one")
     run(tmp_path, "two", processes=2)

@@ -86,6 +86,13 @@ def engine_checks(out: Path, task: Path) -> dict:
                          "resumed": [r["grad_norm"] for r in resumed],
                          "lengths": [[r["rollout/length"] for r in rs if r["split"] == "train"]
                                      for rs in (whole, [{**r, "split": "train"} for r in resumed])]}
+    # prefopt label --engine vllm: seeded samples, the same on a second call
+    from prefopt.labeling import sample
+
+    drawn = [sample(str(task / "model"), ["add: 1 + 2 =", "add: 3 + 4 ="], 3, 8, 1.0, "vllm", seed=7)
+             for _ in range(2)]
+    results["label"] = {"repeated": drawn[0] == drawn[1], "shape": [len(c) for c in drawn[0]],
+                        "distinct": len({c for cs in drawn[0] for c in cs})}
     # a sync the engine cannot take: a parameter name it does not know
     from prefopt.engines import VLLMEngine
 
