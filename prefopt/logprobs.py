@@ -48,6 +48,15 @@ def _unwrap(model):
     return model
 
 
+def custom_masks(config, attn_implementation: str | None) -> bool:
+    """Whether a model takes a custom 4-D attention mask (prefix sharing): sdpa or eager attention, no sliding
+    window."""
+    text = config.get_text_config()
+    sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
+        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+    return attn_implementation in (None, "sdpa", "eager") and not sliding
+
+
 def plain_head(config) -> bool:
     """Whether a model's logits are its output embedding applied to the last hidden state, and nothing more."""
     config = config.get_text_config()
@@ -65,12 +74,8 @@ def hidden_states_as_logits(model):
         del head.forward
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the completion tokens of each sequence, and their counts: (N,) each.
-
-    batch: any layout of prefopt.data.collate (padded or packed), which names the positions whose logits score
-    each completion token (token_index, token_target, token_sequence) and the counts (completion_tokens).
-    """
+def _layout_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
+    """A prefopt.data.collate layout as the model's keyword arguments."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
@@ -79,6 +84,16 @@ def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0)
         dtype = next(model.parameters()).dtype  # eager attention adds the mask to its scores
         inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min)
+    return inputs
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the completion tokens of each sequence, and their counts: (N,) each.
+
+    batch: any layout of prefopt.data.collate (padded or packed), which names the positions whose logits score
+    each completion token (token_index, token_target, token_sequence) and the counts (completion_tokens).
+    """
+    inputs = _layout_inputs(model, batch)
     index, targets = batch["token_index"], batch["token_target"]
     size = chunk_size or 1024
     if chunk_size:
@@ -144,3 +159,47 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     else:  # no token scored: still a graph to backprop
         logps = logps + out.logits[:0].sum()
     return logps, entropy, out
+
+
+def shared_prompt_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, *,
+                        pad_token_id: int, temperature: float = 1.0, chunk_size: int = 0,
+                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_logps's log-probs and entropies (N, W), computed with each distinct prompt once: the rows (left-
+    padded prompt, right-padded completion of W tokens) are packed so that the completions of one prompt follow
+    it in one segment, each seeing the prompt and itself only (the offline trainer's share_prompt layout), so a
+    group of k samples runs its prompt through the model once, not k times. `mask` (N, W): the tokens to score."""
+    from prefopt.data.collate import pack_sequences
+
+    width = mask.shape[1]
+    prompt_part = attention_mask[:, :-width].bool()
+    prompts = [row[keep].tolist() for row, keep in zip(input_ids[:, :-width], prompt_part)]
+    lengths = attention_mask[:, -width:].sum(1).tolist()  # each completion's sampled tokens
+    completions = [row[:n].tolist() for row, n in zip(input_ids[:, -width:], lengths)]
+    batch = {k: v.to(input_ids.device) for k, v in pack_sequences(prompts, completions, pad_token_id, True).items()}
+    inputs = _layout_inputs(model, batch)
+    if chunk_size:
+        with hidden_states_as_logits(model) as head:
+            states = model(**inputs).logits.flatten(0, 1)
+    else:
+        head, states = (lambda x: x), model(**inputs).logits.flatten(0, 1)
+    index, targets, sequence = batch["token_index"], batch["token_target"], batch["token_sequence"]
+    size = chunk_size or 1024
+    pieces = []
+    for i in range(0, len(index), size):
+        args = (head, states[index[i : i + size]], targets[i : i + size], temperature, entropy_grad)
+        pieces.append(checkpoint(_head_logps_entropy, *args, use_reentrant=False)
+                      if chunk_size and torch.is_grad_enabled() else _head_logps_entropy(*args))
+    logps = mask.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logps)
+    if not pieces:
+        return logps + states[:0].sum(), entropy
+    # each sequence's tokens are scored in order (the sequences themselves in packing order): the t-th scored
+    # token of sequence i goes to (i, t)
+    first = torch.zeros(len(mask) + 1, dtype=torch.long, device=index.device)
+    first[1:] = torch.bincount(sequence, minlength=len(mask)).cumsum(0)
+    order = torch.sort(sequence, stable=True).indices
+    column = torch.empty_like(sequence)
+    column[order] = torch.arange(len(sequence), device=index.device) - first[sequence[order]]
+    logps = logps.index_put((sequence, column), torch.cat([p[0] for p in pieces]))
+    entropy = entropy.index_put((sequence, column), torch.cat([p[1] for p in pieces]))
+    return logps * mask, entropy * mask

@@ -225,6 +225,10 @@ class PolicyWithValueHead(nn.Module):
         return [name for model in (self.policy, self.critic) if model is not None
                 for name in getattr(model, "_no_split_modules", None) or []]
 
+    @property
+    def config(self):
+        return self.policy.config
+
     def get_input_embeddings(self):
         return self.policy.get_input_embeddings()
 

@@ -6,6 +6,7 @@ batch and precision (docs/benchmarks.md).
     python scripts/benchmark.py --preset qwen2.5-0.5b --methods dpo dpo-precomputed simpo  # GPU
     python scripts/benchmark.py --backends single_gpu ddp zero2 zero3 fsdp2    # prefopt per launch config
     python scripts/benchmark.py --backends single_gpu zero2 zero3 fsdp2 --lora 16
+    python scripts/benchmark.py --online [--models tiny wide vocab32k --new-tokens 16 128]   # GRPO: online_benchmark.py
 
 With `--backends`, prefopt alone runs under each launch config of recipes/accelerate (`--processes` of
 them, default: every GPU, or 2 on a CPU), with the same global batch; the peak is the largest of any process.
@@ -301,6 +302,12 @@ def compare_backends(args, method: str) -> None:
 
 
 def main() -> None:
+    if "--online" in sys.argv:  # online GRPO: prefopt (hf, vllm) against TRL GRPOTrainer
+        sys.path.insert(0, str(Path(__file__).parent))
+        from online_benchmark import main as online
+
+        online([arg for arg in sys.argv[1:] if arg != "--online"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=PRESETS, default=None, help="default: cpu-small, or qwen2.5-0.5b on a GPU")
     parser.add_argument("--lengths", choices=["variable", "fixed"], default="variable")

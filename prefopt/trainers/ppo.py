@@ -19,7 +19,7 @@ from torch import nn
 from prefopt import distributed
 from prefopt.data import load_prompts
 from prefopt.errors import RecipeError
-from prefopt.logprobs import plain_head, response_logps
+from prefopt.logprobs import custom_masks, plain_head, response_logps, shared_prompt_logps
 from prefopt.losses import ppo as ppo_math
 from prefopt.models import PolicyWithValueHead, load_causal_lm, load_policy, load_reference_copy
 from prefopt.scoring import RewardTerms
@@ -56,6 +56,15 @@ class PPOTrainer(Trainer):
         # at most 2^26 fp32 logits (256 MB) per chunk: a 152k vocabulary takes 441 tokens at a time, not 1024
         vocab = self.model.policy.config.get_text_config().vocab_size
         self.chunk_size = min(recipe.train.logps_chunk_size, max(16, 2**26 // vocab)) if chunked else 0
+        # the k samples of a prompt packed behind one copy of it, for every forward of the update and the rollout
+        # (the offline share_prompt layout); not with a critic, whose values this layout does not give
+        allowed = custom_masks(self.model.policy.config, recipe.model.attn_implementation) and not critic_based
+        share = recipe.train.share_prompt
+        self.share_prompt = recipe.train.packing and (
+            allowed and recipe.rollout.samples_per_prompt > 1 if share is None else share)
+        if self.share_prompt and not allowed:
+            raise RecipeError("train.share_prompt needs a critic-free advantage and a custom attention mask (attention "
+                              "sdpa or eager, no sliding window); set train.share_prompt: false")
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
         self.checkpointed["kl_controller"] = self.kl_controller
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
@@ -115,6 +124,20 @@ class PPOTrainer(Trainer):
         epoch, index = divmod(cycle, n // prompts)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         return [self.train_data[i] for i in order[index * prompts : (index + 1) * prompts]]
+
+    def token_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs and entropies (N, W) of the completions of left-padded rows under `model` (the
+        policy or a reference), and the value head's values (N, W) or None: through the shared-prompt layout
+        where it is on, else the padded rows as they are."""
+        options = {"temperature": self.recipe.rollout.temperature, "chunk_size": self.chunk_size,
+                   "entropy_grad": entropy_grad}
+        if self.share_prompt:
+            return (*shared_prompt_logps(model, input_ids, attention_mask, mask,
+                                         pad_token_id=self.tokenizer.pad_token_id, **options), None)
+        logps, entropy, out = response_logps(model, input_ids, attention_mask, mask, **options)
+        values = getattr(out, "critic_values", None)
+        return logps, entropy, None if values is None else values[:, -mask.shape[1] - 1 : -1]
 
     def sync_engine(self) -> None:
         """Load the policy's current weights into the engine, where an update changed them since the last sync."""
@@ -176,9 +199,8 @@ class PPOTrainer(Trainer):
     def compute_loss(self, batch):
         ppo, rollout = self.recipe.ppo, self.recipe.rollout
         mask = batch["mask"]
-        logps, entropy, out = response_logps(self.model, batch["input_ids"], batch["attention_mask"], mask,
-                                             temperature=rollout.temperature, chunk_size=self.chunk_size,
-                                             entropy_grad=ppo.entropy_coef > 0)
+        logps, entropy, values = self.token_forward(self.model, batch["input_ids"], batch["attention_mask"], mask,
+                                                    entropy_grad=ppo.entropy_coef > 0)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         aggregation = {"aggregation": ppo.loss_aggregation, "max_new_tokens": rollout.max_new_tokens,
                        "normalizer": batch["token_normalizer"] if ppo.loss_aggregation == "token_mean" else None}
@@ -193,8 +215,7 @@ class PPOTrainer(Trainer):
         metrics["policy/entropy"] = entropy.detach()
         if ppo.entropy_coef:
             loss = loss - ppo.entropy_coef * entropy
-        if out.critic_values is not None:
-            values = out.critic_values[:, -mask.shape[1] - 1 : -1]
+        if values is not None:
             value_loss, value_clipfrac = ppo_math.clipped_value_loss(values, batch["old_values"], batch["returns"],
                                                                      mask, ppo.value_clip, **aggregation)
             loss = loss + ppo.vf_coef * value_loss

@@ -18,7 +18,7 @@ from prefopt import reference as refs
 from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.errors import RecipeError
-from prefopt.logprobs import completion_logps, plain_head
+from prefopt.logprobs import completion_logps, custom_masks, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
 from prefopt.models import load_policy, load_reference_copy
 from prefopt.trainers.base import Trainer
@@ -59,13 +59,10 @@ class PreferenceTrainer(Trainer):
 
         train, model_cfg, acc = self.recipe.train, self.recipe.model, self.accelerator
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-        text = config.get_text_config()
         # the LM head runs outside the model's forward: not where its weight is sharded between forwards
         sharded = distributed.shards_parameters(acc)
         self.chunk_size = train.logps_chunk_size if plain_head(config) and not sharded else 0
-        sliding = any("sliding" in kind for kind in getattr(text, "layer_types", None) or []) or (
-            getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
-        masks = model_cfg.attn_implementation in (None, "sdpa", "eager") and not sliding
+        masks = custom_masks(config, model_cfg.attn_implementation)
         self.share_prompt = train.packing and (masks if train.share_prompt is None else train.share_prompt)
         if self.share_prompt and not masks:
             raise RecipeError("train.share_prompt needs a custom attention mask: attention sdpa or eager, and no "

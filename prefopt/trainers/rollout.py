@@ -16,7 +16,6 @@ import torch
 
 from prefopt import distributed
 from prefopt import reference as refs
-from prefopt.logprobs import response_logps
 from prefopt.losses import ppo as ppo_math
 
 
@@ -274,22 +273,21 @@ def token_logps(trainer, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """Step 4 on this process's rows: per-token log-probs of the completions under the sampling policy (without
     dropout; unless `old` is False) and the reference (the policy's own without one), and the values for GAE."""
     acc, recipe, model = trainer.accelerator, trainer.recipe, trainer.model
-    options = {"temperature": recipe.rollout.temperature, "chunk_size": trainer.chunk_size}
     out = {}
     was_training = model.training
     model.eval()
     if old or ppo_math.ADVANTAGES[recipe.ppo.advantage].critic:
-        logps, _, result = response_logps(model, input_ids, attention_mask, mask, **options)
+        logps, _, values = trainer.token_forward(model, input_ids, attention_mask, mask)
         out["old_logps"] = logps * mask
-        if result.critic_values is not None:
-            out["old_values"] = result.critic_values[:, -mask.shape[1] - 1 : -1] * mask
+        if values is not None:
+            out["old_values"] = values * mask
     if recipe.reference.kind != "none":
         with acc.autocast():
             if trainer.reference is None:  # adapter_off
                 with refs.adapter_disabled(model, acc.unwrap_model(model).policy):
-                    logps = response_logps(model, input_ids, attention_mask, mask, **options)[0]
+                    logps = trainer.token_forward(model, input_ids, attention_mask, mask)[0]
             else:
-                logps = response_logps(trainer.reference, input_ids, attention_mask, mask, **options)[0]
+                logps = trainer.token_forward(trainer.reference, input_ids, attention_mask, mask)[0]
         out["ref_logps"] = logps * mask
     else:
         out["ref_logps"] = out.get("old_logps", torch.zeros_like(mask))
