@@ -214,11 +214,11 @@ def test_dr_grpo_and_gspo_run(arithmetic, tmp_path):
 
 
 def test_groups_share_their_prompt(arithmetic, tmp_path):
-    """The k samples of a prompt packed behind one copy of it (the default where the attention takes a custom mask)
-    against the plain padded rows: the same losses, gradient norms and metrics over 4 steps (fp32, 1e-5), for the
-    rollout's log-probs (policy and reference) and the update."""
+    """The k samples of a prompt packed behind one copy of it against the plain padded rows: the same losses,
+    gradient norms and metrics over 4 steps (fp32, 1e-5), for the rollout's log-probs (policy and reference) and
+    the update."""
     runs = {}
-    for name, share in (("shared", None), ("padded", False)):
+    for name, share in (("shared", True), ("padded", False)):
         sections = grpo_sections(arithmetic, kl_coef=0.05, kl_penalty="loss", num_mini_batches=2)
         sections["rewards"].append({"function": "test_ppo:length_score", "weight": 0.1})
         sections["train"].update(max_steps=4, micro_batch_size=4, share_prompt=share)
@@ -226,7 +226,21 @@ def test_groups_share_their_prompt(arithmetic, tmp_path):
         runs[name] = tmp_path / name
         path = write_recipe(tmp_path / f"{name}.yaml", arithmetic, runs[name], **sections)
         trainer = PPOTrainer(recipe_lib.load(path))
-        assert trainer.share_prompt is (share is None)
+        assert trainer.share_prompt is share
         trainer.fit()
         trainer.close()
     compare(runs["shared"], runs["padded"])
+
+
+def test_sharing_a_prompt_is_chosen_where_it_pays():
+    """Unset, train.share_prompt packs a batch only where its attention work shrinks: 2 prompts x 3 samples,
+    prompt 10 and completions 2 tokens: (10 + 3 x 2)^2 x 2 = 512 < 6 x 12^2 = 864, shared; prompt 2 and
+    completions 20: (2 + 60)^2 x 2 = 7688 > 6 x 22^2 = 2904, padded."""
+    from prefopt.trainers.ppo import sharing_pays
+
+    def rows(prompt, completion):
+        ids = torch.zeros(6, prompt + completion, dtype=torch.long)
+        ids[:, :prompt] = torch.arange(6)[:, None] // 3 + 5  # two prompts, three samples each
+        return ids, torch.ones_like(ids), completion
+
+    assert sharing_pays(*rows(10, 2)) and not sharing_pays(*rows(2, 20))

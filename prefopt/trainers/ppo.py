@@ -57,7 +57,8 @@ class PPOTrainer(Trainer):
         vocab = self.model.policy.config.get_text_config().vocab_size
         self.chunk_size = min(recipe.train.logps_chunk_size, max(16, 2**26 // vocab)) if chunked else 0
         # the k samples of a prompt packed behind one copy of it, for every forward of the update and the rollout
-        # (the offline share_prompt layout); not with a critic, whose values this layout does not give
+        # (the offline share_prompt layout); not with a critic, whose values this layout does not give. With
+        # train.share_prompt unset, per batch where it pays (sharing_pays)
         allowed = custom_masks(self.model.policy.config, recipe.model.attn_implementation) and not critic_based
         share = recipe.train.share_prompt
         self.share_prompt = recipe.train.packing and (
@@ -132,7 +133,7 @@ class PPOTrainer(Trainer):
         where it is on, else the padded rows as they are."""
         options = {"temperature": self.recipe.rollout.temperature, "chunk_size": self.chunk_size,
                    "entropy_grad": entropy_grad}
-        if self.share_prompt:
+        if self.share_prompt and (self.recipe.train.share_prompt or sharing_pays(input_ids, attention_mask, mask.shape[1])):
             return (*shared_prompt_logps(model, input_ids, attention_mask, mask,
                                          pad_token_id=self.tokenizer.pad_token_id, **options), None)
         logps, entropy, out = response_logps(model, input_ids, attention_mask, mask, **options)
@@ -263,3 +264,17 @@ class PPOTrainer(Trainer):
             for name, values in zip(self.rewards.names, terms):
                 means.add(f"rewards/{name}", values[~values.isnan()])
         return means.result(acc)
+
+
+def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> bool:
+    """Whether packing each prompt's completions behind one copy of it costs less than the padded rows: the
+    attention's (dense, masked) square work, the sum over segments of (prompt + its completions)^2, against the
+    sum over rows of (prompt + completion)^2. Long prompts with short completions share; short prompts with long
+    completions (one long segment) do not. Rows of left-padded prompts, the last `width` columns completions."""
+    prompts, completions = attention_mask[:, :-width].sum(1).tolist(), attention_mask[:, -width:].sum(1).tolist()
+    segments: dict[tuple, int] = {}
+    for row, prompt, completion in zip(input_ids[:, :-width], prompts, completions):
+        key = tuple(row[row.shape[0] - prompt :].tolist())
+        segments[key] = segments.get(key, prompt) + completion
+    padded = sum((prompt + completion) ** 2 for prompt, completion in zip(prompts, completions))
+    return sum(size**2 for size in segments.values()) < padded
