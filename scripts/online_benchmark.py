@@ -143,7 +143,7 @@ def summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["tiny", "wide", "vocab32k"])
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[16, 128])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 on a GPU")

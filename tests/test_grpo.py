@@ -233,14 +233,15 @@ def test_groups_share_their_prompt(arithmetic, tmp_path):
 
 
 def test_sharing_a_prompt_is_chosen_where_it_pays():
-    """Unset, train.share_prompt packs a batch only where its attention work shrinks: 2 prompts x 3 samples,
-    prompt 10 and completions 2 tokens: (10 + 3 x 2)^2 x 2 = 512 < 6 x 12^2 = 864, shared; prompt 2 and
-    completions 20: (2 + 60)^2 x 2 = 7688 > 6 x 22^2 = 2904, padded."""
+    """Unset, train.share_prompt packs a batch only where its cost (6 h x tokens + sum of squared row lengths)
+    shrinks. 2 prompts x 3 samples, hidden 64 (6 h = 384): prompt 10 and completions 2 tokens: packed
+    384 x 32 + 2 x 16^2 = 12800 < padded 384 x 72 + 6 x 12^2 = 28512, shared; prompt 2 and completions 20:
+    packed 384 x 124 + 2 x 62^2 = 55304 > padded 384 x 132 + 6 x 22^2 = 53592, padded."""
     from prefopt.trainers.ppo import sharing_pays
 
     def rows(prompt, completion):
         ids = torch.zeros(6, prompt + completion, dtype=torch.long)
         ids[:, :prompt] = torch.arange(6)[:, None] // 3 + 5  # two prompts, three samples each
-        return ids, torch.ones_like(ids), completion
+        return ids, torch.ones_like(ids), completion, 64
 
     assert sharing_pays(*rows(10, 2)) and not sharing_pays(*rows(2, 20))

@@ -66,6 +66,7 @@ class PPOTrainer(Trainer):
         if self.share_prompt and not allowed:
             raise RecipeError("train.share_prompt needs a critic-free advantage and a custom attention mask (attention "
                               "sdpa or eager, no sliding window); set train.share_prompt: false")
+        self.hidden_size = self.model.policy.config.get_text_config().hidden_size
         self.kl_controller = ppo_math.AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
         self.checkpointed["kl_controller"] = self.kl_controller
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
@@ -133,7 +134,7 @@ class PPOTrainer(Trainer):
         where it is on, else the padded rows as they are."""
         options = {"temperature": self.recipe.rollout.temperature, "chunk_size": self.chunk_size,
                    "entropy_grad": entropy_grad}
-        if self.share_prompt and (self.recipe.train.share_prompt or sharing_pays(input_ids, attention_mask, mask.shape[1])):
+        if self.share_prompt and (self.recipe.train.share_prompt or sharing_pays(input_ids, attention_mask, mask.shape[1], self.hidden_size)):
             return (*shared_prompt_logps(model, input_ids, attention_mask, mask,
                                          pad_token_id=self.tokenizer.pad_token_id, **options), None)
         logps, entropy, out = response_logps(model, input_ids, attention_mask, mask, **options)
@@ -266,15 +267,18 @@ class PPOTrainer(Trainer):
         return means.result(acc)
 
 
-def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> bool:
-    """Whether packing each prompt's completions behind one copy of it costs less than the padded rows: the
-    attention's (dense, masked) square work, the sum over segments of (prompt + its completions)^2, against the
-    sum over rows of (prompt + completion)^2. Long prompts with short completions share; short prompts with long
-    completions (one long segment) do not. Rows of left-padded prompts, the last `width` columns completions."""
+def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, hidden: int) -> bool:
+    """Whether packing each prompt's completions behind one copy of it costs less than the padded rows. A
+    transformer layer costs about 24 h^2 FLOPs per token in its projections and 4 h per (query, key) pair in a
+    dense masked attention, so a layout costs 6 h x tokens + sum over its rows (or segments) of length^2. Packing
+    saves the k - 1 prompt copies but makes one long segment per prompt: long prompts with short completions
+    share, short prompts with long completions do not. Rows of left-padded prompts, the last `width` columns
+    the completions."""
     prompts, completions = attention_mask[:, :-width].sum(1).tolist(), attention_mask[:, -width:].sum(1).tolist()
     segments: dict[tuple, int] = {}
     for row, prompt, completion in zip(input_ids[:, :-width], prompts, completions):
         key = tuple(row[row.shape[0] - prompt :].tolist())
         segments[key] = segments.get(key, prompt) + completion
-    padded = sum((prompt + completion) ** 2 for prompt, completion in zip(prompts, completions))
-    return sum(size**2 for size in segments.values()) < padded
+    padded = [prompt + completion for prompt, completion in zip(prompts, completions)]
+    shared = list(segments.values())
+    return 6 * hidden * sum(shared) + sum(n * n for n in shared) < 6 * hidden * sum(padded) + sum(n * n for n in padded)
