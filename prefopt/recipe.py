@@ -21,6 +21,7 @@ import yaml
 
 from prefopt.errors import RecipeError
 from prefopt.recipe_checks import check, fail
+from prefopt.recipe_online import OverlongConfig, PPOConfig, RewardTerm, RolloutConfig  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -132,87 +133,6 @@ class TrainConfig:
     # the last good checkpoint), or skip that step's update, logged, up to max_skipped_steps times in a run
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
-
-
-@dataclass
-class OverlongConfig:
-    """DAPO's soft overlong punishment: a completion longer than rollout.max_new_tokens - buffer loses up to penalty."""
-
-    buffer: int  # the last `buffer` of rollout.max_new_tokens tokens, where the penalty grows linearly
-    penalty: float = 1.0  # the penalty at rollout.max_new_tokens
-
-
-@dataclass
-class RolloutConfig:
-    """How online methods sample completions (Hugging Face generate, KV cache, left padding)."""
-
-    samples_per_prompt: int = 4  # completions per prompt (k): RLOO and GRPO compare them
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never ends
-    overlong: OverlongConfig | None = None  # DAPO's soft overlong punishment, added to the score
-    mask_truncated: bool = False  # completions cut by max_new_tokens (no EOS) leave the loss (DAPO; TRL's option)
-    # DAPO's dynamic sampling: drop prompts whose completions all score the same (no signal) and sample more
-    # prompts until the rollout is full, for at most filter_max_rounds rounds (then the dropped fill the rest)
-    filter_groups: bool = False
-    filter_max_rounds: int = 4
-    # hf: Hugging Face generate on the policy; vllm: a vLLM engine colocated in each process, synced after updates
-    engine: Literal["hf", "vllm"] = "hf"
-    gpu_memory_utilization: float = 0.3  # vllm: the share of GPU memory the engine may take
-    tensor_parallel_size: int = 1  # vllm
-
-
-@dataclass
-class RewardTerm:
-    """One term of the score: reward models (an ensemble when several) or a Python function, times weight."""
-
-    name: str | None = None  # metrics rewards/<name>/mean; None: the function's name, or model<i>
-    models: list[str] = field(default_factory=list)  # run directories or model directories / hub ids
-    # "module:function", called as function(prompts, completions, **columns) -> one float (or None: does not
-    # apply) per completion; columns: the prompt's dataset row (e.g. answer=[...]), each a list like prompts
-    function: str | None = None
-    weight: float = 1.0
-    aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
-    std_coef: float = 1.0  # lambda of mean_minus_std
-    normalize: bool = False  # (r - mean) / std with each reward model's stored statistics
-
-
-@dataclass
-class PPOConfig:
-    """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and the critic-free GRPO family."""
-
-    # gae learns a value function (critic); the others are critic-free (prefopt.losses.ppo.ADVANTAGES)
-    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp
-    advantage_scale: Literal["group", "batch", "none"] | None = None  # None: group for grpo, batch for the others
-    # token_mean: over every completion token of the mini-batch (DAPO); sequence_mean: over sequences of each one's
-    # token mean (GRPO); constant: token sum / (sequences x rollout.max_new_tokens) (Dr. GRPO). None: sequence_mean
-    # for grpo, else token_mean. The count is the whole mini-batch's: micro-batches and processes do not change it
-    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
-    critic: Literal["head", "separate"] = "head"  # gae: a value head on the policy's backbone, or its own model
-    critic_name_or_path: str | None = None  # separate critic's starting weights; None: model.name_or_path
-    epochs: int = 1  # passes over each rollout
-    num_mini_batches: int = 1  # optimizer steps per pass; train.batch_size completions each
-    clip: float = 0.2  # policy ratio clip epsilon: ratio in [1 - clip_low, 1 + clip_high]
-    clip_low: float | None = None  # None: clip
-    clip_high: float | None = None  # None: clip; DAPO's clip-higher uses 0.28
-    dual_clip: float | None = None  # dual-clip PPO (Ye et al. 2020): a negative advantage's loss at most -c A; c > 1
-    ratio: Literal["token", "sequence"] = "token"  # sequence: GSPO's one ratio per completion
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0  # entropy bonus
-    kl_coef: float = 0.05  # beta; 0 loads and runs no reference
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_penalty: Literal["reward", "loss"] = "reward"  # subtract beta KL from the reward, or add it to the loss
-    target_kl: float | None = None  # adaptive beta toward this KL per completion (Ziegler et al. 2019)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
-    # correct for the gap between the engine's sampling distribution and the trainer's (TIS): each token's loss
-    # times min(pi_trainer / pi_engine, engine_is_cap); None: truncate with rollout.engine vllm, else none
-    engine_is: Literal["none", "truncate"] | None = None
-    engine_is_cap: float = 2.0
 
 
 # What each method trains, and the sections it owns besides the common ones (model, data, optim, train, ...).

@@ -164,7 +164,7 @@ INTERNAL_COLUMNS = ("prompt", "prompt_ids")  # what a prompt row carries besides
 
 
 class RewardTerms:
-    """The score of each completion: the weighted sum of a recipe's `rewards:` terms (prefopt.recipe.RewardTerm).
+    """The score of each completion: the weighted sum of a recipe's `rewards:` terms (prefopt.recipe_online.RewardTerm).
 
     A function term is called as fn(prompts, completions, **columns): each column of the prompts' dataset rows
     that the function names (all of them if it takes **kwargs), as lists beside prompts (None where a row lacks

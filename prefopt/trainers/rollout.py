@@ -165,7 +165,7 @@ def make_rollout(trainer, cycle: int) -> Rollout:
     prompts = recipe.train.batch_size * ppo.num_mini_batches // k  # per rollout, over all processes
     share = prompts // world
     timing = {"generate": 0.0, "score": 0.0}
-    kept, dropped, samples, filtered, rounds, generated = [], [], None, 0, 0, 0.0
+    kept, dropped, samples, rounds, generated = [], [], None, 0, 0.0
     while len(kept) < prompts and rounds < (rollout.filter_max_rounds if rollout.filter_groups else 1):
         # 1. prompts: round 0 takes the next slice of the epoch's permutation; a dynamic-sampling round r draws
         # a seeded sample of its own (so the data order stays a function of (seed, cycle))
@@ -202,7 +202,6 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         # DAPO's dynamic sampling: a group whose completions all score the same has no advantage to learn from
         for group in groups:
             (kept if group["penalised"].max() > group["penalised"].min() else dropped).append(group)
-        filtered += sum(int(group["penalised"].max() == group["penalised"].min()) for group in groups)
     short = max(0, prompts - len(kept))  # the cap was reached: dropped groups fill the rest (logged)
     buffer = _concat((kept + dropped)[:prompts], trainer.tokenizer.pad_token_id)
     mask, ended, scores, penalised = buffer["mask"], buffer["ended"], buffer["scores"], buffer["penalised"]
@@ -254,7 +253,7 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         stats[f"rewards/{name}/mean"] = applies.mean() if len(applies) else float("nan")
         stats[f"rewards/{name}/std"] = applies.std(unbiased=False) if len(applies) else float("nan")
     if rollout.filter_groups:
-        stats.update({"rollout/groups_filtered": filtered, "rollout/sampling_rounds": rounds,
+        stats.update({"rollout/groups_filtered": len(dropped), "rollout/sampling_rounds": rounds,
                       "rollout/groups_short": short})
     if trainer.engine is not None:  # the engine's weight sync (inside timing/generate)
         timing["sync"] = trainer.sync_seconds
