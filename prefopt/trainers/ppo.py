@@ -168,6 +168,8 @@ class PPOTrainer(Trainer):
 
     def _rollout(self, cycle: int) -> None:
         self.buffer, self.buffer_cycle = rollouts.make_rollout(self, cycle), cycle
+        if self.engine is not None:  # on a GPU the engine frees its memory while the trainer updates
+            self.engine.sleep()
         self.kl_controller.update(self.buffer.stats.get("rollout/kl", float("nan")), len(self.buffer))
         if self.accelerator.is_main_process:
             with open(self.output_dir / "samples.jsonl", "a") as f:
@@ -264,6 +266,8 @@ class PPOTrainer(Trainer):
             means.add("length", batch["mask"].sum(1))
             for name, values in zip(self.rewards.names, terms):
                 means.add(f"rewards/{name}", values[~values.isnan()])
+        if self.engine is not None:
+            self.engine.sleep()
         return means.result(acc)
 
 
