@@ -123,6 +123,29 @@ def _head_logps_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, tempe
     return logps, entropy
 
 
+def _scored_logps(model, inputs: dict, positions, targets: torch.Tensor, temperature: float, chunk_size: int,
+                  entropy_grad: bool):
+    """The model's output, and the fp32 log-probs and entropies (K,) of `targets` from the logits at `positions`
+    (an index into the flattened (rows x width) positions, or a boolean (rows, width) mask): the LM head and the
+    log-softmax run on those positions only, `chunk_size` at a time (recomputed in the backward pass), or on the
+    model's full logits with chunk_size 0. Returns (out, logps, entropy); empty (None, None) when nothing is scored."""
+    if chunk_size:
+        with hidden_states_as_logits(model) as head:
+            out = model(**inputs)
+    else:
+        head, out = (lambda x: x), model(**inputs)
+    states = out.logits[positions] if positions.dtype == torch.bool else out.logits.flatten(0, 1)[positions]
+    size = chunk_size or 1024
+    pieces = []
+    for i in range(0, len(targets), size):
+        args = (head, states[i : i + size], targets[i : i + size], temperature, entropy_grad)
+        pieces.append(checkpoint(_head_logps_entropy, *args, use_reentrant=False)
+                      if chunk_size and torch.is_grad_enabled() else _head_logps_entropy(*args))
+    if not pieces:
+        return out, None, None
+    return out, torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, *,
                    temperature: float = 1.0, chunk_size: int = 0, entropy_grad: bool = False,
                    **forward) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -137,27 +160,17 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
               "use_cache": False, **forward}
     width = mask.shape[1]
-    if chunk_size:
-        with hidden_states_as_logits(model) as head:
-            out = model(**inputs)
-    else:
-        head, out = (lambda x: x), model(**inputs)
-    where = mask.bool()
-    states = out.logits[:, -width - 1 : -1][where]  # (M, hidden or V): the scored positions only
-    targets = input_ids[:, -width:][where]
-    size = chunk_size or 1024
-    pieces = []
-    for i in range(0, len(targets), size):
-        args = (head, states[i : i + size], targets[i : i + size], temperature, entropy_grad)
-        pieces.append(checkpoint(_head_logps_entropy, *args, use_reentrant=False)
-                      if chunk_size and torch.is_grad_enabled() else _head_logps_entropy(*args))
+    where = torch.zeros(input_ids.shape, dtype=torch.bool, device=mask.device)
+    where[:, -width - 1 : -1] = mask.bool()  # the logits at t predict token t + 1
+    out, scored, scored_entropy = _scored_logps(model, inputs, where, input_ids[:, -width:][mask.bool()],
+                                                temperature, chunk_size, entropy_grad)
     logps = mask.new_zeros(mask.shape, dtype=torch.float32)
     entropy = torch.zeros_like(logps)
-    if pieces:
-        logps = logps.masked_scatter(where, torch.cat([p[0] for p in pieces]))
-        entropy = entropy.masked_scatter(where, torch.cat([p[1] for p in pieces]))
-    else:  # no token scored: still a graph to backprop
+    if scored is None:  # no token scored: still a graph to backprop
         logps = logps + out.logits[:0].sum()
+    else:
+        logps = logps.masked_scatter(mask.bool(), scored)
+        entropy = entropy.masked_scatter(mask.bool(), scored_entropy)
     return logps, entropy, out
 
 
@@ -176,23 +189,13 @@ def shared_prompt_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     lengths = attention_mask[:, -width:].sum(1).tolist()  # each completion's sampled tokens
     completions = [row[:n].tolist() for row, n in zip(input_ids[:, -width:], lengths)]
     batch = {k: v.to(input_ids.device) for k, v in pack_sequences(prompts, completions, pad_token_id, True).items()}
-    inputs = _layout_inputs(model, batch)
-    if chunk_size:
-        with hidden_states_as_logits(model) as head:
-            states = model(**inputs).logits.flatten(0, 1)
-    else:
-        head, states = (lambda x: x), model(**inputs).logits.flatten(0, 1)
     index, targets, sequence = batch["token_index"], batch["token_target"], batch["token_sequence"]
-    size = chunk_size or 1024
-    pieces = []
-    for i in range(0, len(index), size):
-        args = (head, states[index[i : i + size]], targets[i : i + size], temperature, entropy_grad)
-        pieces.append(checkpoint(_head_logps_entropy, *args, use_reentrant=False)
-                      if chunk_size and torch.is_grad_enabled() else _head_logps_entropy(*args))
+    out, scored, scored_entropy = _scored_logps(model, _layout_inputs(model, batch), index, targets, temperature,
+                                                chunk_size, entropy_grad)
     logps = mask.new_zeros(mask.shape, dtype=torch.float32)
     entropy = torch.zeros_like(logps)
-    if not pieces:
-        return logps + states[:0].sum(), entropy
+    if scored is None:
+        return logps + out.logits[:0].sum(), entropy
     # each sequence's tokens are scored in order (the sequences themselves in packing order): the t-th scored
     # token of sequence i goes to (i, t)
     first = torch.zeros(len(mask) + 1, dtype=torch.long, device=index.device)
@@ -200,6 +203,6 @@ def shared_prompt_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     order = torch.sort(sequence, stable=True).indices
     column = torch.empty_like(sequence)
     column[order] = torch.arange(len(sequence), device=index.device) - first[sequence[order]]
-    logps = logps.index_put((sequence, column), torch.cat([p[0] for p in pieces]))
-    entropy = entropy.index_put((sequence, column), torch.cat([p[1] for p in pieces]))
+    logps = logps.index_put((sequence, column), scored)
+    entropy = entropy.index_put((sequence, column), scored_entropy)
     return logps * mask, entropy * mask
