@@ -8,6 +8,8 @@
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a run (policy or reward model) on a preference set
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
+    prefopt plot RUN [RUN ...] [--metric KEY ...] [-o FILE.png]   a run's curves, several runs overlaid
+    prefopt push RUN REPO_ID [--private]        upload RUN/final with its model card to the Hugging Face Hub
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
 
@@ -72,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     label.add_argument("--temperature", type=float, default=1.0)
     label.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="what samples (as rollout.engine)")
     label.add_argument("--seed", type=int, default=0, help="the samples' seed (vllm: per completion)")
+    plot = commands.add_parser("plot", help="plot runs' curves (matplotlib), overlaid")
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("--metric", action="append", help="a metric key (repeat); default: the method's panels")
+    plot.add_argument("-o", "--out", help="the PNG to write (default: RUN/plot.png, or ./plot.png for several)")
+    push = commands.add_parser("push", help="upload a run's final/ (weights, tokenizer, model card) to the hub")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id", help="e.g. your-name/my-dpo-model")
+    push.add_argument("--private", action="store_true")
     code = run(parser.parse_args(argv))
     end_launched_process(code)
     return code
@@ -104,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
             from prefopt.labeling import label_file
 
             print(label_file(args))
+        elif args.command == "plot":
+            from prefopt.plotting import plot_to_file
+
+            print(f"wrote {plot_to_file(args.runs, args.out, args.metric)}")
+        elif args.command == "push":
+            from prefopt.model_card import push
+
+            print(f"uploaded {Path(args.run_dir) / 'final'} to {push(args.run_dir, args.repo_id, args.private)}")
         elif args.command == "merge":
             from prefopt.models import merge_adapter
 

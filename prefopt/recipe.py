@@ -135,6 +135,30 @@ class TrainConfig:
     max_skipped_steps: int = 10
 
 
+@dataclass
+class LogConfig:
+    """Where each record goes besides metrics.jsonl and the console: the trackers of Accelerate."""
+
+    # Accelerate's tracker names: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab.
+    # Each reads its own settings from its environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...); TensorBoard
+    # writes to output_dir/tensorboard, MLflow to output_dir/mlruns unless MLFLOW_TRACKING_URI says otherwise
+    to: list[str] = field(default_factory=list)
+    project: str = "prefopt"  # the tracker's project (W&B, trackio), experiment (MLflow) or folder (TensorBoard)
+    run_name: str | None = None  # None: the output_dir's name
+    quiet: bool = True  # hide library progress bars and warnings a user cannot act on (weight loading, saving)
+
+
+@dataclass
+class EvalConfig:
+    """What each evaluation adds to the method's metrics."""
+
+    # offline: greedy completions of the first N held-out prompts at each eval, into samples.jsonl and the trackers
+    # (with each reward term's score); online: N completions of each eval's held-out prompts and of the rollouts
+    generate: int = 0
+    max_new_tokens: int = 64  # offline samples (online runs use rollout.max_new_tokens)
+    rewards: list[RewardTerm] = field(default_factory=list)  # offline: what scores the samples (as rewards:)
+
+
 # What each method trains, and the sections it owns besides the common ones (model, data, optim, train, ...).
 # Recipes name their method; one written before `method:` existed gets it from its sections (a ppo: section
 # is rl, a reward-model loss is reward, else preference), and its recipe.yaml then says it.
@@ -160,6 +184,8 @@ class Recipe:
     ppo: PPOConfig | None = None  # online: present, the recipe runs PPOTrainer on prompt-only data
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardTerm] = field(default_factory=list)  # online: the terms whose weighted sum is the score
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-ready data: the method's sections only, loss params inlined."""

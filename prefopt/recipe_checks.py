@@ -32,6 +32,7 @@ def check(recipe: Recipe, where: str) -> None:
     if train.batch_size % train.micro_batch_size:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
+    _check_log(recipe, where)
     if recipe.method == "rl":
         _check_ppo(recipe, where)
         return
@@ -77,7 +78,7 @@ RANGES = {
     "ppo.clip_low": POSITIVE, "ppo.clip_high": POSITIVE, "ppo.dual_clip": ((lambda v: v > 1), "> 1"),
     "ppo.vf_coef": NON_NEGATIVE, "ppo.entropy_coef": NON_NEGATIVE, "ppo.kl_coef": NON_NEGATIVE,
     "ppo.target_kl": POSITIVE, "ppo.kl_horizon": AT_LEAST_ONE, "ppo.gamma": UNIT, "ppo.lam": UNIT,
-    "ppo.approx_kl_stop": POSITIVE,
+    "ppo.approx_kl_stop": POSITIVE, "eval.generate": NON_NEGATIVE, "eval.max_new_tokens": AT_LEAST_ONE,
 }
 
 
@@ -144,12 +145,27 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
               "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
 
 
-def _check_rewards(terms: list, where: str) -> None:
-    if not terms:
+def _check_log(recipe: Recipe, where: str) -> None:
+    """log.to names Accelerate's trackers (whether each is installed is checked when the run starts);
+    eval.rewards are reward terms."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for i, name in enumerate(recipe.log.to):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            fail(where, f"log.to[{i}]", f"unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+    _check_rewards(recipe.eval.rewards, where, "eval.rewards")
+    if recipe.eval.rewards and recipe.method == "rl":
+        fail(where, "eval.rewards", "online runs score their samples with the recipe's rewards: remove eval.rewards")
+    if recipe.eval.rewards and not recipe.eval.generate:
+        fail(where, "eval.rewards", "score the samples of eval.generate: set eval.generate to N > 0")
+
+
+def _check_rewards(terms: list, where: str, section: str = "rewards") -> None:
+    if not terms and section == "rewards":
         fail(where, "rewards", "give at least one term: {function: module:function} or {models: [reward model]}")
     names = []
     for i, term in enumerate(terms):
-        key = f"rewards[{i}]"
+        key = f"{section}[{i}]"
         if bool(term.models) == bool(term.function):
             fail(where, key, "give models (reward models) or function (module:function), exactly one")
         if not math.isfinite(term.weight):
@@ -160,7 +176,7 @@ def _check_rewards(terms: list, where: str) -> None:
             term.name = term.function.rpartition(":")[2] if term.function else f"model{i}"
         names.append(term.name)
     if len(set(names)) < len(names):
-        fail(where, "rewards", f"two terms share a name ({names}); give each a distinct `name`")
+        fail(where, section, f"two terms share a name ({names}); give each a distinct `name`")
 
 
 def _check_reference(recipe: Recipe, specs: list, where: str) -> None:

@@ -24,9 +24,11 @@ from prefopt.errors import RecipeError
 RESUMABLE = (
     "output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
-    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc",
+    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "log.to", "log.project", "log.run_name",
+    "log.quiet", "eval.generate", "eval.max_new_tokens", "eval.rewards",
 )
-RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "recipe.yaml", "run.json")  # what archiving moves
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "final", "recipe.yaml", "run.json", "tensorboard",
+             "mlruns")  # what archiving moves
 LOCK = ".lock"
 
 

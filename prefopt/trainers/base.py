@@ -36,19 +36,26 @@ from prefopt import distributed, runs
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.models import decoder_layers, load_tokenizer
-from prefopt.trainers import checkpoints
+from prefopt.trainers import checkpoints, tracking
 from prefopt.trainers import metrics as metrics_file
 from prefopt.trainers.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
 from prefopt.trainers.metrics import MetricMeans
 
 
 class Trainer:
+    HEADLINE: tuple[str, ...] = ("loss",)  # the metrics of the console's lines (a key ending in / takes its children)
+
     def __init__(self, recipe: recipe_lib.Recipe):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.recipe = recipe
         train = recipe.train
+        if recipe.log.quiet:
+            tracking.quiet_libraries()
+        tracking.check_trackers(recipe.log.to)
+        self.output_dir = Path(recipe.output_dir)
+        trackers, self.tracker_init = tracking.tracker_settings(recipe, self.output_dir)
         state, cpu = distributed.start_processes()
         self.world_size = state.num_processes
         per_step = train.micro_batch_size * self.world_size
@@ -58,11 +65,11 @@ class Trainer:
                 f"({train.micro_batch_size}) x processes ({self.world_size}) = {per_step}; change one of them")
         self.accumulation_steps = train.batch_size // per_step
         self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation_steps,
-                                       mixed_precision=self._mixed_precision(train.mixed_precision))
+                                       mixed_precision=self._mixed_precision(train.mixed_precision), **trackers)
         distributed.check_fsdp(self.accelerator)
         distributed.configure_deepspeed(self.accelerator, train, self.accumulation_steps)
         set_seed(recipe.seed)
-        self.output_dir = Path(recipe.output_dir)
+        self.run_log = tracking.RunLog(self)
         self.tokenizer = load_tokenizer(recipe.model)
         self.model = None  # the policy: set by the method's __init__, after its data loads
         self.reference = None  # a frozen reference model, for a method that keeps one
@@ -125,13 +132,13 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             recipe_lib.save(recipe, self.output_dir / "recipe.yaml")
             (self.output_dir / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
-            self._truncate_metrics(start)
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
                   f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
                   + (f"; resuming after step {start}" if start else "")
                   + ("; the run had finished: nothing to train" if start >= train.max_steps else ""))
+        self.run_log.start(start, self.tracker_init)
         if start == 0:
-            self._log(self.evaluate(), step=0, split="eval")
+            self.eval_step(0)
         progress = tqdm(range(start + 1, train.max_steps + 1), initial=start, total=train.max_steps,
                         disable=not (train.progress_bar and acc.is_main_process), desc="train")
         window: dict[str, list[float]] = defaultdict(list)
@@ -143,10 +150,10 @@ class Trainer:
                 if window and (step % train.log_every == 0 or step == train.max_steps or stopping):
                     record = {key: sum(values) / len(values) for key, values in window.items()}
                     window.clear()
-                    self._log(record, step=step, split="train")
+                    self.run_log.write(record, step=step, split="train")
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if step == train.max_steps or (train.eval_every and step % train.eval_every == 0):
-                    self._log(self.evaluate(), step=step, split="eval")
+                    self.eval_step(step)
                 saved = step == train.max_steps or (train.save_every and step % train.save_every == 0)
                 if saved or stopping:
                     self.save_checkpoint(step)
@@ -157,7 +164,19 @@ class Trainer:
         if acc.is_main_process:
             info = json.loads((self.output_dir / "run.json").read_text())
             write_atomic(self.output_dir / "run.json", json.dumps({**info, "ended": _now()}, indent=2) + "\n")
-        return self._summary()
+        evals = self._summary()
+        self.run_log.finish()
+        return evals
+
+    def eval_step(self, step: int) -> None:
+        """Evaluate at `step`: the method's metrics, then its samples (eval.generate), through the run's log."""
+        self.run_log.write(self.evaluate(), step=step, split="eval")
+        if self.recipe.eval.generate:
+            self.run_log.samples(self.generate_samples(), step)
+
+    def generate_samples(self) -> list[dict]:
+        """Rows {prompt, completion, scores...} of eval.generate held-out prompts (a method that can generate)."""
+        return []
 
     def _on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -357,7 +376,8 @@ class Trainer:
                 if model is not None}
 
     def close(self) -> None:
-        """End the run's distributed state (the CLI calls it after fit, also after an error)."""
+        """End the trackers and the run's distributed state (the CLI calls it after fit, also after an error)."""
+        self.run_log.end()
         distributed.end(self.accelerator, list(self.placed_models().values()))
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -379,14 +399,6 @@ class Trainer:
 
     # ----- logging ----------------------------------------------------------------------------
 
-    def _log(self, record: dict[str, float], step: int, split: str) -> None:
-        if record and self.accelerator.is_main_process:
-            metrics_file.append(self.output_dir / "metrics.jsonl", record, step, split)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: they will be logged again."""
-        metrics_file.truncate(self.output_dir / "metrics.jsonl", step)
-
     def _summary(self) -> list[dict]:
         """Eval records of this run; the main process prints the first and last side by side."""
         if not self.accelerator.is_main_process:
@@ -400,8 +412,25 @@ class Trainer:
         return checkpoints.save(self, step)
 
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
-        """The trained model in Hugging Face format in output_dir/final (with `extra_files`, name -> text)."""
-        return checkpoints.save_final(self, extra_files)
+        """The trained model in Hugging Face format in output_dir/final, with its model card (README.md) and
+        `extra_files` (name -> text)."""
+        return checkpoints.save_final(self, {"README.md": self.model_card(), **(extra_files or {})})
+
+    def model_card(self) -> str:
+        import accelerate
+        import transformers
+
+        from prefopt.model_card import model_card
+
+        path = self.output_dir / "metrics.jsonl"
+        evals = [r for _, r in metrics_file.read_records(path) if r["split"] == "eval"] if path.exists() else []
+        versions = {"prefopt": prefopt.__version__, "torch": torch.__version__,
+                    "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+        if self.recipe.model.lora or self.recipe.model.adapter:
+            import peft
+
+            versions["peft"] = peft.__version__
+        return model_card(self.recipe, self.output_dir / "final", evals[-1] if evals else None, versions)
 
     def _resume(self) -> int:
         return checkpoints.resume(self)

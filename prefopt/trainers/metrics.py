@@ -16,6 +16,8 @@ class MetricMeans:
     A value is a scalar (counted `weight` times) or a (B,) tensor of per-example
     values, where NaN marks an example the metric does not apply to (the reward
     of a desirable completion, say, on an undesirable one): it is skipped.
+    A key `corr:NAME` takes (B, 2) pairs (x, y): the result holds NAME, their
+    Pearson correlation over every example (from the summed moments).
     """
 
     def __init__(self):
@@ -23,6 +25,11 @@ class MetricMeans:
         self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, key: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        if key.startswith("corr:") and value.dim() == 2:  # the five moments, each a mean over the examples
+            x, y = value.detach().float().unbind(1)
+            for name, moment in zip(MOMENTS, (x, y, x * x, y * y, x * y)):
+                self.add(f"{key}/{name}", moment)
+            return
         value = value.detach().float()
         if value.dim() == 0:
             value, counts = value * weight, torch.tensor(float(weight), device=value.device)
@@ -37,7 +44,21 @@ class MetricMeans:
         totals = accelerator.reduce(torch.stack([self.sums[k] for k in keys] + [self.counts[k] for k in keys]),
                                     reduction="sum").tolist()
         sums, counts = totals[: len(keys)], totals[len(keys) :]
-        return {k: total / count for k, total, count in zip(keys, sums, counts) if count}
+        return correlations({k: total / count for k, total, count in zip(keys, sums, counts) if count})
+
+
+MOMENTS = ("x", "y", "xx", "yy", "xy")
+
+
+def correlations(record: dict[str, float]) -> dict[str, float]:
+    """`corr:NAME/<moment>` means -> NAME, their Pearson correlation (left out where x or y does not vary)."""
+    out = {k: v for k, v in record.items() if not k.startswith("corr:")}
+    for key in {k.rpartition("/")[0] for k in record if k.startswith("corr:")}:
+        x, y, xx, yy, xy = (record[f"{key}/{m}"] for m in MOMENTS)
+        var_x, var_y = xx - x * x, yy - y * y
+        if var_x > 1e-12 * max(1.0, xx) and var_y > 1e-12 * max(1.0, yy):
+            out[key.removeprefix("corr:")] = (xy - x * y) / (var_x * var_y) ** 0.5
+    return out
 
 
 def append(path: Path, record: dict[str, float], step: int, split: str) -> None:
@@ -77,8 +98,9 @@ def eval_summary(output_dir: Path) -> list[dict]:
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
         keys = [k for k in first if k not in ("step", "split")]
-        print(f"\n{'eval metric':<22}{'step ' + str(first['step']):>14}{'step ' + str(last['step']):>14}")
+        width = max(22, *(len(key) + 2 for key in keys))
+        print(f"\n{'eval metric':<{width}}{'step ' + str(first['step']):>14}{'step ' + str(last['step']):>14}")
         for key in keys:
-            print(f"{key:<22}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
-        print(f"\nrun directory: {output_dir} (metrics.jsonl, final/)")
+            print(f"{key:<{width}}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
+        print()
     return evals

@@ -10,7 +10,6 @@ prefopt/losses/ppo.py; here are only the plumbing and the bookkeeping.
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -29,6 +28,8 @@ from prefopt.trainers.metrics import MetricMeans
 
 
 class PPOTrainer(Trainer):
+    HEADLINE = ("score", "rewards/", "kl", "length", "rollout/score", "rollout/kl", "policy/entropy")
+
     def __init__(self, recipe):
         super().__init__(recipe)
         acc, data, ppo = self.accelerator, recipe.data, recipe.ppo
@@ -167,13 +168,12 @@ class PPOTrainer(Trainer):
         return gathered
 
     def _rollout(self, cycle: int) -> None:
+        """Rollout `cycle`, made at the first step of its update (its samples are logged at that step)."""
         self.buffer, self.buffer_cycle = rollouts.make_rollout(self, cycle), cycle
         if self.engine is not None:  # on a GPU the engine frees its memory while the trainer updates
             self.engine.sleep()
         self.kl_controller.update(self.buffer.stats.get("rollout/kl", float("nan")), len(self.buffer))
-        if self.accelerator.is_main_process:
-            with open(self.output_dir / "samples.jsonl", "a") as f:
-                f.writelines(json.dumps(sample) + "\n" for sample in self.samples)
+        self.run_log.samples(self.samples, cycle * self.cycle + 1)
 
     # ----- the two methods the loop calls ---------------------------------------------------------
 
@@ -246,29 +246,47 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
-        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share and
-        length."""
+        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share,
+        length and `kl`, the summed log pi / pi_ref of their tokens (the x-axis of the over-optimisation frontier,
+        Gao et al. 2023); the first eval.generate of them are kept for `generate_samples`."""
         examples = self.eval_data if examples is None else examples
         if not examples:
             return {}
-        acc = self.accelerator
-        means = MetricMeans()
-        keys = ["score", "eos", "length", *(f"rewards/{name}" for name in self.rewards.names)]
+        acc, reference = self.accelerator, self.recipe.reference.kind != "none"
+        means, self.eval_samples = MetricMeans(), []
+        keys = ["score", "eos", "length", *(["kl"] if reference else []),
+                *(f"rewards/{name}" for name in self.rewards.names)]
         for key in keys:  # every process has every key, even one with no prompts
             means.add(key, torch.empty(0, device=acc.device))
         for chunk, counts in self.eval_chunks(examples, self.recipe.train.eval_batch_size or 64):
             batch = rollouts.generate(self, chunk)
             scores, terms = rollouts.score(self, batch)
+            if reference:
+                tokens = rollouts.token_logps(self, torch.cat([batch["prompt_ids"], batch["response_ids"]], 1),
+                                              torch.cat([batch["prompt_mask"], batch["mask"].long()], 1),
+                                              batch["mask"])
+                kl = (tokens["old_logps"] - tokens["ref_logps"]).sum(1)
             if not counts:
                 continue
             means.add("score", scores)
             means.add("eos", batch["ended"].float())
             means.add("length", batch["mask"].sum(1))
+            if reference:
+                means.add("kl", kl)
             for name, values in zip(self.rewards.names, terms):
                 means.add(f"rewards/{name}", values[~values.isnan()])
+            self.eval_samples += rollouts.sample_rows(batch, scores, terms, self.rewards.names)
+            del self.eval_samples[self.recipe.eval.generate :]
         if self.engine is not None:
             self.engine.sleep()
         return means.result(acc)
+
+    def generate_samples(self) -> list[dict]:
+        """The first eval.generate held-out completions of the last evaluation, from every process."""
+        from accelerate.utils import gather_object
+
+        rows = gather_object(self.eval_samples) if self.world_size > 1 else self.eval_samples
+        return rows[: self.recipe.eval.generate]
 
 
 def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, hidden: int) -> bool:

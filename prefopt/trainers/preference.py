@@ -17,6 +17,7 @@ from prefopt import distributed
 from prefopt import reference as refs
 from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
+from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError
 from prefopt.logprobs import completion_logps, custom_masks, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
@@ -25,6 +26,9 @@ from prefopt.trainers.base import Trainer
 
 
 class PreferenceTrainer(Trainer):
+    HEADLINE = ("loss", "rewards/accuracy", "rewards/margin", "diag/policy_ranking_accuracy",
+                "diag/chosen_logp_change", "diag/length_margin_corr")
+
     def __init__(self, recipe):
         super().__init__(recipe)
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
@@ -45,6 +49,7 @@ class PreferenceTrainer(Trainer):
             if state is not None:
                 self.checkpointed[f"loss_state_{i}"] = state
         self._choose_layout()
+        self.sample_scorer = None  # eval.rewards, made at the first eval.generate
         if recipe.reference.kind == "precomputed":  # before the policy loads: one model in memory at a time
             self._precompute_reference()
         self.model = load_policy(recipe.model)
@@ -52,6 +57,33 @@ class PreferenceTrainer(Trainer):
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
             if recipe.reference.sync_every:  # TR-DPO moves it: a resumed run needs it as it was
                 self.checkpointed["reference"] = distributed.WholeWeights(self.reference, acc)
+
+    @torch.no_grad()
+    def generate_samples(self) -> list[dict]:
+        """Greedy completions of the first eval.generate held-out prompts, with each eval.rewards term's score and
+        the data's chosen completion beside them."""
+        from accelerate.utils import gather_object
+
+        from prefopt.scoring import RewardTerms
+        from prefopt.trainers import rollout
+
+        examples, acc, decode = self.eval_data[: self.recipe.eval.generate], self.accelerator, self.tokenizer.decode
+        if self.sample_scorer is None:
+            self.sample_scorer = RewardTerms(self.recipe.eval.rewards, device=str(acc.device))
+        rows = []
+        for chunk, counts in self.eval_chunks(examples, self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size):
+            chunk = [{**ex, "prompt": decode(ex["prompt_ids"], skip_special_tokens=True)} for ex in chunk]
+            batch = rollout.generate(self, chunk, max_new_tokens=self.recipe.eval.max_new_tokens)
+            if counts:
+                prompts = [ex["prompt"] for ex in chunk]
+                columns = [{k: v for k, v in ex.items() if not k.endswith("_ids")} for ex in chunk]
+                scored = self.sample_scorer(prompts, batch["texts"], columns) if self.sample_scorer.terms else None
+                rows += [{"prompt": ex["prompt"], "completion": text,
+                          **({"chosen": decode(ex["chosen_ids"], skip_special_tokens=True)} if "chosen_ids" in ex else {}),
+                          **({name: scored[1][j, i].item() for j, name in enumerate(self.sample_scorer.names)}
+                             if scored else {})}
+                         for i, (ex, text) in enumerate(zip(chunk, batch["texts"]))]
+        return gather_object(rows) if self.world_size > 1 else rows
 
     def _choose_layout(self) -> None:
         """The speed switches of train.* that this model and backend allow (none changes the loss)."""
@@ -198,13 +230,19 @@ class PreferenceTrainer(Trainer):
             metrics["logps/rejected"] = torch.where(desirable, torch.nan, policy.logps.detach())
             if "pairs" not in batch:
                 return loss, metrics
+            # pairs as rows: the chosen rows, then the rejected
             chosen_rewards, rejected_rewards = chosen_rewards.chunk(2)[0], rejected_rewards.chunk(2)[1]
+            logps = [policy.logps.chunk(2), reference.logps.chunk(2) if reference else (None, None)]
+            tokens = policy.tokens.chunk(2)
         else:
             metrics["logps/chosen"], metrics["logps/rejected"] = policy.chosen.detach(), policy.rejected.detach()
+            logps = [(policy.chosen, policy.rejected),
+                     (reference.chosen, reference.rejected) if reference else (None, None)]
+            tokens = policy.chosen_tokens, policy.rejected_tokens
         # a tie (as at step 0, policy == reference) is a coin flip: it counts half
-        metrics["rewards/accuracy"] = ((chosen_rewards > rejected_rewards).float()
-                                       + 0.5 * (chosen_rewards == rejected_rewards).float())
+        metrics["rewards/accuracy"] = ranked(chosen_rewards, rejected_rewards)
         metrics["rewards/margin"] = chosen_rewards - rejected_rewards
+        metrics.update(pair_diagnostics(*logps[0], *logps[1], metrics["rewards/margin"], tokens[0] - tokens[1]))
         return loss, metrics
 
 

@@ -71,9 +71,11 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None) -> dict:
+def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None,
+             max_new_tokens: int | None = None) -> dict:
     """Completions of the examples' prompts, cut after their first EOS: sampled by `sampler`
-    (rollout.samples_per_prompt each, at rollout.temperature and top_p), or greedy without one."""
+    (rollout.samples_per_prompt each, at rollout.temperature and top_p), or greedy without one; up to
+    `max_new_tokens` (rollout.max_new_tokens). Any trainer: an offline one generates with its policy."""
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -83,7 +85,7 @@ def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None
                                           trainer.accelerator.device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
     rows = [ex for ex in examples for _ in range(k)]
-    if trainer.engine is not None:
+    if getattr(trainer, "engine", None) is not None:
         return _engine_generate(trainer, rows, prompt_ids, prompt_mask, sampler)
     processors = LogitsProcessorList()
     if sampler:  # the whole temperature-scaled (top-p) distribution the update's log-probs are taken under,
@@ -93,9 +95,10 @@ def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None
         if rollout.top_p < 1:
             processors.append(TopPLogitsWarper(rollout.top_p))
         processors.append(sampler)
-    config = GenerationConfig(do_sample=False, max_new_tokens=rollout.max_new_tokens,
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or rollout.max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy = getattr(policy, "policy", policy)  # PolicyWithValueHead's
     was_training = policy.training
     policy.eval()
     with distributed.generation_weights(trainer.model, trainer.accelerator):
@@ -180,8 +183,8 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         start = time.perf_counter()
         scores, terms = score(trainer, batch)
         timing["score"] += time.perf_counter() - start
-        samples = samples or [{"cycle": cycle, "prompt": batch["rows"][i]["prompt"], "completion": batch["texts"][i],
-                               "score": scores[i].item()} for i in range(min(3, len(scores)))]
+        samples = samples or [{"cycle": cycle, **row} for row in sample_rows(
+            batch, scores, terms, trainer.rewards.names)[: recipe.eval.generate or 3]]  # the first round's
         local = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask", "engine_logps")
                  if key in batch}
         gathered = trainer.gather({**local, "ended": batch["ended"].float(), "scores": scores, "terms": terms.T})
@@ -264,6 +267,13 @@ def make_rollout(trainer, cycle: int) -> Rollout:
                      {key: float(value) for key, value in stats.items()})
     trainer.samples = samples
     return result
+
+
+def sample_rows(batch: dict, scores: torch.Tensor, terms: torch.Tensor, names: list[str]) -> list[dict]:
+    """{prompt, completion, score, <term>...} of each generated completion."""
+    return [{"prompt": row["prompt"], "completion": text, "score": scores[i].item(),
+             **{name: terms[j, i].item() for j, name in enumerate(names)}}
+            for i, (row, text) in enumerate(zip(batch["rows"], batch["texts"]))]
 
 
 @torch.no_grad()

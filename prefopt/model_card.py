@@ -1,0 +1,85 @@
+"""final/README.md: the model card every run writes beside its weights (method and loss, base model, data, the
+resolved recipe, the last eval metrics, versions, and how to load it with transformers or peft alone), and
+`prefopt push RUN REPO_ID`, which uploads final/ with its card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from prefopt.errors import PrefoptError
+
+LOADERS = {  # (library, class, what it is) by what final/ holds
+    "policy": ("transformers", "AutoModelForCausalLM", "a causal language model"),
+    "adapter": ("peft", "AutoPeftModelForCausalLM", "a LoRA adapter on its base model"),
+    "reward": ("transformers", "AutoModelForSequenceClassification", "a reward model (one score per sequence)"),
+    "reward_adapter": ("peft", "AutoPeftModelForSequenceClassification", "a LoRA reward model"),
+}
+
+
+def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str]) -> str:
+    """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's."""
+    import prefopt
+
+    lora = recipe.model.lora is not None or recipe.model.adapter is not None
+    reward = recipe.method == "reward"
+    kind = ("reward_adapter" if reward else "adapter") if lora else ("reward" if reward else "policy")
+    library, cls, what = LOADERS[kind]
+    method = {"preference": "offline preference optimisation", "reward": "reward modelling",
+              "rl": "online reinforcement learning"}[recipe.method]
+    if recipe.method == "rl":
+        loss = f"ppo (advantage {recipe.ppo.advantage}, loss aggregation {recipe.ppo.loss_aggregation})"
+        rewards = ", ".join(term.name or "?" for term in recipe.rewards)
+        loss += f"; rewards: {rewards}"
+    else:
+        loss = " + ".join(f"{term.weight:g} x {term.name}" if term.weight != 1 else term.name for term in recipe.loss)
+    data = [f"- train: {', '.join(src.path + (f' ({src.split})' if src.split != 'train' else '') for src in recipe.data.train)}"]
+    if recipe.data.eval:
+        data.append(f"- eval: {', '.join(src.path for src in recipe.data.eval)}")
+    tags = ["prefopt", recipe.method, *(term.name for term in recipe.loss if recipe.method != "rl")]
+    front = {"library_name": library, "base_model": recipe.model.name_or_path, "tags": tags}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(recipe.output_dir).name}", "",
+             f"{what.capitalize()} trained by {method} with prefopt {prefopt.__version__}: {loss}, from "
+             f"`{recipe.model.name_or_path}`.", "", "## Data", "", *data, ""]
+    if metrics:
+        lines += ["## Last evaluation", "", "| metric | value |", "| --- | --- |",
+                  *(f"| {key} | {value:.4f} |" for key, value in metrics.items() if key not in ("step", "split")), ""]
+    lines += ["## Use", "", f"With {library} alone (no prefopt needed); after `prefopt push`, give the hub repository "
+              "id instead of the path:", "", "```python", *usage(kind, str(final)), "```", "",
+              "## Versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",
+              "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def usage(kind: str, path: str) -> list[str]:
+    library, cls, _ = LOADERS[kind]
+    module = "peft" if library == "peft" else "transformers"
+    lines = [f"from {module} import {cls}", "from transformers import AutoTokenizer", "",
+             f"path = {path!r}", "tokenizer = AutoTokenizer.from_pretrained(path)",
+             f"model = {cls}.from_pretrained(path{', num_labels=1' if 'Sequence' in cls else ''})"]
+    if "Sequence" in cls:
+        return lines + ['inputs = tokenizer("Question? An answer.", return_tensors="pt")',
+                        "score = model(**inputs).logits[0, 0].item()  # higher is preferred"]
+    return lines + ['inputs = tokenizer("Question?", return_tensors="pt")',
+                    "output = model.generate(**inputs, max_new_tokens=32)",
+                    "print(tokenizer.decode(output[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
+
+
+def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload RUN/final (weights, tokenizer, README.md) to the hub repository `repo_id`; returns its URL."""
+    from huggingface_hub import HfApi
+
+    final = Path(run_dir) / "final"
+    if not (final / "README.md").exists():
+        raise PrefoptError(f"{final} holds no finished model (no README.md): give a run directory whose training "
+                           "ended, e.g. runs/quickstart")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(final), commit_message=f"prefopt: {Path(run_dir).name}")
+    except Exception as exc:  # network, login, permissions: the hub's own message
+        raise PrefoptError(f"push to {repo_id} failed: {type(exc).__name__}: {exc}. Log in with `hf auth login` "
+                           "(or set HF_TOKEN) and check the repository id") from None
+    return str(url)
