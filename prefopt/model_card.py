@@ -27,7 +27,8 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
     kind = ("reward_adapter" if reward else "adapter") if lora else ("reward" if reward else "policy")
     library, cls, what = LOADERS[kind]
     method = {"preference": "offline preference optimisation", "reward": "reward modelling",
-              "rl": "online reinforcement learning"}[recipe.method]
+              "rl": "online reinforcement learning", "online": "online preference optimisation on its own samples"
+              }[recipe.method]
     if recipe.method == "rl":
         loss = f"ppo (advantage {recipe.ppo.advantage}, loss aggregation {recipe.ppo.loss_aggregation})"
         rewards = ", ".join(term.name or "?" for term in recipe.rewards)

@@ -21,7 +21,13 @@ import yaml
 
 from prefopt.errors import RecipeError
 from prefopt.recipe_checks import check, fail
-from prefopt.recipe_online import OverlongConfig, PPOConfig, RewardTerm, RolloutConfig  # noqa: F401 (re-exported)
+from prefopt.recipe_online import (  # noqa: F401 (re-exported)
+    OverlongConfig,
+    PairsConfig,
+    PPOConfig,
+    RewardTerm,
+    RolloutConfig,
+)
 
 
 @dataclass
@@ -166,6 +172,8 @@ METHODS = {
     "preference": ("reference", "loss"),  # a policy on offline pairs or unpaired feedback (DPO and its family)
     "reward": ("loss",),  # a reward model on pairs (bradley_terry)
     "rl": ("reference", "rollout", "rewards", "ppo"),  # a policy on its own samples (PPO, RLOO, GRPO)
+    # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
+    "online": ("reference", "loss", "rollout", "rewards", "pairs"),
 }
 
 
@@ -173,7 +181,7 @@ METHODS = {
 class Recipe:
     model: ModelConfig
     data: DataConfig
-    method: Literal["preference", "reward", "rl"] = "preference"
+    method: Literal["preference", "reward", "rl", "online"] = "preference"
     trainer: str | None = None  # "package.module:Class", a subclass of the method's trainer; None: prefopt's own
     output_dir: str | None = None  # recipe.yaml, metrics.jsonl, checkpoints/, final/; None: runs/<recipe name>-<hash>
     seed: int = 0
@@ -184,6 +192,7 @@ class Recipe:
     ppo: PPOConfig | None = None  # online: present, the recipe runs PPOTrainer on prompt-only data
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardTerm] = field(default_factory=list)  # online: the terms whose weighted sum is the score
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # method online: how samples become pairs
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -240,6 +249,8 @@ SECTIONS = {section for sections in METHODS.values() for section in sections}
 
 def _implied_method(data: dict[str, Any]) -> str:
     """The method of a recipe that does not name one (written before `method:` existed)."""
+    if "pairs" in data:
+        return "online"
     if "ppo" in data or "rollout" in data or "rewards" in data:
         return "rl"
     loss = data.get("loss")

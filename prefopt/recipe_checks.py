@@ -49,6 +49,10 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
     if recipe.method == "preference" and "rewards" in kinds.values():
         fail(where, "method", f"loss {kinds} trains a reward model: add the line `method: reward`")
+    if recipe.method == "online":
+        _check_online(recipe, kinds, where)
+    elif "group" in kinds.values():
+        fail(where, "loss", f"{kinds} takes groups of the policy's own samples: use method: online")
     if {"paired", "unpaired"} <= set(kinds.values()):
         fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
@@ -78,7 +82,7 @@ RANGES = {
     "ppo.clip_low": POSITIVE, "ppo.clip_high": POSITIVE, "ppo.dual_clip": ((lambda v: v > 1), "> 1"),
     "ppo.vf_coef": NON_NEGATIVE, "ppo.entropy_coef": NON_NEGATIVE, "ppo.kl_coef": NON_NEGATIVE,
     "ppo.target_kl": POSITIVE, "ppo.kl_horizon": AT_LEAST_ONE, "ppo.gamma": UNIT, "ppo.lam": UNIT,
-    "ppo.approx_kl_stop": POSITIVE, "eval.generate": NON_NEGATIVE, "eval.max_new_tokens": AT_LEAST_ONE,
+    "ppo.approx_kl_stop": POSITIVE, "pairs.min_gap": NON_NEGATIVE, "eval.generate": NON_NEGATIVE, "eval.max_new_tokens": AT_LEAST_ONE,
 }
 
 
@@ -143,6 +147,22 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
     if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
         fail(where, "reference.kind", f"{ref.kind} cannot give the per-token reference log-probs of fresh "
               "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
+
+
+def _check_online(recipe: Recipe, kinds: dict[str, str], where: str) -> None:
+    """method online: pair losses, or one group loss; reward terms; samples to pair."""
+    k = recipe.rollout.samples_per_prompt
+    _check_rewards(recipe.rewards, where)
+    wrong = {name: kind for name, kind in kinds.items() if kind not in ("paired", "group")}
+    if wrong:
+        fail(where, "loss", f"method online trains pair losses (dpo, ipo, simpo, rpo, ...) or a group loss (sppo) "
+              f"on the policy's samples; {wrong} takes other data")
+    if "group" in kinds.values() and len(kinds) > 1:
+        fail(where, "loss", f"a group loss (sppo) trains alone on every sample, not beside pair losses: {kinds}")
+    if k < 2:
+        fail(where, "rollout.samples_per_prompt", f"{k}: a pair (or a win rate) needs at least 2 samples per prompt")
+    if recipe.reference.kind == "precomputed":
+        fail(where, "reference.kind", "precomputed cannot score fresh samples; use copy or adapter_off")
 
 
 def _check_log(recipe: Recipe, where: str) -> None:

@@ -37,6 +37,19 @@ class RolloutConfig:
 
 
 @dataclass
+class PairsConfig:
+    """How method online turns each prompt's samples into what its loss takes (prefopt/trainers/online.py)."""
+
+    # best_worst: the best-scored completion against the worst (one pair per prompt); all: every pair whose scores
+    # differ by more than min_gap (k(k-1)/2 slots per prompt). A tie (no gap above min_gap) makes no pair: counted
+    select: Literal["best_worst", "all"] = "best_worst"
+    min_gap: float = 0.0
+    # module:function(prompts, a, b) -> P(a beats b) per row: a pairwise judge that ranks each prompt's samples
+    # (by their mean win rate against the others) instead of the rewards, and gives SPPO its win rates
+    judge: str | None = None
+
+
+@dataclass
 class RewardTerm:
     """One term of the score: reward models (an ensemble when several) or a Python function, times weight."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_metrics, write_recipe
+from test_online import online_sections
 from test_ppo import ppo_sections
 
 from prefopt.cli import train_recipe
@@ -49,9 +50,11 @@ PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every
     # PPO: samples drawn by (seed, step, global row), whitening and mini-batches over the gathered rollout
     {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN},
     {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN},
-], ids=["dpo", "reward", "ppo-gae", "ppo-rloo"])
+    # online DPO: samples drawn by (seed, step, global row), pairs formed over the gathered samples
+    {**online_sections(select="all", min_gap=0.05), "train": {**PPO_TRAIN, "batch_size": 12, "micro_batch_size": 6}},
+], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "online-dpo"])
 def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, sections):
-    if "ppo" in sections:  # greedy evaluation split over the processes
+    if "ppo" in sections or sections.get("method") == "online":  # greedy evaluation split over the processes
         sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
@@ -126,8 +129,11 @@ CHECKPOINTED = {"gradient_checkpointing": True}  # recomputed activations gather
     ("zero3", {"loss": {"name": "bradley_terry"}, "train": TRAIN}, "reward"),
     # generation with the gathered weights; the reference a partitioned engine
     ("zero3", {**ppo_sections(advantage="gae", target_kl=0.01), "train": {**PPO_TRAIN, **CHECKPOINTED}}, "causal"),
+    # iterative online DPO: the partitioned reference refreshed from the partitioned policy after step 2
+    ("zero3", {**online_sections(), "reference": {"kind": "copy", "sync_every": 2, "sync_alpha": 1.0},
+               "train": PPO_TRAIN}, "causal"),
 ], ids=["fsdp2-dpo", "fsdp2-dpo-lora", "fsdp2-reward", "fsdp2-ppo-critic", "zero2-dpo", "zero2-ppo-rloo",
-        "zero3-dpo", "zero3-dpo-lora", "zero3-dpo-precomputed", "zero3-reward", "zero3-ppo"])
+        "zero3-dpo", "zero3-dpo-lora", "zero3-dpo-precomputed", "zero3-reward", "zero3-ppo", "zero3-online-dpo"])
 def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, config, sections, kind):
     """The launch configs as shipped, on two CPU processes: the trajectory of one process, the same final model.
     33 held-out examples split 17/16, so a sharded frozen model runs more batches on one process than on the
@@ -135,9 +141,10 @@ def test_sharded_two_processes_match_one(sort_task, reward_model, tmp_path, conf
     precomputed reference in micro-batches of 4 (5 and 4), each run computing its own."""
     rows = (sort_task / "eval.jsonl").read_text().splitlines()[:33]
     (tmp_path / "eval.jsonl").write_text("\n".join(rows) + "\n")
-    if "ppo" in sections:
+    online = "ppo" in sections or sections.get("method") == "online"
+    if online:
         sections = {**sections, "rewards": {"models": [str(reward_model)]}}
-    if "ppo" in sections or "reference" in sections:
+    if online or "reference" in sections:
         sections = {**sections, "data": {"eval": str(tmp_path / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     for run in (one, two):

@@ -2,8 +2,8 @@
 CPU torch; vLLM pins its own transformers, so it lives apart from .venv). The checks run in tests/vllm_check.py
 as subprocesses of that environment's Python: after 4 updates the engine's greedy completions equal HF
 generate's (full model and LoRA), the engine/trainer log-prob gap stays below 1e-4 (fp32), a resumed run repeats
-its rollouts, a weight sync the engine cannot take stops with its error at once, and two processes sample what
-one does."""
+its rollouts, a weight sync the engine cannot take stops with its error at once, two processes sample what
+one does, and online DPO (method online) samples through it and resumes exactly."""
 
 import json
 import os
@@ -53,6 +53,12 @@ def test_a_sync_the_engine_cannot_take_stops_at_once(checks):
     bad = checks["bad_sync"]
     assert bad["raised"] and bad["seconds"] < 60
     assert "vLLM weight sync failed" in bad["message"] and "not_a_parameter" in bad["message"]
+
+
+def test_online_dpo_samples_through_the_engine(checks):
+    online = checks["online"]
+    assert len(online["whole"]) == 4 and sum(online["pairs"]) > 0
+    assert online["resumed"] == pytest.approx(online["whole"], abs=1e-6)  # steps 1-2, then 3-4 after the resume
 
 
 def test_labelling_samples_through_the_engine(checks):

@@ -86,6 +86,14 @@ def engine_checks(out: Path, task: Path) -> dict:
                          "resumed": [r["grad_norm"] for r in resumed],
                          "lengths": [[r["rollout/length"] for r in rs if r["split"] == "train"]
                                      for rs in (whole, [{**r, "split": "train"} for r in resumed])]}
+    # method online (online DPO) samples through the same engine; stopped at 2 and resumed, it repeats itself
+    online = {}
+    for name, overrides in (("whole", [()]), ("resumed", [("train.max_steps=2",), ()])):
+        config = recipe(task, out / f"online-{name}", method="online", loss={"name": "dpo", "beta": 0.1})
+        del config["ppo"]
+        online[name] = [train(config, *o) for o in overrides][-1]
+    results["online"] = {key: [r["loss"] for r in records] for key, records in online.items()}
+    results["online"]["pairs"] = [r["pairs/real"] for r in online["whole"]]
     # prefopt label --engine vllm: seeded samples, the same on a second call
     from prefopt.labeling import sample
 

@@ -48,6 +48,16 @@ class UnpairedLogps:
 
 
 @dataclass(frozen=True)
+class GroupLogps:
+    """Per-sample completion log-probs of one model for a group loss (SPPO): every sample of each prompt, with
+    its estimated win rate against the policy, P(y > pi_t | x)."""
+
+    logps: torch.Tensor  # (N,) summed over completion tokens
+    tokens: torch.Tensor  # (N,) completion token counts
+    win_rate: torch.Tensor  # (N,) in [0, 1]
+
+
+@dataclass(frozen=True)
 class PairRewards:
     """A reward model's scalar rewards of each pair's completions (reward-model losses)."""
 
@@ -91,7 +101,8 @@ class LossSpec:
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool  # False: the trainer loads no reference model
-    data: str = "paired"  # "paired" (PairLogps), "unpaired" (UnpairedLogps), "any" (either), "rewards" (PairRewards)
+    # "paired" (PairLogps), "unpaired" (UnpairedLogps), "any" (either), "rewards" (PairRewards), "group" (GroupLogps)
+    data: str = "paired"
     kl: bool = False  # unpaired: also score mismatched prompt/completion rows (UnpairedLogps.kl_logps)
     state: type | None = None  # e.g. RunningMean: made by the trainer, passed as the third argument
 
@@ -126,6 +137,8 @@ class LossSpec:
             probe = UnpairedLogps(-one, one, torch.tensor([True, False]), -one if self.kl else None)
         elif self.data == "rewards":
             probe = PairRewards(one, -one)
+        elif self.data == "group":
+            probe = GroupLogps(-one, one, one / 2)
         else:
             probe = PairLogps(-one, -2 * one, one, one)
         state = [self.state()] if self.state else []

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, PairLogps, UnpairedLogps, check_range, register_loss
+from prefopt.losses import GroupLogps, LossOutput, PairLogps, UnpairedLogps, check_range, register_loss
 from prefopt.losses.unpaired import split_rewards
 
 
@@ -196,6 +196,24 @@ def sppo_hard_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
     losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("sppo", needs_reference=True, data="group")
+def sppo_loss(policy: GroupLogps, reference: GroupLogps, *, beta: float = 0.1) -> LossOutput:
+    """SPPO (Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675,
+    Eq. 4.7; Algorithm 1): every sample y of a prompt x regresses its summed log-ratio to pi_t (the reference: the
+    policy at the start of the iteration, refreshed each iteration) onto eta (P(y > pi_t | x) - 1/2), eta = 1/beta:
+
+        (log pi(y|x) / pi_t(y|x) - (P_hat(y > pi_t | x) - 1/2) / beta)^2
+
+    P_hat is the sample's mean win probability against the other samples of its prompt (the method online
+    trainer's estimate, from a judge or Bradley-Terry on the scores). With P_hat 1 and 0 it is sppo_hard's.
+    Logged "chosen" rewards are beta times the log-ratio (the loss's estimate of P_hat - 1/2); no rejected.
+    """
+    check_range("sppo", beta=(beta, "> 0"))
+    logratios = policy.logps - reference.logps
+    losses = (logratios - (policy.win_rate - 0.5) / beta) ** 2
+    return LossOutput(losses, beta * logratios.detach(), torch.full_like(logratios, math.nan))
 
 
 @register_loss("nca_pair", needs_reference=True)

@@ -1,14 +1,16 @@
 """Trainers: the one loop (base.Trainer) and the methods built on it."""
 
 from prefopt.trainers.base import Trainer
+from prefopt.trainers.online import OnlinePreferenceTrainer
 from prefopt.trainers.ppo import PPOTrainer
 from prefopt.trainers.preference import PreferenceTrainer
 from prefopt.trainers.reward import RewardTrainer
 
-__all__ = ["Trainer", "PreferenceTrainer", "PPOTrainer", "RewardTrainer", "trainer_for"]
+__all__ = ["Trainer", "PreferenceTrainer", "PPOTrainer", "RewardTrainer", "OnlinePreferenceTrainer", "trainer_for"]
 
 
-TRAINERS = {"preference": PreferenceTrainer, "reward": RewardTrainer, "rl": PPOTrainer}
+TRAINERS = {"preference": PreferenceTrainer, "reward": RewardTrainer, "rl": PPOTrainer,
+            "online": OnlinePreferenceTrainer}
 
 
 def trainer_for(recipe) -> Trainer:

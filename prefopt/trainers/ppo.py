@@ -129,11 +129,13 @@ class PPOTrainer(Trainer):
         return [self.train_data[i] for i in order[index * prompts : (index + 1) * prompts]]
 
     def token_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      entropy_grad: bool = False, temperature: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs and entropies (N, W) of the completions of left-padded rows under `model` (the
-        policy or a reference), and the value head's values (N, W) or None: through the shared-prompt layout
-        where it is on, else the padded rows as they are."""
-        options = {"temperature": self.recipe.rollout.temperature, "chunk_size": self.chunk_size,
+        policy or a reference) at `temperature` (rollout.temperature), and the value head's values (N, W) or
+        None: through the shared-prompt layout where it is on, else the padded rows as they are."""
+        temperature = self.recipe.rollout.temperature if temperature is None else temperature
+        options = {"temperature": temperature, "chunk_size": self.chunk_size,
                    "entropy_grad": entropy_grad}
         if self.share_prompt and (self.recipe.train.share_prompt or sharing_pays(input_ids, attention_mask, mask.shape[1], self.hidden_size)):
             return (*shared_prompt_logps(model, input_ids, attention_mask, mask,
