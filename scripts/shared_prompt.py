@@ -4,8 +4,9 @@ prompts are long beside their completions (docs/benchmarks.md).
     python scripts/shared_prompt.py [--prompt-words 60 --new-tokens 8 --hidden 256 --steps 6]
 
 Builds the addition task with a long preamble before each question (so prompts are >= 4x the completions) on a
-Llama-shaped model with random weights, and runs `prefopt train` once per layout in a fresh process; prints
-the median step time and the logged split after the first step.
+Llama-shaped model with random weights, and runs `prefopt train` once per layout in a fresh process, then TRL
+1.16's GRPOTrainer on the same model and prompts; prints the median step time (and prefopt's logged split)
+after the first step.
 """
 
 import argparse
@@ -66,6 +67,16 @@ def main() -> None:
         records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                    if r["split"] == "train"][1:]
         print(f"| {name} | {' | '.join(f'{statistics.median(r[k] for r in records):.3f}' for k in KEYS)} |", flush=True)
+    # TRL 1.16's GRPOTrainer on the same model, prompts and settings (scripts/online_benchmark.py's worker; its
+    # reward the answers' format, as the task's answers are not passed to it: the reward changes no step's work)
+    from online_benchmark import measure
+
+    settings = argparse.Namespace(new_tokens=args.new_tokens, steps=args.steps, precision="no")
+    result = measure(settings, "trl", "hf", task / "model", task / "long.jsonl", work,
+                     reward="prefopt.data.synthetic:number_format")
+    if result:
+        step = statistics.median(r["step_seconds"] for r in result["records"])
+        print(f"| TRL 1.16 GRPOTrainer | {step:.3f} |{' - |' * (len(KEYS) - 1)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def test_trackers_receive_every_record_of_metrics_jsonl(sort_task, tmp_path, mon
     assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
     assert set(samples[0]) == {"step", "prompt", "completion", "chosen", "sort_scores"}
     assert samples[0]["prompt"].startswith("sort:") and samples[0]["sort_scores"] in (0.0, 1.0)
+    for step in (0, 2, 4):  # the eval record holds the samples' mean score
+        mean = sum(s["sort_scores"] for s in samples if s["step"] == step) / 2
+        assert next(r for r in evals if r["step"] == step)["samples/sort_scores"] == mean
 
     eval_lines = [line for line in printed.splitlines() if line.startswith("[prefopt] eval step")]
     assert len(eval_lines) == 3 and "rewards/accuracy" in eval_lines[-1]

@@ -169,14 +169,19 @@ class Trainer:
         return evals
 
     def eval_step(self, step: int) -> None:
-        """Evaluate at `step`: the method's metrics, then its samples (eval.generate), through the run's log."""
-        self.run_log.write(self.evaluate(), step=step, split="eval")
-        if self.recipe.eval.generate:
-            self.run_log.samples(self.generate_samples(), step)
+        """Evaluate at `step`: the method's metrics and its samples (eval.generate), through the run's log."""
+        record = self.evaluate()
+        rows = self.generate_samples() if self.recipe.eval.generate else []
+        self.run_log.write({**record, **self.sample_metrics(rows)}, step=step, split="eval")
+        self.run_log.samples(rows, step)
 
     def generate_samples(self) -> list[dict]:
         """Rows {prompt, completion, scores...} of eval.generate held-out prompts (a method that can generate)."""
         return []
+
+    def sample_metrics(self, rows: list[dict]) -> dict[str, float]:
+        """Metrics of the samples, for the eval record (none here)."""
+        return {}
 
     def _on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum

@@ -138,6 +138,7 @@ class OnlinePreferenceTrainer(PPOTrainer):
         batch = rollouts.generate(self, examples, sampler)
         generated = time.perf_counter() - start
         scores, _ = rollouts.score(self, batch)
+        scores = rollouts.penalise(scores, batch["ended"], batch["mask"], recipe.rollout)  # missing EOS, overlong
         wins = win_rates(self.preferences(batch, scores)).flatten()
         self.samples = rollouts.sample_rows(batch, scores, torch.empty(0, len(scores)), [])[: recipe.eval.generate or 3]
         gathered = self.gather({key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask")}

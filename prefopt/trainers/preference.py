@@ -85,6 +85,15 @@ class PreferenceTrainer(Trainer):
                          for i, (ex, text) in enumerate(zip(chunk, batch["texts"]))]
         return gather_object(rows) if self.world_size > 1 else rows
 
+    def sample_metrics(self, rows: list[dict]) -> dict[str, float]:
+        """samples/<term>: each eval.rewards term's mean score over the generated samples (where it applies)."""
+        out = {}
+        for name in (term.name for term in self.recipe.eval.rewards):
+            values = [row[name] for row in rows if row.get(name) is not None and row[name] == row[name]]
+            if values:
+                out[f"samples/{name}"] = sum(values) / len(values)
+        return out
+
     def _choose_layout(self) -> None:
         """The speed switches of train.* that this model and backend allow (none changes the loss)."""
         from transformers import AutoConfig

@@ -147,6 +147,17 @@ def score(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return total.to(device).float(), terms.to(device).float()
 
 
+def penalise(scores: torch.Tensor, ended: torch.Tensor, mask: torch.Tensor, rollout) -> torch.Tensor:
+    """Scores less rollout.missing_eos_penalty where a completion never ended and DAPO's overlong penalty."""
+    penalised = scores.clone()
+    if rollout.missing_eos_penalty is not None:
+        penalised[~ended] -= rollout.missing_eos_penalty
+    if rollout.overlong:
+        penalised += ppo_math.overlong_penalty(mask.sum(1), rollout.max_new_tokens, rollout.overlong.buffer,
+                                               rollout.overlong.penalty)
+    return penalised
+
+
 def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Row-wise concatenation of gathered rounds: prompts left-padded and completions right-padded to the widest."""
     out = {}
@@ -190,13 +201,7 @@ def make_rollout(trainer, cycle: int) -> Rollout:
         gathered = trainer.gather({**local, "ended": batch["ended"].float(), "scores": scores, "terms": terms.T})
         gathered["ended"] = gathered["ended"].bool()
         generated += gathered["mask"].sum().item()
-        penalised = gathered["scores"].clone()
-        if rollout.missing_eos_penalty is not None:
-            penalised[~gathered["ended"]] -= rollout.missing_eos_penalty
-        if rollout.overlong:
-            penalised += ppo_math.overlong_penalty(gathered["mask"].sum(1), rollout.max_new_tokens,
-                                                   rollout.overlong.buffer, rollout.overlong.penalty)
-        gathered["penalised"] = penalised
+        gathered["penalised"] = penalise(gathered["scores"], gathered["ended"], gathered["mask"], rollout)
         groups = [{key: value[g * k : (g + 1) * k] for key, value in gathered.items()} for g in range(prompts)]
         rounds += 1
         if not rollout.filter_groups:
