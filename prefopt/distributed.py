@@ -152,13 +152,20 @@ class WholeWeights:
                 tensor.data.copy_(state[name])
 
 
-def end(accelerator, models) -> None:
-    """End the run's distributed state: ZeRO-3 engines first wait for the weight gathers they started ahead (a
-    process group torn down under one aborts the process), then the process group is destroyed."""
-    if zero_stage(accelerator) == 3:
+def release_gathers(accelerator, models) -> None:
+    """ZeRO-3 engines wait for the weight gathers they started ahead (a process group torn down under one aborts
+    the process); a no-op once the process group is gone."""
+    import torch
+
+    if zero_stage(accelerator) == 3 and torch.distributed.is_initialized():
         for engine in models:
             if hasattr(engine, "empty_partition_cache"):
                 engine.empty_partition_cache()
+
+
+def end(accelerator, models) -> None:
+    """End the run's distributed state: the ZeRO-3 gathers first, then the process group."""
+    release_gathers(accelerator, models)
     accelerator.end_training()
 
 

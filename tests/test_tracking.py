@@ -21,16 +21,21 @@ class Sum:  # MetricMeans.result's reduction, on one process
 
 
 def test_trackers_receive_every_record_of_metrics_jsonl(sort_task, tmp_path, monkeypatch, capsys):
-    """TensorBoard's event files (read back with its EventAccumulator) and the MLflow file store hold the same
-    loss series as metrics.jsonl; W&B writes its offline run; samples reach samples.jsonl; one console line per
-    eval; the summary at the end."""
+    """TensorBoard's event files (read back with its EventAccumulator), the MLflow file store and trackio's local
+    store hold the same loss series as metrics.jsonl; W&B writes its offline run; samples reach samples.jsonl; one
+    console line per eval; the summary at the end."""
+    import sys
+
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    assert "trackio" not in sys.modules  # it reads TRACKIO_DIR when it loads
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out, log={"to": ["tensorboard", "mlflow", "wandb"]},
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out,
+                              log={"to": ["tensorboard", "mlflow", "wandb", "trackio"], "project": "tracked"},
                               train={"max_steps": 4, "eval_every": 2},
                               eval={"generate": 2, "max_new_tokens": 6,
                                     "rewards": [{"function": "prefopt.data.synthetic:sort_scores"}]}))
@@ -47,12 +52,19 @@ def test_trackers_receive_every_record_of_metrics_jsonl(sort_task, tmp_path, mon
     assert "samples/text_summary" in events.Tags()["tensors"]  # the sample table, as text
 
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("prefopt").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
     history = client.get_metric_history(run.info.run_id, "eval/diag/policy_ranking_accuracy")
     assert [(m.step, m.value) for m in history] == [
         (r["step"], pytest.approx(r["diag/policy_ranking_accuracy"], rel=1e-6)) for r in evals]
     assert run.data.params["loss.beta"] == "0.1"  # the resolved recipe is the run's config
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert SQLiteStorage.get_runs("tracked") == ["run"]
+    logged = SQLiteStorage.get_logs("tracked", "run")
+    for split, records in (("train", train), ("eval", evals)):
+        series = [(r["step"], r[f"{split}/loss"]) for r in logged if f"{split}/loss" in r]
+        assert series == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]

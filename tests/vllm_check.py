@@ -1,7 +1,7 @@
 """Runs in the vLLM environment (.venv-vllm; tests/test_vllm.py calls it): GRPO with rollout.engine vllm on a
 head_dim-64 model, and what the engine promises. Writes results.json into the directory it is given.
 
-    python tests/vllm_check.py OUT_DIR [engine|two-processes]
+    python tests/vllm_check.py OUT_DIR engine|RUN_NAME    (RUN_NAME fsdp2: FSDP2 allowed on CPU processes)
 """
 
 import json
@@ -129,6 +129,8 @@ def main() -> None:
     if mode == "engine":
         results = engine_checks(out, task)
     else:  # one run (of a multi-process launch, perhaps): `mode` names it
+        if mode == "fsdp2":
+            import fsdp_on_cpu  # noqa: F401  (Accelerate's FSDP allowed on CPU processes, as test_distributed)
         train(recipe(task, out / mode, train={"save_every": 0}))
         results = {}
     if int(os.environ.get("RANK", 0)) == 0:

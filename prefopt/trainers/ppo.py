@@ -99,7 +99,8 @@ class PPOTrainer(Trainer):
                 self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def close(self) -> None:
-        if self.engine is not None:
+        if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
+            distributed.release_gathers(self.accelerator, list(self.placed_models().values()))
             self.engine.close()
         super().close()
 
@@ -248,9 +249,11 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
-        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share,
-        length and `kl`, the summed log pi / pi_ref of their tokens (the x-axis of the over-optimisation frontier,
-        Gao et al. 2023); the first eval.generate of them are kept for `generate_samples`."""
+        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share and
+        length; the first eval.generate of them are kept for `generate_samples`. With a reference, `kl`:
+        KL(pi || pi_ref) per completion, estimated on one sample of each held-out prompt (at rollout.temperature,
+        seeded by the prompt's row, as rollouts are) as the mean of sum_t log pi / pi_ref: the x-axis of the
+        over-optimisation frontier (Gao et al. 2023)."""
         examples = self.eval_data if examples is None else examples
         if not examples:
             return {}
@@ -260,13 +263,18 @@ class PPOTrainer(Trainer):
                 *(f"rewards/{name}" for name in self.rewards.names)]
         for key in keys:  # every process has every key, even one with no prompts
             means.add(key, torch.empty(0, device=acc.device))
-        for chunk, counts in self.eval_chunks(examples, self.recipe.train.eval_batch_size or 64):
+        size = self.recipe.train.eval_batch_size or 64
+        for i, (chunk, counts) in enumerate(self.eval_chunks(examples, size)):
             batch = rollouts.generate(self, chunk)
             scores, terms = rollouts.score(self, batch)
             if reference:
-                tokens = rollouts.token_logps(self, torch.cat([batch["prompt_ids"], batch["response_ids"]], 1),
-                                              torch.cat([batch["prompt_mask"], batch["mask"].long()], 1),
-                                              batch["mask"])
+                first = self.accelerator.process_index + self.world_size * i * size  # the chunk's global rows
+                rows = torch.arange(len(chunk)) * self.world_size + first if counts else torch.zeros(1, dtype=torch.long)
+                sampler = rollouts.GumbelSampler(hash((self.recipe.seed, "eval")), rows, len(examples))
+                drawn = rollouts.generate(self, chunk, sampler, samples=1)
+                tokens = rollouts.token_logps(self, torch.cat([drawn["prompt_ids"], drawn["response_ids"]], 1),
+                                              torch.cat([drawn["prompt_mask"], drawn["mask"].long()], 1),
+                                              drawn["mask"])
                 kl = (tokens["old_logps"] - tokens["ref_logps"]).sum(1)
             if not counts:
                 continue

@@ -72,15 +72,15 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 @torch.no_grad()
 def generate(trainer, examples: list[dict], sampler: GumbelSampler | None = None,
-             max_new_tokens: int | None = None) -> dict:
+             max_new_tokens: int | None = None, samples: int | None = None) -> dict:
     """Completions of the examples' prompts, cut after their first EOS: sampled by `sampler`
-    (rollout.samples_per_prompt each, at rollout.temperature and top_p), or greedy without one; up to
-    `max_new_tokens` (rollout.max_new_tokens). Any trainer: an offline one generates with its policy."""
+    (`samples` or rollout.samples_per_prompt each, at rollout.temperature and top_p), or greedy without one; up
+    to `max_new_tokens` (rollout.max_new_tokens). Any trainer: an offline one generates with its policy."""
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     rollout, tokenizer = trainer.recipe.rollout, trainer.tokenizer
-    k = rollout.samples_per_prompt if sampler else 1
+    k = (samples or rollout.samples_per_prompt) if sampler else 1
     prompt_ids, prompt_mask = pad_prompts([ex["prompt_ids"] for ex in examples], tokenizer.pad_token_id,
                                           trainer.accelerator.device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
