@@ -270,7 +270,8 @@ class PPOTrainer(Trainer):
             if reference:
                 first = self.accelerator.process_index + self.world_size * i * size  # the chunk's global rows
                 rows = torch.arange(len(chunk)) * self.world_size + first if counts else torch.zeros(1, dtype=torch.long)
-                sampler = rollouts.GumbelSampler(hash((self.recipe.seed, "eval")), rows, len(examples))
+                # seeded apart from every rollout (cycles count from 0); ints only: a str hash differs per process
+                sampler = rollouts.GumbelSampler(hash((self.recipe.seed, -1)), rows, len(examples))
                 drawn = rollouts.generate(self, chunk, sampler, samples=1)
                 tokens = rollouts.token_logps(self, torch.cat([drawn["prompt_ids"], drawn["response_ids"]], 1),
                                               torch.cat([drawn["prompt_mask"], drawn["mask"].long()], 1),
