@@ -45,7 +45,7 @@ PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every
 
 
 @pytest.mark.parametrize("sections", [
-    {"loss": {"name": "dpo", "beta": 0.1}, "train": TRAIN},
+    {"loss": {"name": "dpo", "beta": 0.1}, "train": TRAIN, "log": {"to": ["tensorboard"]}},  # main process logs
     {"loss": {"name": "bradley_terry", "center_coef": 0.01}, "train": TRAIN},
     # PPO: samples drawn by (seed, step, global row), whitening and mini-batches over the gathered rollout
     {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN},
@@ -63,6 +63,7 @@ def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_pat
     info = {name: json.loads((d / "run.json").read_text()) for name, d in (("one", one), ("two", two))}
     assert info["two"]["world_size"] == 2 and info["two"]["accumulation_steps"] == 1
     assert info["one"]["world_size"] == 1 and info["one"]["accumulation_steps"] == 2
+    assert len(list((two / "tensorboard").rglob("events.out.tfevents.*"))) == ("log" in sections)  # one writer
     compare(one, two)
 
 

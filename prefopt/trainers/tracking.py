@@ -23,6 +23,7 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
                    "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
                    "swanlab": "swanlab"}
 SAMPLES = "samples.jsonl"
+_MLFLOW_SET = {"uri": None}  # the tracking URI this process set, for the run directory's file store
 
 
 def check_trackers(names: list[str]) -> None:
@@ -59,8 +60,10 @@ def tracker_settings(recipe, output_dir: Path) -> tuple[dict, dict]:
     log = recipe.log
     if not log.to:
         return {}, {}
-    if "mlflow" in log.to and "MLFLOW_TRACKING_URI" not in os.environ:  # else the server or store it names
-        os.environ["MLFLOW_TRACKING_URI"] = (output_dir / "mlruns").resolve().as_uri()  # a file store in the run
+    # MLflow: a file store in the run directory, unless the environment names a server or store (one that an
+    # earlier run in this process set is replaced)
+    if "mlflow" in log.to and os.environ.get("MLFLOW_TRACKING_URI") in (None, _MLFLOW_SET["uri"]):
+        os.environ["MLFLOW_TRACKING_URI"] = _MLFLOW_SET["uri"] = (output_dir / "mlruns").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use one
     name = log.run_name or output_dir.name
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard"))
@@ -178,10 +181,11 @@ class RunLog:
         self.end()
 
     def end(self) -> None:
-        """End the trackers (once; also after an error)."""
-        if self.recipe.log.to and self.acc.trackers:
-            self.acc.end_training()
-            self.acc.trackers.clear()
+        """End the trackers (once; also after an error). Not Accelerator.end_training, which also destroys the
+        process group: the trainer's close() ends that, after ZeRO-3's gathers."""
+        for tracker in self.acc.trackers:
+            tracker.finish()
+        self.acc.trackers.clear()
 
     @staticmethod
     def print(line: str) -> None:
