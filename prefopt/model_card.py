@@ -18,6 +18,25 @@ LOADERS = {  # (library, class, what it is) by what final/ holds
 }
 
 
+def run_card(trainer) -> str:
+    """The card of a trainer's run: its recipe, last eval record and library versions."""
+    import accelerate
+    import torch
+    import transformers
+
+    from prefopt.trainers.metrics import read_records
+
+    recipe, path = trainer.recipe, trainer.output_dir / "metrics.jsonl"
+    evals = [r for _, r in read_records(path) if r["split"] == "eval"] if path.exists() else []
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__}
+    if recipe.model.lora or recipe.model.adapter:
+        import peft
+
+        versions["peft"] = peft.__version__
+    return model_card(recipe, trainer.output_dir / "final", evals[-1] if evals else None, versions)
+
+
 def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str]) -> str:
     """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's."""
     import prefopt
@@ -49,7 +68,8 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
                   *(f"| {key} | {value:.4f} |" for key, value in metrics.items() if key not in ("step", "split")), ""]
     lines += ["## Use", "", f"With {library} alone (no prefopt needed); after `prefopt push`, give the hub repository "
               "id instead of the path:", "", "```python", *usage(kind, str(final)), "```", "",
-              "## Versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",
+              "## Versions", "", f"- prefopt {prefopt.__version__}",
+              *(f"- {name} {version}" for name, version in versions.items()), "",
               "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
 

@@ -419,23 +419,9 @@ class Trainer:
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
         """The trained model in Hugging Face format in output_dir/final, with its model card (README.md) and
         `extra_files` (name -> text)."""
-        return checkpoints.save_final(self, {"README.md": self.model_card(), **(extra_files or {})})
+        from prefopt.model_card import run_card
 
-    def model_card(self) -> str:
-        import accelerate
-        import transformers
-
-        from prefopt.model_card import model_card
-
-        path = self.output_dir / "metrics.jsonl"
-        evals = [r for _, r in metrics_file.read_records(path) if r["split"] == "eval"] if path.exists() else []
-        versions = {"prefopt": prefopt.__version__, "torch": torch.__version__,
-                    "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-        if self.recipe.model.lora or self.recipe.model.adapter:
-            import peft
-
-            versions["peft"] = peft.__version__
-        return model_card(self.recipe, self.output_dir / "final", evals[-1] if evals else None, versions)
+        return checkpoints.save_final(self, {"README.md": run_card(self), **(extra_files or {})})
 
     def _resume(self) -> int:
         return checkpoints.resume(self)
