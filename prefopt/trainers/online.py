@@ -37,7 +37,8 @@ from prefopt.trainers import rollout as rollouts
 from prefopt.trainers.ppo import PPOTrainer
 
 
-def make_pairs(scores: torch.Tensor, select: str, min_gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+def make_pairs(scores: torch.Tensor, select: str, min_gap: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Pairs within each group of scores (P, k): (chosen, rejected) sample indices (P, S) each, a (P, S) bool of
     the slots that hold a pair, and the ties (slots without one). best_worst: S = 1, the highest against the
     lowest score (the first of equals); all: S = k(k-1)/2, each (i, j), i < j, the higher-scored chosen.
@@ -214,7 +215,7 @@ class OnlinePreferenceTrainer(PPOTrainer):
         outputs = [spec.fn(*inputs, **term.params) for spec, term in self.terms]
         loss = sum(term.weight * (out.losses * weight).sum() for (_, term), out in zip(self.terms, outputs))
         real = weight > 0
-        metrics = {key: value for key, value in self.step_stats.items()}
+        metrics = dict(self.step_stats)
         chosen_rewards, rejected_rewards = outputs[0].chosen_rewards, outputs[0].rejected_rewards
         if self.group:
             metrics["rewards/chosen"] = chosen_rewards
