@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.command in ("label", "eval", "merge", "synth"):  # training quiets them as its recipe says (log.quiet)
-            from prefopt.trainers.tracking import quiet_libraries
+            from prefopt.run.tracking import quiet_libraries
 
             quiet_libraries()
         if args.command == "train":
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"wrote {plot_to_file(args.runs, args.out, args.metric)}")
         elif args.command == "push":
-            from prefopt.model_card import push
+            from prefopt.run.card import push
 
             print(f"uploaded {Path(args.run_dir) / 'final'} to {push(args.run_dir, args.repo_id, args.private)}")
         elif args.command == "merge":
@@ -167,7 +167,7 @@ def train_recipe(path: str | Path, overrides: list[str] = (), restart: bool = Fa
 
 def run_recipe(recipe, restart: bool = False, trainer_cls=None):
     """Train a loaded recipe: the run's lock (main process), the resume check, the trainer, its end."""
-    from prefopt.runs import RunLock, check_resume, check_writable
+    from prefopt.run.directory import RunLock, check_resume, check_writable
     from prefopt.trainers import trainer_for
 
     main = os.environ.get("RANK", "0") == "0"

@@ -3,8 +3,10 @@
 A reward run (or any reward model directory) reports its ranking accuracy and reward statistics
 (prefopt.scoring.evaluate_reward_model). A preference run reports what its own evaluation logs: the loss, the
 implicit-reward accuracy and margin, the log-probs, for its final policy against its reference (the starting
-policy, or the base weights under a LoRA adapter). An online (rl) run is refused: its held-out verifier score is
-in metrics.jsonl at each eval.
+policy, or the base weights under a LoRA adapter). An online run (rl, online) reports what its evaluations log,
+through the same Sampler that trained it: greedy completions of the file's prompts scored by the run's reward
+terms (score, each term, EOS share, length) and, with a reference, the KL to it. What each method's runs get is
+its record's `evaluation` (prefopt.methods).
 """
 
 from __future__ import annotations
@@ -25,23 +27,22 @@ def evaluate_run(path: str | Path, data: str) -> dict:
         return evaluate_reward_model(path, data)
     recipe = yaml.safe_load(saved.read_text())
     from prefopt import recipe as recipe_lib
+    from prefopt.methods import METHODS
 
-    method = recipe.get("method") or recipe_lib.from_dict(recipe, str(saved)).method
-    if method == "reward":
+    method = METHODS[recipe.get("method") or recipe_lib.from_dict(recipe, str(saved)).method]
+    if method.evaluation == "reward":
         return evaluate_reward_model(path, data)
-    if method != "preference":
-        raise PrefoptError(f"{path} is a {method!r} run; prefopt eval evaluates preference and reward runs (an "
-                           f"online run logs its held-out score at each eval in {path / 'metrics.jsonl'})")
+    if method.evaluation == "none":
+        raise PrefoptError(f"{path} is a {method.name!r} run, which prefopt eval does not evaluate")
     if not (path / "final").is_dir():
         raise PrefoptError(f"{path} has no final/ yet: the run has not finished (resume it with prefopt train)")
-    return {"run": str(path), "data": data, **evaluate_policy(recipe, path / "final", data)}
+    evaluate = evaluate_policy if method.evaluation == "policy" else evaluate_online
+    return {"run": str(path), "data": data, **evaluate(recipe, path / "final", data)}
 
 
-def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
-    """The preference trainer's evaluation of `final` on `data`, against the run's reference."""
-    from prefopt import recipe as recipe_lib
-    from prefopt.trainers import PreferenceTrainer
-
+def final_model(recipe: dict, final: Path) -> tuple[dict, dict]:
+    """The run's model and reference sections with its final weights as the model: a LoRA adapter on its base
+    (the reference as trained), or the final weights with a copy reference of the starting policy."""
     model, reference = dict(recipe["model"]), dict(recipe.get("reference") or {})
     start = reference.get("name_or_path") or model["name_or_path"]
     if (final / "adapter_config.json").exists():  # LoRA: the adapter on its base; the reference as trained
@@ -51,6 +52,30 @@ def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
         if reference.get("kind") in ("copy", "precomputed"):
             reference.update(kind="copy", name_or_path=start)
     reference.pop("sync_every", None)  # evaluation moves nothing
+    return model, reference
+
+
+def evaluate_online(recipe: dict, final: Path, data: str) -> dict:
+    """The online trainer's evaluation (its Sampler's) of `final` on the prompts of `data`."""
+    from prefopt import recipe as recipe_lib
+    from prefopt.trainers import trainer_for
+
+    model, reference = final_model(recipe, final)
+    recipe = {**recipe, "model": model, "reference": reference, "output_dir": str(final.parent), "trainer": None,
+              "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0}}
+    trainer = trainer_for(recipe_lib.from_dict(recipe, "prefopt eval"))
+    try:
+        return {"prompts": len(trainer.eval_data), **trainer.evaluate()}
+    finally:
+        trainer.close()
+
+
+def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
+    """The preference trainer's evaluation of `final` on `data`, against the run's reference."""
+    from prefopt import recipe as recipe_lib
+    from prefopt.trainers import PreferenceTrainer
+
+    model, reference = final_model(recipe, final)
     recipe = {**recipe, "model": model, "reference": reference, "output_dir": str(final.parent),
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0, "on_bad_row": "drop"},
               "train": {**recipe["train"], "batch_size": recipe["train"]["micro_batch_size"]}}

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from prefopt.errors import PrefoptError, import_object
+from prefopt.errors import PrefoptError
+from prefopt.recipe_online import RewardTerm
+from prefopt.rewards import RewardTerms
 from prefopt.scoring import RewardScorer
 
 
@@ -33,33 +35,32 @@ def best_vs_worst(prompts: list, completions: list[list[str]], scorer) -> tuple[
 @torch.no_grad()
 def sample(model_path: str, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
            engine: str = "hf", seed: int = 0) -> list[list[str]]:
-    """n sampled completions per prompt from a causal LM, stopped at EOS: Hugging Face generate (left-padded
-    batches), or a vLLM engine (engine="vllm"), each completion with its own seed from (seed, row)."""
+    """n sampled completions per prompt from a causal LM, stopped at EOS, through the online engines (HF generate
+    or vLLM): each completion a seeded draw from (seed, row), so a second call gives the same."""
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    from prefopt.generation import Draw
+    from prefopt.online.engines import HFEngine, VLLMEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    ids = [tokenizer(p)["input_ids"] for p in prompts for _ in range(n)]
+    draw = Draw(seed, torch.arange(len(ids)), len(ids))
     if engine == "vllm":
-        from prefopt.engines import VLLMEngine
-
-        ids = [tokenizer(p)["input_ids"] for p in prompts for _ in range(n)]
         llm = VLLMEngine(model_path, seed=seed, max_model_len=max(map(len, ids)) + max_new_tokens,
-                         gpu_memory_utilization=0.5, tensor_parallel_size=1, dtype="auto")
-        try:
-            tokens, _ = llm.generate(ids, [hash((seed, row)) & (2**31 - 1) for row in range(len(ids))],
-                                     temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                                     eos_token_id=tokenizer.eos_token_id)
-        finally:
-            llm.close()
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, do_sample=True, temperature=temperature, num_return_sequences=n,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                         gpu_memory_utilization=0.5, tensor_parallel_size=1, dtype="auto", temperature=temperature,
+                         eos_token_id=tokenizer.eos_token_id)
+    else:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        llm = HFEngine(tokenizer, temperature=temperature, top_p=1.0)
+        llm.sync(AutoModelForCausalLM.from_pretrained(model_path).to(accelerator.device).eval(), accelerator)
+    try:
+        tokens, _ = llm.generate(ids, draw, max_new_tokens)
+    finally:
+        llm.close()
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -75,8 +76,13 @@ def label_file(args) -> str:
         raise PrefoptError(f"{args.input}: each row needs 'completions' (a list of at least 2), or pass --policy")
     if bool(args.reward) == bool(args.verifier):
         raise PrefoptError("give --reward (one or more reward models) or --verifier module:function, not both")
-    if args.verifier:
-        scorer = RewardScorer(import_object(args.verifier, "--verifier"))
+    if args.verifier:  # called as TRL calls a reward function, with each row's other columns
+        terms = RewardTerms([RewardTerm(name="verifier", function=args.verifier)], "--verifier")
+        columns = [{k: v for k, v in row.items() if k != "completions"} for row, cs in zip(rows, completions)
+                   for _ in cs]
+
+        def scorer(prompts, completions):
+            return terms(prompts, completions, columns).total
     else:
         scorer = RewardScorer(args.reward, aggregate=args.aggregate, std_coef=args.std_coef)
     pairs, ties = best_vs_worst(prompts, completions, scorer)

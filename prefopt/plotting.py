@@ -1,6 +1,6 @@
 """`prefopt plot RUN [RUN ...]`: a run's curves from its metrics.jsonl, several runs overlaid, with matplotlib.
 
-Each method has default panels (PANELS); `--metric KEY` draws chosen metrics instead, one panel each. Train
+Each method has default panels (its record's, prefopt.methods); `--metric KEY` draws chosen metrics instead, one panel each. Train
 records are solid lines, eval records dashed with markers. An online run that logs eval `kl` gets the
 over-optimisation frontier too: each reward term's eval score against KL to the reference (Gao et al. 2023),
 a reward-model term marked proxy and a function term verifier.
@@ -13,24 +13,8 @@ from pathlib import Path
 import yaml
 
 from prefopt.errors import PrefoptError
-from prefopt.trainers.metrics import read_records
-
-# method -> [(panel title, metric keys)]; a key ending in / stands for every metric under it
-PANELS = {
-    "preference": [("loss", ["loss"]), ("reward margin", ["rewards/margin"]),
-                   ("ranking accuracy", ["rewards/accuracy", "diag/policy_ranking_accuracy",
-                                         "diag/reference_ranking_accuracy"]),
-                   ("log-probs", ["logps/chosen", "logps/rejected"]),
-                   ("log-prob change vs reference", ["diag/chosen_logp_change", "diag/rejected_logp_change"]),
-                   ("chosen log-prob fell (share)", ["diag/chosen_logp_fell"]),
-                   ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_second"])],
-    "reward": [("loss", ["loss"]), ("accuracy", ["rewards/accuracy"]), ("reward margin", ["rewards/margin"]),
-               ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_second"])],
-    "rl": [("score", ["score", "rollout/score"]), ("reward terms", ["rewards/"]), ("KL to the reference",
-           ["kl", "rollout/kl"]), ("completion length", ["length", "rollout/length"]),
-           ("entropy", ["policy/entropy"]), ("learning rate", ["lr"]),
-           ("tokens/s", ["rollout/tokens_per_second", "tokens_per_second"])],
-}
+from prefopt.methods import METHODS, method_of
+from prefopt.run.metrics import read_records
 
 
 def load_run(path: str | Path) -> tuple[str, dict[str, dict[str, tuple[list, list]]], dict]:
@@ -47,7 +31,7 @@ def load_run(path: str | Path) -> tuple[str, dict[str, dict[str, tuple[list, lis
                 steps, values = series.setdefault(record["split"], {}).setdefault(key, ([], []))
                 steps.append(record["step"])
                 values.append(value)
-    return (recipe or {}).get("method", "rl" if "ppo" in (recipe or {}) else "preference"), series, recipe or {}
+    return method_of(recipe).name, series, recipe or {}
 
 
 def _keys(wanted: list[str], available: set[str]) -> list[str]:
@@ -73,9 +57,9 @@ def plot_runs(runs: list[str | Path], metrics: list[str] | None = None):
     names = [run.name for run, *_ in loaded]
     if len(set(names)) < len(names):
         names = [str(run) for run, *_ in loaded]
-    panels = [(key, [key]) for key in metrics] if metrics else list(PANELS.get(loaded[0][1], PANELS["preference"]))
+    panels = [(key, [key]) for key in metrics] if metrics else list(METHODS[loaded[0][1]].panels)
     frontier = [(name, series, recipe) for name, (_, method, series, recipe) in zip(names, loaded)
-                if method == "rl" and "kl" in series["eval"]]
+                if METHODS[method].frontier and "kl" in series["eval"]]
     available = {key for _, _, series, _ in loaded for split in series.values() for key in split}
     panels = [(title, keys) for title, keys in panels if _keys(keys, available)]
     if not panels:

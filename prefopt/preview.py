@@ -15,6 +15,7 @@ BOUNDARY = " ‖ "
 def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -> str:
     from prefopt import recipe as recipe_lib
     from prefopt.data import load_examples, load_prompts
+    from prefopt.methods import METHODS
     from prefopt.models import load_tokenizer
 
     recipe = recipe_lib.load(path, overrides)
@@ -26,7 +27,7 @@ def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -
     for split, sources in (("train", data.train), ("eval", data.eval or [])):
         if not sources:
             continue
-        if recipe.method == "rl":
+        if METHODS[recipe.method].prompts_only:
             examples = load_prompts(sources, tokenizer, data, recipe.seed, f"data.{split}", log=lines.append)
         else:
             examples = load_examples(sources, tokenizer, data, recipe.seed, f"data.{split}", pairs_only=False,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from prefopt.errors import RecipeError
+from prefopt.methods import METHODS, SECTIONS, implied_method
 from prefopt.recipe_checks import check, fail
 from prefopt.recipe_online import (  # noqa: F401 (re-exported)
     OverlongConfig,
@@ -165,23 +168,11 @@ class EvalConfig:
     rewards: list[RewardTerm] = field(default_factory=list)  # offline: what scores the samples (as rewards:)
 
 
-# What each method trains, and the sections it owns besides the common ones (model, data, optim, train, ...).
-# Recipes name their method; one written before `method:` existed gets it from its sections (a ppo: section
-# is rl, a reward-model loss is reward, else preference), and its recipe.yaml then says it.
-METHODS = {
-    "preference": ("reference", "loss"),  # a policy on offline pairs or unpaired feedback (DPO and its family)
-    "reward": ("loss",),  # a reward model on pairs (bradley_terry)
-    "rl": ("reference", "rollout", "rewards", "ppo"),  # a policy on its own samples (PPO, RLOO, GRPO)
-    # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
-    "online": ("reference", "loss", "rollout", "rewards", "pairs"),
-}
-
-
 @dataclass
 class Recipe:
     model: ModelConfig
     data: DataConfig
-    method: Literal["preference", "reward", "rl", "online"] = "preference"
+    method: str = "preference"  # a prefopt.methods name: preference, reward, rl, online
     trainer: str | None = None  # "package.module:Class", a subclass of the method's trainer; None: prefopt's own
     output_dir: str | None = None  # recipe.yaml, metrics.jsonl, checkpoints/, final/; None: runs/<recipe name>-<hash>
     seed: int = 0
@@ -201,7 +192,8 @@ class Recipe:
         out = dataclasses.asdict(self)
         terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}), **t.params} for t in self.loss]
         out["loss"] = terms[0] if len(terms) == 1 else terms
-        return {key: value for key, value in out.items() if key not in SECTIONS or key in METHODS[self.method]}
+        return {key: value for key, value in out.items()
+                if key not in SECTIONS or key in METHODS[self.method].sections}
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -225,40 +217,54 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe") -> Recipe:
     """A recipe from plain data; `name` (the file's stem) names its default output_dir."""
-    data = {**data, "method": data.get("method") or _implied_method(data)}
+    data = {**data, "method": data.get("method") or implied_method(data)}
     method = data["method"]
-    if method in METHODS:
-        for section in SECTIONS:
-            if section in data and section not in METHODS[method]:
-                owners = [m for m, sections in METHODS.items() if section in sections]
-                fail(where, section, f"is not a section of method {method!r} (it belongs to {' or '.join(owners)}); "
-                     f"method {method!r} takes {', '.join(METHODS[method])} besides model, data, optim and train")
-        if method == "rl":
-            data.setdefault("ppo", {})
+    if method not in METHODS:
+        fail(where, "method", f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    for section in SECTIONS:
+        if section in data and section not in METHODS[method].sections:
+            owners = [m for m, record in METHODS.items() if section in record.sections]
+            fail(where, section, f"is not a section of method {method!r} (it belongs to {' or '.join(owners)}); "
+                 f"method {method!r} takes {', '.join(METHODS[method].sections)} besides model, data, optim and train")
     recipe = _convert(data, Recipe, "", where)
+    METHODS[method].resolve(recipe, where)
     check(recipe, where)
     if recipe.output_dir is None:
-        from prefopt.runs import fingerprint
-
         recipe.output_dir = f"runs/{name}-{fingerprint(recipe)[:8]}"
     return recipe
 
 
-SECTIONS = {section for sections in METHODS.values() for section in sections}
+# ----- what makes a run what it is (prefopt.runs compares it on resume) -----
+
+RESUMABLE = (
+    "output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+    "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
+    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "log.to", "log.project", "log.run_name",
+    "log.quiet", "eval.generate", "eval.max_new_tokens", "eval.rewards",
+)
 
 
-def _implied_method(data: dict[str, Any]) -> str:
-    """The method of a recipe that does not name one (written before `method:` existed)."""
-    if "pairs" in data:
-        return "online"
-    if "ppo" in data or "rollout" in data or "rewards" in data:
-        return "rl"
-    loss = data.get("loss")
-    first = (loss[0] if isinstance(loss, list) and loss else loss) or {}
-    name = first.get("name", "dpo") if isinstance(first, dict) else first
-    from prefopt.losses import LOSSES
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and scalars are leaves."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
-    return "reward" if isinstance(name, str) and name in LOSSES and LOSSES[name].data == "rewards" else "preference"
+
+def identity(recipe: Recipe) -> dict[str, object]:
+    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE, as JSON values (what a
+    checkpoint stores, so that a saved identity and a new one compare as they are)."""
+    return json.loads(json.dumps({k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE},
+                                 default=str))
+
+
+def fingerprint(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()
 
 
 def save(recipe: Recipe, path: str | Path) -> None:

@@ -1,5 +1,9 @@
-"""Recipe checks that span several keys: the cross-key rules, the loss's arguments against its signature,
-and the resolution of `reference.kind: auto`, all before anything loads (prefopt.recipe calls `check`)."""
+"""What a recipe's defaults resolve to, and the checks that span several keys, before anything loads.
+
+`resolve_<method>` fills what the recipe left to its defaults, from the registry entries that declare them (an
+advantage estimator its scale and loss aggregation, the losses whether they need a reference); `check` then
+validates the resolved recipe (the cross-key rules, the loss's arguments against its signature) and never writes
+into it. prefopt.methods names each method's pair; prefopt.recipe calls them."""
 
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ def fail(where: str, key: str, message: str) -> typing.NoReturn:
 
 
 def check(recipe: Recipe, where: str) -> None:
-    """Checks that span several keys, and the loss's arguments against its signature."""
-    from prefopt.losses import get_loss  # needs only torch
+    """Every check of a resolved recipe: the common ones, then its method's (prefopt.methods). Nothing is written."""
+    from prefopt.methods import METHODS
 
     data, train = recipe.data, recipe.train
     _check_ranges(recipe, where)
@@ -33,9 +37,65 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
     _check_log(recipe, where)
-    if recipe.method == "rl":
-        _check_ppo(recipe, where)
-        return
+    METHODS[recipe.method].check(recipe, where)
+
+
+# ----- resolution: what a recipe left to its defaults, from the registry entries that declare them -----------
+
+
+def resolve_losses(recipe: Recipe, where: str) -> None:
+    """reference.kind auto: adapter_off with LoRA, none if no loss needs a reference, else copy."""
+    from prefopt.losses import get_loss  # needs only torch
+
+    ref = recipe.reference
+    if ref.kind == "auto":
+        needs = any(get_loss(term.name, where=f"{where}: loss.name").needs_reference for term in recipe.loss)
+        adapters = recipe.model.lora is not None or recipe.model.adapter is not None
+        ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
+
+
+def resolve_online(recipe: Recipe, where: str) -> None:
+    resolve_losses(recipe, where)
+    _name_terms(recipe.rewards)
+
+
+def resolve_rl(recipe: Recipe, where: str) -> None:
+    """The estimator's own defaults (its scale and loss aggregation), the engine's importance sampling, the
+    clip bounds, and reference.kind auto (none without a KL, else as for losses)."""
+    from prefopt.losses.ppo import get_advantage
+    from prefopt.recipe_online import PPOConfig
+
+    recipe.ppo = recipe.ppo or PPOConfig()
+    ppo, rollout, ref = recipe.ppo, recipe.rollout, recipe.reference
+    _name_terms(recipe.rewards)
+    try:
+        estimator = get_advantage(ppo.advantage)
+    except (ValueError, RecipeError) as exc:
+        fail(where, "ppo.advantage", str(exc).replace("ppo.advantage: ", ""))
+    ppo.advantage_scale = ppo.advantage_scale or estimator.scale
+    ppo.loss_aggregation = ppo.loss_aggregation or estimator.aggregation
+    if ppo.engine_is is None:
+        ppo.engine_is = "none" if rollout.engine == "hf" else "truncate"
+    ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
+    ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
+    if ref.kind == "auto":
+        ref.kind = "none" if ppo.kl_coef == 0 else "adapter_off" if recipe.model.lora or recipe.model.adapter else "copy"
+
+
+def _name_terms(terms: list) -> None:
+    """A reward term without a name takes its function's (or model<i>)."""
+    for i, term in enumerate(terms):
+        term.name = term.default_name(i)
+
+
+# ----- the methods' checks ----------------------------------------------------------------------------------
+
+
+def _loss_specs(recipe: Recipe, where: str) -> dict[str, str]:
+    """Each loss term against its signature, the reference against what the losses need; {name: data kind}."""
+    from prefopt.losses import get_loss  # needs only torch
+
+    train = recipe.train
     if not recipe.loss:
         fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
     specs = []
@@ -45,19 +105,26 @@ def check(recipe: Recipe, where: str) -> None:
         specs[-1].check_params(term.params, where=f"{where}: {key}")
     _check_reference(recipe, specs, where)
     kinds = {spec.name: spec.data for spec in specs}
-    if recipe.method == "reward" and (set(kinds.values()) != {"rewards"}):
-        fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
-    if recipe.method == "preference" and "rewards" in kinds.values():
-        fail(where, "method", f"loss {kinds} trains a reward model: add the line `method: reward`")
-    if recipe.method == "online":
-        _check_online(recipe, kinds, where)
-    elif "group" in kinds.values():
-        fail(where, "loss", f"{kinds} takes groups of the policy's own samples: use method: online")
     if {"paired", "unpaired"} <= set(kinds.values()):
         fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
         fail(where, "train.micro_batch_size", "must be at least 2 for a loss with a KL reference point (kto): "
               "it is estimated from mismatched prompt/completion pairs within the micro-batch")
+    return kinds
+
+
+def check_preference(recipe: Recipe, where: str) -> None:
+    kinds = _loss_specs(recipe, where)
+    if "rewards" in kinds.values():
+        fail(where, "method", f"loss {kinds} trains a reward model: add the line `method: reward`")
+    if "group" in kinds.values():
+        fail(where, "loss", f"{kinds} takes groups of the policy's own samples: use method: online")
+
+
+def check_reward(recipe: Recipe, where: str) -> None:
+    kinds = _loss_specs(recipe, where)
+    if set(kinds.values()) != {"rewards"}:
+        fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
 
 
 # Every numeric recipe value's range: (test, what it must be). NaN fails every test.
@@ -99,16 +166,13 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         fail(where, "optim.betas", f"must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas}")
 
 
-def _check_ppo(recipe: Recipe, where: str) -> None:
-    """The online recipe's cross-key rules, and its defaults that depend on other keys, resolved in place."""
-    from prefopt.losses.ppo import ADVANTAGES
+def check_rl(recipe: Recipe, where: str) -> None:
+    """The cross-key rules of method rl (PPO and the GRPO family)."""
+    from prefopt.losses.ppo import get_advantage
 
     ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
     _check_rewards(recipe.rewards, where)
-    if ppo.advantage not in ADVANTAGES:
-        fail(where, "ppo.advantage", f"unknown estimator {ppo.advantage!r}; known: {', '.join(ADVANTAGES)} "
-              "(prefopt.losses.ppo.register_advantage adds one)")
-    estimator = ADVANTAGES[ppo.advantage]
+    estimator = get_advantage(ppo.advantage)
     k = rollout.samples_per_prompt
     if k < estimator.min_group or (rollout.filter_groups and k < 2):
         fail(where, "rollout.samples_per_prompt", f"{k} is too few for advantage {ppo.advantage}"
@@ -117,20 +181,13 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
     if train.batch_size % k:
         fail(where, "train.batch_size", f"{train.batch_size} completions per step must be a multiple of "
               f"rollout.samples_per_prompt ({k}): a prompt's completions stay together")
-    if ppo.advantage_scale is None:
-        ppo.advantage_scale = "group" if ppo.advantage == "grpo" else "batch"
     if ppo.advantage_scale == "group" and (estimator.level != "sequence" or k < 2):
         fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
-              f"sequence-level advantage (not {ppo.advantage}) and rollout.samples_per_prompt >= 2")
-    if ppo.engine_is is None:
-        ppo.engine_is = "truncate" if rollout.engine == "vllm" else "none"
+              f"sequence-level advantage ({ppo.advantage} is {estimator.level}-level) and "
+              f"rollout.samples_per_prompt >= 2 (got {k})")
     if ppo.engine_is == "truncate" and rollout.engine == "hf":
         fail(where, "ppo.engine_is", "truncate corrects samples drawn by another engine; rollout.engine hf samples "
               "from the trained policy itself: set ppo.engine_is: none")
-    if ppo.loss_aggregation is None:
-        ppo.loss_aggregation = "sequence_mean" if ppo.advantage == "grpo" else "token_mean"
-    ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
-    ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
     if ppo.clip_low >= 1:
         fail(where, "ppo.clip_low", f"must be below 1 (the ratio's lower bound is 1 - clip_low), got {ppo.clip_low}")
     if rollout.overlong and rollout.overlong.buffer > rollout.max_new_tokens:
@@ -140,8 +197,6 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
     if train.save_every % cycle:
         fail(where, "train.save_every", f"must be a multiple of ppo.epochs x ppo.num_mini_batches ({cycle}), so "
               "that checkpoints fall between rollouts")
-    if ref.kind == "auto":
-        ref.kind = "none" if ppo.kl_coef == 0 else "adapter_off" if recipe.model.lora or recipe.model.adapter else "copy"
     if ref.kind == "adapter_off" and not (recipe.model.lora or recipe.model.adapter):
         fail(where, "reference.kind", "adapter_off needs a LoRA policy (model.lora or model.adapter)")
     if ref.kind == "precomputed" or (ref.kind == "none" and ppo.kl_coef):
@@ -149,8 +204,9 @@ def _check_ppo(recipe: Recipe, where: str) -> None:
               "samples; use copy or adapter_off (or ppo.kl_coef: 0 with none)")
 
 
-def _check_online(recipe: Recipe, kinds: dict[str, str], where: str) -> None:
+def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
+    kinds = _loss_specs(recipe, where)
     k = recipe.rollout.samples_per_prompt
     _check_rewards(recipe.rewards, where)
     wrong = {name: kind for name, kind in kinds.items() if kind not in ("paired", "group")}
@@ -170,11 +226,14 @@ def _check_log(recipe: Recipe, where: str) -> None:
     eval.rewards are reward terms."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    from prefopt.methods import METHODS
+
     for i, name in enumerate(recipe.log.to):
-        if name not in LOGGER_TYPE_TO_CLASS:
-            fail(where, f"log.to[{i}]", f"unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in LOGGER_TYPE_TO_CLASS and ":" not in name:
+            fail(where, f"log.to[{i}]", f"unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}, or "
+                  "module:Class for your own accelerate.tracking.GeneralTracker")
     _check_rewards(recipe.eval.rewards, where, "eval.rewards")
-    if recipe.eval.rewards and recipe.method == "rl":
+    if recipe.eval.rewards and METHODS[recipe.method].prompts_only:
         fail(where, "eval.rewards", "online runs score their samples with the recipe's rewards: remove eval.rewards")
     if recipe.eval.rewards and not recipe.eval.generate:
         fail(where, "eval.rewards", "score the samples of eval.generate: set eval.generate to N > 0")
@@ -192,15 +251,17 @@ def _check_rewards(terms: list, where: str, section: str = "rewards") -> None:
             fail(where, f"{key}.weight", f"must be a finite number, got {term.weight}")
         if term.std_coef < 0:
             fail(where, f"{key}.std_coef", f"must be >= 0, got {term.std_coef}")
-        if term.name is None:
-            term.name = term.function.rpartition(":")[2] if term.function else f"model{i}"
+        if term.isolate and not term.function:
+            fail(where, f"{key}.isolate", "runs a function in a worker process: give function (module:function)")
+        if term.timeout is not None and not (term.function and term.timeout > 0 and math.isfinite(term.timeout)):
+            fail(where, f"{key}.timeout", f"is seconds per call of a function term, > 0; got {term.timeout}")
         names.append(term.name)
     if len(set(names)) < len(names):
         fail(where, section, f"two terms share a name ({names}); give each a distinct `name`")
 
 
 def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
-    """Resolve reference.kind auto, and refuse combinations that cannot work, before anything loads."""
+    """Refuse reference and adapter combinations that cannot work, before anything loads."""
     model, ref = recipe.model, recipe.reference
     adapters = model.lora is not None or model.adapter is not None
     needs = any(spec.needs_reference for spec in specs)
@@ -208,8 +269,6 @@ def _check_reference(recipe: Recipe, specs: list, where: str) -> None:
         fail(where, "model.lora", "give model.lora (a new adapter) or model.adapter (continue one), not both")
     if model.load_in_4bit and not adapters:
         fail(where, "model.load_in_4bit", "4-bit weights cannot be trained directly: add model.lora (QLoRA)")
-    if ref.kind == "auto":
-        ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
     if ref.kind == "none" and needs:
         fail(where, "reference.kind", f"none, but loss {next(s.name for s in specs if s.needs_reference)!r} needs "
               "a reference; use copy, adapter_off (LoRA) or precomputed")

@@ -1,5 +1,6 @@
-"""The sections of online recipes (method: rl): how to sample (rollout), what scores (rewards) and the update
-(ppo). prefopt.recipe loads them like every other section; the comments say what each key means."""
+"""The sections of online recipes (methods rl and online): how to sample (rollout), what scores (rewards), the
+update (ppo) and the pairs (pairs). prefopt.recipe loads them like every other section; the comments say what
+each key means."""
 
 from __future__ import annotations
 
@@ -55,10 +56,19 @@ class RewardTerm:
 
     name: str | None = None  # metrics rewards/<name>/mean; None: the function's name, or model<i>
     models: list[str] = field(default_factory=list)  # run directories or model directories / hub ids
-    # "module:function", called as function(prompts, completions, **columns) -> one float (or None: does not
-    # apply) per completion; columns: the prompt's dataset row (e.g. answer=[...]), each a list like prompts
+    # "module:function", called as TRL's GRPOTrainer calls a reward function (prefopt/rewards.py): by keyword,
+    # prompts=, completions= (message lists where the prompt is one), completion_ids=, trainer_state=, log_extra=,
+    # log_metric= and each dataset column (answer=[...]); returns one float (or None: does not apply) per
+    # completion. An `async def` function runs concurrently with the other terms
     function: str | None = None
     weight: float = 1.0
+    timeout: float | None = None  # seconds per call of the function; None: no limit
+    on_timeout: Literal["error", "skip"] = "error"  # a call past timeout stops the run, or scores None (counted)
+    isolate: bool = False  # run the function in a worker process (code execution): a crash or hang never reaches the run
+
+    def default_name(self, index: int) -> str:
+        """Its name, else its function's, else model<index>."""
+        return self.name or (self.function.rpartition(":")[2] if self.function else f"model{index}")
     aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
     std_coef: float = 1.0  # lambda of mean_minus_std
     normalize: bool = False  # (r - mean) / std with each reward model's stored statistics
@@ -68,12 +78,14 @@ class RewardTerm:
 class PPOConfig:
     """KL-regularised PPO (Ziegler et al. 2019; Ouyang et al. 2022) and the critic-free GRPO family."""
 
-    # gae learns a value function (critic); the others are critic-free (prefopt.losses.ppo.ADVANTAGES)
-    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp
-    advantage_scale: Literal["group", "batch", "none"] | None = None  # None: group for grpo, batch for the others
+    # gae learns a value function (critic); the others are critic-free (prefopt.losses.ppo.ADVANTAGES); or a
+    # user's module:function (prefopt.losses.ppo.register_advantage declares its level, critic and defaults)
+    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp | module:function
+    advantage_scale: Literal["group", "batch", "none"] | None = None  # None: the estimator's (grpo: group, else batch)
     # token_mean: over every completion token of the mini-batch (DAPO); sequence_mean: over sequences of each one's
-    # token mean (GRPO); constant: token sum / (sequences x rollout.max_new_tokens) (Dr. GRPO). None: sequence_mean
-    # for grpo, else token_mean. The count is the whole mini-batch's: micro-batches and processes do not change it
+    # token mean (GRPO); constant: token sum / (sequences x rollout.max_new_tokens) (Dr. GRPO). None: the
+    # estimator's (grpo: sequence_mean, else token_mean). The count is the whole mini-batch's: micro-batches and
+    # processes do not change it
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
     critic: Literal["head", "separate"] = "head"  # gae: a value head on the policy's backbone, or its own model
     critic_name_or_path: str | None = None  # separate critic's starting weights; None: model.name_or_path

@@ -32,6 +32,20 @@ def adapter_disabled(model, peft_model):
         model.train(was_training)
 
 
+def reference_logps(kind: str, model, reference, accelerator, logps):
+    """The reference's log-probs, wherever reference.kind (`kind`) says they come from, without gradients and
+    in the run's precision: `logps(reference)` for a frozen copy, `logps(model)` with the LoRA adapter disabled for
+    adapter_off, None for none. (precomputed values travel in the batch: the caller reads them there.)"""
+    if kind == "none":
+        return None
+    with torch.no_grad(), accelerator.autocast():
+        if kind == "adapter_off":
+            unwrapped = accelerator.unwrap_model(model)
+            with adapter_disabled(model, getattr(unwrapped, "policy", unwrapped)):  # the policy of a value head
+                return logps(model)
+        return logps(reference)
+
+
 @torch.no_grad()
 def sync_reference(reference, policy, alpha: float, accelerator) -> None:
     """TR-DPO soft update (Gorbatovski et al. 2024, Eq. 4): reference <- alpha * policy + (1 - alpha) * reference.

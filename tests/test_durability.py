@@ -10,8 +10,8 @@ from conftest import read_metrics, write_recipe
 from test_runs import Payload
 
 from prefopt.cli import main, train_recipe
-from prefopt.trainers import checkpoints
-from prefopt.trainers.checkpoints import complete_checkpoints
+from prefopt.run import checkpoints
+from prefopt.run.checkpoints import complete_checkpoints
 
 
 def test_a_kill_while_pruning_never_leaves_a_half_deleted_complete_checkpoint(sort_task, tmp_path, monkeypatch):

@@ -171,7 +171,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(arithmetic, tm
     trainer._rollout(0)
     stats = trainer.buffer.stats
     rounds = int(stats["rollout/sampling_rounds"])
-    answers = [[int(row["answer"]) for row in trainer.rollout_prompts(0, r, 4)] for r in range(rounds)]
+    answers = [[int(row["answer"]) for row in trainer.sampler.prompts(0, r, 4)] for r in range(rounds)]
     # every group of a multiple of 3 scores the same; any other group could tie by chance: at least those
     no_signal = sum(a % 3 == 0 for group in answers for a in group)
     assert stats["rollout/groups_filtered"] >= no_signal > 0
@@ -226,7 +226,7 @@ def test_groups_share_their_prompt(arithmetic, tmp_path):
         runs[name] = tmp_path / name
         path = write_recipe(tmp_path / f"{name}.yaml", arithmetic, runs[name], **sections)
         trainer = PPOTrainer(recipe_lib.load(path))
-        assert trainer.share_prompt is share
+        assert trainer.forward.share_prompt is share
         trainer.fit()
         trainer.close()
     compare(runs["shared"], runs["padded"])
@@ -237,7 +237,7 @@ def test_sharing_a_prompt_is_chosen_where_it_pays():
     shrinks. 2 prompts x 3 samples, hidden 64 (6 h = 384): prompt 10 and completions 2 tokens: packed
     384 x 32 + 2 x 16^2 = 12800 < padded 384 x 72 + 6 x 12^2 = 28512, shared; prompt 2 and completions 20:
     packed 384 x 124 + 2 x 62^2 = 55304 > padded 384 x 132 + 6 x 22^2 = 53592, padded."""
-    from prefopt.trainers.ppo import sharing_pays
+    from prefopt.online.experience import sharing_pays
 
     def rows(prompt, completion):
         ids = torch.zeros(6, prompt + completion, dtype=torch.long)

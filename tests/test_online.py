@@ -12,7 +12,7 @@ from prefopt import recipe as recipe_lib
 from prefopt.cli import train_recipe
 from prefopt.errors import RecipeError
 from prefopt.losses import GroupLogps, PairLogps, get_loss
-from prefopt.trainers.online import bradley_terry, make_pairs, win_rates
+from prefopt.online.pairs import bradley_terry, make_pairs, win_rates
 
 
 def length_score(prompts, completions):

@@ -18,7 +18,7 @@ import prefopt
 from prefopt import recipe as recipe_lib
 from prefopt.cli import main, train_recipe
 from prefopt.errors import RecipeError
-from prefopt.trainers.checkpoints import complete_checkpoints
+from prefopt.run.checkpoints import complete_checkpoints
 
 SHORT = {"train": {"max_steps": 4, "save_every": 2, "keep_checkpoints": None}}
 

@@ -12,7 +12,7 @@ from conftest import read_metrics, write_recipe
 from prefopt.cli import main, train_recipe
 from prefopt.diagnostics import pair_diagnostics
 from prefopt.errors import PrefoptError, RecipeError
-from prefopt.trainers.metrics import MetricMeans
+from prefopt.run.metrics import MetricMeans
 
 
 class Sum:  # MetricMeans.result's reduction, on one process
@@ -96,7 +96,7 @@ def test_a_run_without_eval_data_ends_with_a_summary(sort_task, tmp_path, capsys
 
 def test_tracker_errors_name_the_fix(sort_task, tmp_path, monkeypatch):
     from prefopt import recipe as recipe_lib
-    from prefopt.trainers import tracking
+    from prefopt.run import tracking
 
     with pytest.raises(RecipeError, match="unknown tracker 'tensorbord'; known: .*tensorboard"):
         recipe_lib.load(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", log={"to": ["tensorbord"]}))

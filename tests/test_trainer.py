@@ -13,7 +13,7 @@ from conftest import read_metrics, write_recipe
 
 from prefopt import recipe as recipe_lib
 from prefopt.cli import main, train_recipe
-from prefopt.trainers.checkpoints import complete_checkpoints
+from prefopt.run.checkpoints import complete_checkpoints
 
 
 def test_first_step_loss_is_ln2_when_policy_equals_reference(sort_task, tmp_path):

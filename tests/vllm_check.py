@@ -48,19 +48,20 @@ def train(config: dict, *overrides: str) -> list[dict]:
 def greedy_matches_hf(config: dict) -> dict:
     """After training, a trainer on the final weights: the engine's greedy completions against HF generate's."""
     from prefopt import recipe as recipe_lib
+    from prefopt.online.engines import HFEngine
     from prefopt.trainers import PPOTrainer
-    from prefopt.trainers import rollout as rollouts
 
     final = Path(config["output_dir"]) / "final"
     model = {**config["model"], "name_or_path": str(final)} if not config["model"].get("lora") else {
         **config["model"], "adapter": str(final), "lora": None}
     trainer = PPOTrainer(recipe_lib.from_dict({**config, "model": model, "output_dir": config["output_dir"] + "-eval"}))
     try:
-        examples = trainer.eval_data[:16]
-        engine = rollouts.generate(trainer, examples)["texts"]
-        engine_instance, trainer.engine = trainer.engine, None
-        hf = rollouts.generate(trainer, examples)["texts"]
-        trainer.engine = engine_instance
+        examples, sampler = trainer.eval_data[:16], trainer.sampler
+        engine = sampler.generate(trainer.model, examples)["texts"]
+        engine_instance, sampler.engine, sampler.stale = sampler.engine, HFEngine(trainer.tokenizer, temperature=1.0,
+                                                                                  top_p=1.0), True
+        hf = sampler.generate(trainer.model, examples)["texts"]
+        sampler.engine = engine_instance
     finally:
         trainer.close()
     return {"equal": engine == hf, "engine": engine[:4], "hf": hf[:4]}
@@ -102,7 +103,7 @@ def engine_checks(out: Path, task: Path) -> dict:
     results["label"] = {"repeated": drawn[0] == drawn[1], "shape": [len(c) for c in drawn[0]],
                         "distinct": len({c for cs in drawn[0] for c in cs})}
     # a sync the engine cannot take: a parameter name it does not know
-    from prefopt.engines import VLLMEngine
+    from prefopt.online.engines import VLLMEngine
 
     engine = VLLMEngine(str(task / "model"), seed=0, max_model_len=64, gpu_memory_utilization=0.3,
                         tensor_parallel_size=1, dtype="float32")
@@ -110,7 +111,7 @@ def engine_checks(out: Path, task: Path) -> dict:
         import time
 
         start = time.perf_counter()
-        engine.sync(iter([("model.layers.0.not_a_parameter.weight", torch.zeros(4, 4))]), timeout=60)
+        engine.load(iter([("model.layers.0.not_a_parameter.weight", torch.zeros(4, 4))]), timeout=60)
         results["bad_sync"] = {"raised": False}
     except TrainingError as exc:
         results["bad_sync"] = {"raised": True, "message": str(exc), "seconds": time.perf_counter() - start}

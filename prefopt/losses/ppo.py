@@ -69,30 +69,58 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # An estimator maps the rollout's per-token rewards (B, T) (the score at each completion's last token, minus
 # beta x KL per token where the KL is in the reward) to advantages: a sequence-level one (B,) per completion, a
 # token-level one (B, T) with value targets (B, T) or None. The scale (ppo.advantage_scale: the group's std,
-# whitening over the batch, or none) is applied after, apart from the estimator.
+# whitening over the batch, or none) is applied after, apart from the estimator. Each estimator declares the
+# scale and the loss aggregation a recipe gets when it names none (GRPO's paper: the group's std and a mean over
+# each sequence's tokens; the others: batch whitening and a mean over every token).
 
 
 @dataclass(frozen=True)
 class Estimator:
     name: str
     fn: Callable
-    level: str  # "sequence": (B,) per completion; "token": (B, T)
+    level: str = "sequence"  # "sequence": (B,) per completion; "token": (B, T)
     critic: bool = False  # needs values (a value head)
     min_group: int = 1  # completions per prompt it needs
+    scale: str = "batch"  # its default ppo.advantage_scale
+    aggregation: str = "token_mean"  # its default ppo.loss_aggregation
 
 
 ADVANTAGES: dict[str, Estimator] = {}
 
 
-def register_advantage(name: str, *, level: str = "sequence", critic: bool = False, min_group: int = 1) -> Callable:
+def register_advantage(name: str | None = None, *, level: str = "sequence", critic: bool = False,
+                       min_group: int = 1, scale: str = "batch", aggregation: str = "token_mean") -> Callable:
     """Decorator: `@register_advantage("rloo", min_group=2)` above fn(rewards, mask, *, values, group_size, gamma,
-    lam) -> (advantages, returns or None); a recipe's `ppo.advantage: <name>` then picks it."""
+    lam) -> (advantages, returns or None); a recipe's `ppo.advantage: <name>` then picks it. Without a name it only
+    declares the function's properties, for a recipe that names it as `module:function`."""
 
     def add(fn: Callable) -> Callable:
-        ADVANTAGES[name] = Estimator(name, fn, level, critic, min_group)
+        fn.estimator = Estimator(name or f"{fn.__module__}:{fn.__qualname__}", fn, level, critic, min_group, scale,
+                                 aggregation)
+        if name:
+            ADVANTAGES[name] = fn.estimator
         return fn
 
     return add
+
+
+def get_advantage(name: str) -> Estimator:
+    """A registered estimator, or a user's `module:function` (its properties from @register_advantage, else a
+    sequence-level estimator without a critic, batch-whitened, token-mean)."""
+    if name in ADVANTAGES:
+        return ADVANTAGES[name]
+    if ":" not in name:
+        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ADVANTAGES)}, or a user's "
+                         "module:function (prefopt.losses.ppo.register_advantage declares one)")
+    from prefopt.errors import import_object
+
+    fn = import_object(name, "ppo.advantage")
+    if isinstance(fn, Estimator):
+        return fn
+    if not callable(fn):
+        raise ValueError(f"ppo.advantage: {name} is not a function fn(rewards, mask, *, values, group_size, gamma, "
+                         "lam) -> (advantages, returns or None)")
+    return getattr(fn, "estimator", None) or Estimator(name, fn)
 
 
 @register_advantage("gae", level="token", critic=True)
@@ -101,7 +129,7 @@ def gae_advantages(rewards, mask, *, values, gamma, lam, **_):
     return gae(rewards, values, mask, gamma, lam)
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", min_group=2, scale="group", aggregation="sequence_mean")
 def grpo_advantages(rewards, mask, *, group_size, **_):
     """Each completion's return minus its group's mean (Shao et al. 2024, Eq. 3; its division by the group's std
     is advantage_scale: group, GRPO's default, which Dr. GRPO drops: Liu et al. 2025, Sec. 3.1)."""
@@ -136,17 +164,21 @@ def reinforce_pp_advantages(rewards, mask, *, gamma, **_):
     return returns, None
 
 
-def estimate_advantages(rewards: torch.Tensor, mask: torch.Tensor, estimator: str, scale: str, *,
+def estimate_advantages(rewards: torch.Tensor, mask: torch.Tensor, estimator: str | Estimator, scale: str, *,
                         values: torch.Tensor | None = None, group_size: int = 1, gamma: float = 1.0,
                         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages (B, T), 0 past each completion, and value targets (zeros without a critic): the estimator, then
     its scale: "group" divides each completion's advantage by its group's std of returns + 1e-4 (Bessel; GRPO, as
     TRL), "batch" whitens over every completion token (TRL's PPO, OpenRLHF), "none" leaves it."""
-    spec = ADVANTAGES[estimator]
+    spec = estimator if isinstance(estimator, Estimator) else get_advantage(estimator)
     advantages, returns = spec.fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam)
+    expected = (len(rewards),) if spec.level == "sequence" else tuple(rewards.shape)
+    if tuple(advantages.shape) != expected:
+        raise ValueError(f"advantage estimator {spec.name} ({spec.level}-level) gave advantages of shape "
+                         f"{tuple(advantages.shape)}, expected {expected}")
     if scale == "group":
         if spec.level != "sequence":
-            raise ValueError(f"advantage_scale group needs a sequence-level estimator, not {estimator}")
+            raise ValueError(f"advantage_scale group needs a sequence-level estimator, not {spec.name}")
         groups = rewards.sum(1).view(-1, group_size)
         std = groups.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
         advantages = (advantages.view(-1, group_size) / (std + 1e-4)).reshape(-1)

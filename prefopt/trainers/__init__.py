@@ -1,4 +1,6 @@
-"""Trainers: the one loop (base.Trainer) and the methods built on it."""
+"""Trainers: the one loop (base.Trainer) and the methods built on it. Offline: PreferenceTrainer (preference.py)
+and RewardTrainer (reward.py); online: PPOTrainer (ppo.py) and OnlinePreferenceTrainer (online.py), each holding
+a prefopt.online.Sampler. Which trainer a recipe's method runs is its record's (prefopt.methods)."""
 
 from prefopt.trainers.base import Trainer
 from prefopt.trainers.online import OnlinePreferenceTrainer
@@ -9,15 +11,12 @@ from prefopt.trainers.reward import RewardTrainer
 __all__ = ["Trainer", "PreferenceTrainer", "PPOTrainer", "RewardTrainer", "OnlinePreferenceTrainer", "trainer_for"]
 
 
-TRAINERS = {"preference": PreferenceTrainer, "reward": RewardTrainer, "rl": PPOTrainer,
-            "online": OnlinePreferenceTrainer}
-
-
 def trainer_for(recipe) -> Trainer:
     """The recipe's method names its trainer; `trainer: module:Class` runs a user's subclass of it instead."""
     from prefopt.errors import RecipeError, import_object
+    from prefopt.methods import METHODS
 
-    base = TRAINERS[recipe.method]
+    base = METHODS[recipe.method].trainer_class()
     if recipe.trainer is None:
         return base(recipe)
     cls = import_object(recipe.trainer, "trainer")

@@ -5,9 +5,10 @@ so that bad data stops the run before any model loads, then `self.model` and
 any reference or reward model), and overrides at most:
 
 - `batches(step)`: this process's micro-batches for one optimizer step;
-- `compute_loss(batch) -> (loss, metrics)`: one micro-batch.
+- `compute_loss(batch) -> (loss, metrics)`: one micro-batch;
+- `after_step(step, record)`: what happens between optimizer steps (a reference sync, an engine marked stale).
 
-Everything else lives here once: gradient accumulation, clipping, mixed
+`fit` and `train_step` are not overridden. Everything else lives here once: gradient accumulation, clipping, mixed
 precision, schedules, logging, evaluation, checkpoints and resume.
 
 Data order is a pure function of (seed, step): each epoch is a seeded
@@ -32,24 +33,25 @@ from pathlib import Path
 import torch
 
 import prefopt
-from prefopt import distributed, runs
+from prefopt import distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
+from prefopt.methods import METHODS
 from prefopt.models import decoder_layers, load_tokenizer
-from prefopt.trainers import checkpoints, tracking
-from prefopt.trainers import metrics as metrics_file
-from prefopt.trainers.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
-from prefopt.trainers.metrics import MetricMeans
+from prefopt.run import checkpoints, tracking
+from prefopt.run import directory as runs
+from prefopt.run import metrics as metrics_file
+from prefopt.run.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
+from prefopt.run.metrics import MetricMeans
 
 
 class Trainer:
-    HEADLINE: tuple[str, ...] = ("loss",)  # the metrics of the console's lines (a key ending in / takes its children)
-
     def __init__(self, recipe: recipe_lib.Recipe):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.recipe = recipe
+        self.method = METHODS[recipe.method]  # its record: sections, headline metrics, plot panels
         train = recipe.train
         if recipe.log.quiet:
             tracking.quiet_libraries()
@@ -144,7 +146,9 @@ class Trainer:
         window: dict[str, list[float]] = defaultdict(list)
         with runs.stop_signals(self._on_stop_signal):
             for step in progress:
-                for key, value in self.train_step(step).items():
+                record = self.train_step(step)
+                self.after_step(step, record)
+                for key, value in record.items():
                     window[key].append(value)
                 stopping = self._stopping(step)
                 if window and (step % train.log_every == 0 or step == train.max_steps or stopping):
@@ -200,6 +204,10 @@ class Trainer:
     def can_stop_after(self, step: int) -> bool:
         """Whether a checkpoint after `step` resumes exactly (PPO: only between rollouts)."""
         return True
+
+    def after_step(self, step: int, record: dict[str, float]) -> None:
+        """After optimizer step `step`, before it is logged: what a method does between steps (sync a reference,
+        mark its engine stale); it may add metrics to `record`. Nothing here."""
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns metrics averaged over all processes."""
@@ -413,13 +421,13 @@ class Trainer:
     # ----- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
-        """checkpoints/step-N, written atomically (prefopt.trainers.checkpoints.save)."""
+        """checkpoints/step-N, written atomically (prefopt.run.checkpoints.save)."""
         return checkpoints.save(self, step)
 
     def save_final(self, extra_files: dict[str, str] | None = None) -> Path:
         """The trained model in Hugging Face format in output_dir/final, with its model card (README.md) and
         `extra_files` (name -> text)."""
-        from prefopt.model_card import run_card
+        from prefopt.run.card import run_card
 
         return checkpoints.save_final(self, {"README.md": run_card(self), **(extra_files or {})})
 

@@ -23,70 +23,48 @@ samples are drawn at `rollout.temperature`.
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import torch
+from torch import nn
 
 from prefopt import distributed
 from prefopt import reference as refs
 from prefopt.diagnostics import pair_diagnostics, ranked
-from prefopt.errors import PrefoptError, RecipeError, import_object
+from prefopt.errors import RecipeError, import_object
 from prefopt.losses import GroupLogps, PairLogps, get_loss
-from prefopt.trainers import rollout as rollouts
-from prefopt.trainers.ppo import PPOTrainer
+from prefopt.models import PolicyWithValueHead, load_policy, load_reference_copy
+from prefopt.online.experience import TokenForward, sample_kl, sequences
+from prefopt.online.pairs import bradley_terry, judge_preferences, make_pairs, win_rates
+from prefopt.online.sampler import Sampler
+from prefopt.rewards import TrainerState
+from prefopt.trainers.base import Trainer
 
 
-def make_pairs(scores: torch.Tensor, select: str, min_gap: float = 0.0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Pairs within each group of scores (P, k): (chosen, rejected) sample indices (P, S) each, a (P, S) bool of
-    the slots that hold a pair, and the ties (slots without one). best_worst: S = 1, the highest against the
-    lowest score (the first of equals); all: S = k(k-1)/2, each (i, j), i < j, the higher-scored chosen.
-    A slot holds a pair when the gap exceeds min_gap."""
-    groups, k = scores.shape
-    if select == "best_worst":
-        best, worst = scores.argmax(1, keepdim=True), scores.argmin(1, keepdim=True)
-        gap = scores.gather(1, best) - scores.gather(1, worst)
-        return best, worst, gap > min_gap, int((gap <= min_gap).sum())
-    first, second = (torch.tensor(index) for index in zip(*itertools.combinations(range(k), 2)))
-    a, b = scores[:, first], scores[:, second]  # (P, S)
-    a_wins = a >= b
-    chosen = torch.where(a_wins, first, second)
-    rejected = torch.where(a_wins, second, first)
-    valid = (a - b).abs() > min_gap
-    return chosen, rejected, valid, int((~valid).sum())
-
-
-def win_rates(preference: torch.Tensor) -> torch.Tensor:
-    """Each sample's estimated P(y_i beats the policy): its mean preference over the group's other samples,
-    from (P, k, k) pairwise P(y_i > y_j) (diagonal ignored)."""
-    k = preference.shape[-1]
-    off = ~torch.eye(k, dtype=torch.bool, device=preference.device)
-    return (preference * off).sum(-1) / (k - 1)
-
-
-def bradley_terry(scores: torch.Tensor) -> torch.Tensor:
-    """(P, k, k) P(y_i > y_j) = sigmoid(s_i - s_j) from (P, k) scalar scores (reward models, verifiers)."""
-    return torch.sigmoid(scores[:, :, None] - scores[:, None, :])
-
-
-class OnlinePreferenceTrainer(PPOTrainer):
-    HEADLINE = ("loss", "score", "kl", "rewards/accuracy", "rewards/margin", "rollout/score", "pairs/ties")
-
+class OnlinePreferenceTrainer(Trainer):
     def __init__(self, recipe):
-        from prefopt.recipe import PPOConfig
-
-        # the sampling machinery is PPO's (engine, rewards, prompts, evaluation); its update is not used
-        recipe.ppo = PPOConfig(advantage="grpo", kl_coef=0.0, epochs=1, num_mini_batches=1)
         super().__init__(recipe)
+        self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen)  # data first
+        self.train_data, self.eval_data = self.sampler.train_data, self.sampler.eval_data
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         self.group = self.terms[0][0].data == "group"
         self.judge = import_object(recipe.pairs.judge, "pairs.judge") if recipe.pairs.judge else None
         k = recipe.rollout.samples_per_prompt
         self.slots = k if self.group else 1 if recipe.pairs.select == "best_worst" else k * (k - 1) // 2
-        self.fused_old_logps = False
+        self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=False)
+        if recipe.reference.kind == "copy":
+            self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path))
         if recipe.reference.sync_every:  # iterative rounds move it: a resumed run needs it as it was
             self.checkpointed["reference"] = distributed.WholeWeights(self.reference, self.accelerator)
+        self.forward = TokenForward(recipe, self.model.policy.config, self.accelerator, self.tokenizer.pad_token_id,
+                                    critic=False)
+        self.sampler.start_engine()
+
+    def close(self) -> None:
+        self.sampler.close(list(self.placed_models().values()))
+        super().close()
+
+    def placed_models(self) -> dict[str, nn.Module]:
+        members = {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.sampler.rewards.members)}
+        return {**super().placed_models(), **members}
 
     def _check_data(self) -> None:
         train, k = self.recipe.train, self.recipe.rollout.samples_per_prompt
@@ -94,14 +72,7 @@ class OnlinePreferenceTrainer(PPOTrainer):
             what = f"{k} rows (a group loss)" if self.group else f"{self.slots} pairs (pairs.select: {self.recipe.pairs.select})"
             raise RecipeError(f"train.batch_size ({train.batch_size}) must be a multiple of the {what} each prompt "
                               "gives: one step's slots are prompts x that")
-        prompts = train.batch_size // self.slots
-        if len(self.train_data) < prompts:
-            raise RecipeError(f"a step takes {prompts} prompts but data.train has {len(self.train_data)}")
-        if prompts % self.world_size:
-            raise RecipeError(f"a step's {prompts} prompts do not split evenly over {self.world_size} processes")
-
-    def can_stop_after(self, step: int) -> bool:
-        return True  # every step samples its own
+        self.sampler.check_prompts(train.batch_size // self.slots, "a step")
 
     # ----- one step's samples -----------------------------------------------------------------------
 
@@ -110,48 +81,24 @@ class OnlinePreferenceTrainer(PPOTrainer):
         k = self.recipe.rollout.samples_per_prompt
         if self.judge is None:
             return bradley_terry(scores.view(-1, k))
-        groups = len(scores) // k
-        pairs = [(g, i, j) for g in range(groups) for i, j in itertools.combinations(range(k), 2)]
-        prompts = [batch["rows"][g * k]["prompt"] for g, _, _ in pairs]
-        texts = batch["texts"]
-        try:
-            values = self.judge(prompts, [texts[g * k + i] for g, i, _ in pairs], [texts[g * k + j] for g, _, j in pairs])
-            values = torch.as_tensor([float(v) for v in values])
-        except Exception as exc:
-            raise PrefoptError(f"pairs.judge {self.recipe.pairs.judge} failed: {type(exc).__name__}: {exc}") from exc
-        if values.shape != (len(pairs),) or not ((values >= 0) & (values <= 1)).all():
-            raise PrefoptError(f"pairs.judge {self.recipe.pairs.judge} must return one probability in [0, 1] per "
-                               f"(prompt, a, b): got {values.tolist()[:8]} for {len(pairs)} pairs")
-        out = torch.full((groups, k, k), 0.5)
-        for (g, i, j), p in zip(pairs, values.tolist()):
-            out[g, i, j], out[g, j, i] = p, 1 - p
-        return out.to(scores.device)
+        prompts = [row["prompt"] for row in batch["rows"]]
+        return judge_preferences(self.judge, self.recipe.pairs.judge, prompts, batch["texts"], k).to(scores.device)
 
-    def sample(self, step: int) -> dict[str, torch.Tensor]:
-        """This step's completions over all processes (on every process), with each one's score and win rate."""
-        recipe, acc, k = self.recipe, self.accelerator, self.recipe.rollout.samples_per_prompt
-        prompts = recipe.train.batch_size // self.slots
-        share = prompts // self.world_size
-        examples = self.rollout_prompts(step - 1, 0, prompts)[acc.process_index * share :][:share]
-        rows = torch.arange(share * k) + acc.process_index * share * k
-        sampler = rollouts.GumbelSampler(hash((recipe.seed, step - 1)), rows, prompts * k)
-        start = time.perf_counter()
-        batch = rollouts.generate(self, examples, sampler)
-        generated = time.perf_counter() - start
-        scores, _ = rollouts.score(self, batch)
-        scores = rollouts.penalise(scores, batch["ended"], batch["mask"], recipe.rollout)  # missing EOS, overlong
-        wins = win_rates(self.preferences(batch, scores)).flatten()
-        self.samples = rollouts.sample_rows(batch, scores, torch.empty(0, len(scores)), [])[: recipe.eval.generate or 3]
-        gathered = self.gather({key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask")}
-                               | {"scores": scores, "wins": wins})
-        gathered["timing"] = torch.tensor([generated, time.perf_counter() - start - generated])
-        return gathered
+    def sample(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """This step's completions over all processes (on every process), with each one's penalised score and
+        win rate, and the sampling's stats."""
+        prompts = self.recipe.train.batch_size // self.slots
+        state = TrainerState(global_step=step - 1, max_steps=self.recipe.train.max_steps)
+        rollout, stats, samples = self.sampler.collect(
+            self.model, step - 1, prompts, state,
+            local=lambda batch, scores: {"wins": win_rates(self.preferences(batch, scores)).flatten()})
+        self.run_log.samples(samples, step)
+        return rollout, stats
 
     def batches(self, step: int):
         recipe, k = self.recipe, self.recipe.rollout.samples_per_prompt
-        rollout = self.sample(step)
-        self.run_log.samples(self.samples, step)
-        scores, mask = rollout["scores"], rollout["mask"]
+        rollout, stats = self.sample(step)
+        scores, mask = rollout["penalised"], rollout["mask"]  # missing EOS, overlong
         order = rollout["wins"] if self.judge is not None else scores  # what ranks a group's samples
         if self.group:  # every sample a slot
             index = torch.arange(len(scores))[:, None]
@@ -165,15 +112,13 @@ class OnlinePreferenceTrainer(PPOTrainer):
         weight = valid.float() * (self.world_size * self.accumulation_steps) / max(real, 1)
         lengths = mask.sum(1)
         chosen_tokens = lengths[rows[0].flatten()][valid]
-        stats = {"rollout/score": scores.mean(), "rollout/length": lengths.mean(), "pairs/real": float(real),
-                 "pairs/ties": float(ties), "timing/generate": rollout["timing"][0], "timing/score": rollout["timing"][1]}
+        stats.update({"pairs/real": float(real), "pairs/ties": float(ties)})
         if not self.group:
             gap = (order.view(-1)[rows[0]] - order.view(-1)[rows[1]])[valid]
             stats["pairs/score_gap"] = gap.mean() if real else torch.tensor(0.0)
         self.step_stats = {key: torch.as_tensor(value, dtype=torch.float32) for key, value in stats.items()}
         normalizer = chosen_tokens.float().mean() if real else torch.tensor(1.0)
-        input_ids = torch.cat([rollout["prompt_ids"], rollout["response_ids"]], 1)
-        attention_mask = torch.cat([rollout["prompt_mask"], mask.long()], 1)
+        input_ids, attention_mask = sequences(rollout)
         for chunk in self.deal(list(range(len(weight)))):
             slots = torch.tensor(chunk)
             # a pair's chosen and rejected rows side by side: one prompt's rows stay together (share_prompt)
@@ -186,22 +131,13 @@ class OnlinePreferenceTrainer(PPOTrainer):
 
     def sequence_logps(self, model, batch: dict) -> torch.Tensor:
         """Each row's completion log-prob under `model` at temperature 1, summed over its tokens."""
-        logps = self.token_forward(model, batch["input_ids"], batch["attention_mask"], batch["mask"],
-                                   temperature=1.0)[0]
+        logps = self.forward(model, batch["input_ids"], batch["attention_mask"], batch["mask"], temperature=1.0)[0]
         return (logps * batch["mask"]).sum(1)
 
-    def reference_sequence_logps(self, batch: dict) -> torch.Tensor | None:
-        kind = self.recipe.reference.kind
-        if kind == "none":
-            return None
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.reference is None:  # adapter_off
-                with refs.adapter_disabled(self.model, self.accelerator.unwrap_model(self.model).policy):
-                    return self.sequence_logps(self.model, batch)
-            return self.sequence_logps(self.reference, batch)
-
     def compute_loss(self, batch):
-        policy, reference = self.sequence_logps(self.model, batch), self.reference_sequence_logps(batch)
+        policy = self.sequence_logps(self.model, batch)
+        reference = refs.reference_logps(self.recipe.reference.kind, self.model, self.reference, self.accelerator,
+                                          lambda model: self.sequence_logps(model, batch))
         tokens, weight = batch["mask"].sum(1), batch["weight"]
         if self.group:
             inputs = [GroupLogps(policy, tokens, batch["wins"]), None if reference is None else
@@ -234,11 +170,23 @@ class OnlinePreferenceTrainer(PPOTrainer):
                         for key, value in diagnostics.items()})
         return loss, metrics
 
-    def train_step(self, step: int) -> dict[str, float]:
-        record = super(PPOTrainer, self).train_step(step)
-        self.engine_stale = True
+    def after_step(self, step: int, record: dict[str, float]) -> None:
+        self.sampler.policy_changed()
         ref = self.recipe.reference
         if ref.sync_every and step % ref.sync_every == 0:  # iterative rounds: the reference becomes the policy
             refs.sync_reference(self.reference, self.accelerator.unwrap_model(self.model).policy, ref.sync_alpha,
                                 self.accelerator)
-        return record
+
+    # ----- evaluation: the sampler's -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
+        """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
+        examples = self.eval_data if examples is None else examples
+        if not examples:
+            return {}
+        kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
+        return self.sampler.evaluate(self.model, examples, kl)
+
+    def generate_samples(self) -> list[dict]:
+        return self.sampler.generated_samples()

@@ -26,8 +26,6 @@ from prefopt.trainers.base import Trainer
 
 
 class PreferenceTrainer(Trainer):
-    HEADLINE = ("loss", "rewards/accuracy", "rewards/margin", "diag/policy_ranking_accuracy",
-                "diag/chosen_logp_change", "diag/length_margin_corr")
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -64,25 +62,27 @@ class PreferenceTrainer(Trainer):
         the data's chosen completion beside them."""
         from accelerate.utils import gather_object
 
-        from prefopt.scoring import RewardTerms
-        from prefopt.trainers import rollout
+        from prefopt.generation import generate
+        from prefopt.rewards import RewardTerms
 
         examples, acc, decode = self.eval_data[: self.recipe.eval.generate], self.accelerator, self.tokenizer.decode
         if self.sample_scorer is None:
-            self.sample_scorer = RewardTerms(self.recipe.eval.rewards, device=str(acc.device))
+            self.sample_scorer = RewardTerms(self.recipe.eval.rewards, "eval.rewards", device=str(acc.device))
         rows = []
         for chunk, counts in self.eval_chunks(examples, self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size):
             chunk = [{**ex, "prompt": decode(ex["prompt_ids"], skip_special_tokens=True)} for ex in chunk]
-            batch = rollout.generate(self, chunk, max_new_tokens=self.recipe.eval.max_new_tokens)
+            ids = generate(self.model, acc, self.tokenizer, [ex["prompt_ids"] for ex in chunk],
+                           max_new_tokens=self.recipe.eval.max_new_tokens)
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
             if counts:
                 prompts = [ex["prompt"] for ex in chunk]
                 columns = [{k: v for k, v in ex.items() if not k.endswith("_ids")} for ex in chunk]
-                scored = self.sample_scorer(prompts, batch["texts"], columns) if self.sample_scorer.terms else None
+                scored = self.sample_scorer(prompts, texts, columns, ids) if self.sample_scorer.terms else None
                 rows += [{"prompt": ex["prompt"], "completion": text,
                           **({"chosen": decode(ex["chosen_ids"], skip_special_tokens=True)} if "chosen_ids" in ex else {}),
-                          **({name: scored[1][j, i].item() for j, name in enumerate(self.sample_scorer.names)}
+                          **({name: scored.terms[j, i].item() for j, name in enumerate(self.sample_scorer.names)}
                              if scored else {})}
-                         for i, (ex, text) in enumerate(zip(chunk, batch["texts"]))]
+                         for i, (ex, text) in enumerate(zip(chunk, texts))]
         return gather_object(rows) if self.world_size > 1 else rows
 
     def sample_metrics(self, rows: list[dict]) -> dict[str, float]:
@@ -147,13 +147,11 @@ class PreferenceTrainer(Trainer):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def train_step(self, step: int) -> dict[str, float]:
-        record = super().train_step(step)
+    def after_step(self, step: int, record: dict[str, float]) -> None:
         ref = self.recipe.reference
         if ref.sync_every and step % ref.sync_every == 0:
             refs.sync_reference(self.reference, self.accelerator.unwrap_model(self.model), ref.sync_alpha,
                                 self.accelerator)
-        return record
 
     def reference_logps(self, batch, policy, logps):
         """The reference's log-probs of this batch, wherever reference.kind says they come from."""
@@ -166,11 +164,7 @@ class PreferenceTrainer(Trainer):
                 return UnpairedLogps(ref, policy.tokens, policy.desirable)
             chosen, rejected = ref.chunk(2)
             return PairLogps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens)
-        with torch.no_grad(), self.accelerator.autocast():
-            if kind == "adapter_off":
-                with refs.adapter_disabled(self.model, self.accelerator.unwrap_model(self.model)):
-                    return logps(self.model, batch)
-            return logps(self.reference, batch)
+        return refs.reference_logps(kind, self.model, self.reference, self.accelerator, lambda m: logps(m, batch))
 
     def _prepare(self) -> None:
         super()._prepare()

@@ -18,7 +18,6 @@ class RewardTrainer(Trainer):
     """The model is read as AutoModelForSequenceClassification with one output (a causal LM checkpoint
     gets a new scalar head); the reward of a sequence is its output at the last non-padding token."""
 
-    HEADLINE = ("loss", "rewards/accuracy", "rewards/margin", "rewards/std")
 
     def __init__(self, recipe):
         super().__init__(recipe)

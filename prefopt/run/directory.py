@@ -8,7 +8,6 @@ often to log, evaluate and save) stops before anything loads, naming the changed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,13 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.errors import RecipeError
+from prefopt.recipe import RESUMABLE, fingerprint, flatten, identity  # noqa: F401 (re-exported)
 
-RESUMABLE = (
-    "output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
-    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "log.to", "log.project", "log.run_name",
-    "log.quiet", "eval.generate", "eval.max_new_tokens", "eval.rewards",
-)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "final", "recipe.yaml", "run.json", "tensorboard",
              "mlruns")  # what archiving moves
 LOCK = ".lock"
@@ -47,33 +41,10 @@ def source_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and scalars are leaves."""
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def identity(recipe) -> dict[str, object]:
-    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE, as JSON values (what a
-    checkpoint stores, so that a saved identity and a new one compare as they are)."""
-    return json.loads(json.dumps({k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE},
-                                 default=str))
-
-
-def fingerprint(recipe) -> str:
-    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()
-
-
 def check_resume(recipe, restart: bool = False, main: bool = True, log=print) -> None:
     """Before anything loads: archive the old run (restart, or train.resume: false; the main process), or refuse
     to resume a checkpoint of another recipe (every process, so that all stop)."""
-    from prefopt.trainers.checkpoints import complete_checkpoints, read_state
+    from prefopt.run.checkpoints import complete_checkpoints, read_state
 
     out = Path(recipe.output_dir)
     if restart or not recipe.train.resume:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from prefopt import distributed, runs
+from prefopt import distributed
 from prefopt.errors import TrainingError
+from prefopt.run import directory as runs
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 EXTRA_STATE_FILE = "prefopt_state.json"  # Trainer.checkpointed: schedule, KL controller, running means

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from prefopt.errors import PrefoptError, RecipeError
-from prefopt.trainers import metrics as metrics_file
-from prefopt.trainers.checkpoints import writing
+from prefopt.run import metrics as metrics_file
+from prefopt.run.checkpoints import writing
 
 # the module each of Accelerate's trackers imports, and the prefopt extra that installs it
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
@@ -28,7 +28,8 @@ _MLFLOW_SET = {"uri": None}  # the tracking URI this process set, for the run di
 
 def check_trackers(names: list[str]) -> None:
     """Each tracker of log.to is installed; else one error naming what to install."""
-    missing = [name for name in names if importlib.util.find_spec(TRACKER_MODULES.get(name, name)) is None]
+    missing = [name for name in names if ":" not in name  # a user's module:Class imports when the run starts
+               and importlib.util.find_spec(TRACKER_MODULES.get(name, name)) is None]
     if missing:
         extras = " ".join(f"'prefopt[{name}]'" for name in missing)
         raise RecipeError(f"log.to names {', '.join(missing)}, which is not installed here: pip install {extras} "
@@ -69,12 +70,35 @@ def tracker_settings(recipe, output_dir: Path) -> tuple[dict, dict]:
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard"))
     init = {"wandb": {"name": name, "dir": str(output_dir)}, "mlflow": {"run_name": name},
             "trackio": {"name": name}, "comet_ml": {"name": name}, "swanlab": {"experiment_name": name}}
-    return {"log_with": list(log.to), "project_config": project}, {k: v for k, v in init.items() if k in log.to}
+    log_with = [user_tracker(entry, name, output_dir) if ":" in entry else entry for entry in log.to]
+    return {"log_with": log_with, "project_config": project}, {k: v for k, v in init.items() if k in log.to}
+
+
+def user_tracker(reference: str, run_name: str, output_dir: Path):
+    """A user's tracker, `module:Class`: a subclass of accelerate.tracking.GeneralTracker, made with those of
+    run_name and logging_dir (the run directory) that its __init__ takes."""
+    import inspect
+
+    from accelerate.tracking import GeneralTracker
+
+    from prefopt.errors import import_object
+
+    cls = import_object(reference, "log.to")
+    if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
+        raise RecipeError(f"log.to: {reference} is not a subclass of accelerate.tracking.GeneralTracker; write one "
+                          "with name, requires_logging_directory, tracker, store_init_configuration and log")
+    params = inspect.signature(cls.__init__).parameters
+    offered = {"run_name": run_name, "logging_dir": str(output_dir)}
+    try:
+        return cls(**{key: value for key, value in offered.items() if key in params})
+    except Exception as exc:
+        raise PrefoptError(f"log.to: {reference} could not be made ({type(exc).__name__}: {exc}); it is called with "
+                           "those of run_name= and logging_dir= that its __init__ takes") from exc
 
 
 def tracker_config(recipe) -> dict[str, object]:
     """The resolved recipe as the run's config: flat keys, values every tracker takes."""
-    from prefopt.runs import flatten
+    from prefopt.recipe import flatten
 
     return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
             for key, value in flatten(recipe.to_dict()).items()}
@@ -140,7 +164,7 @@ class RunLog:
             self.acc.log({f"{split}/{key}": value for key, value in record.items()}, step=step)
         if split == "eval" or not self.recipe.train.progress_bar:
             self.print(f"[prefopt] {split} step {step}/{self.recipe.train.max_steps}: "
-                       f"{headline(record, self.trainer.HEADLINE)}")
+                       f"{headline(record, self.trainer.method.headline)}")
 
     def samples(self, rows: list[dict], step: int) -> None:
         """Generated samples ({prompt, completion, scores...}) at `step`: samples.jsonl and each tracker."""
@@ -151,9 +175,7 @@ class RunLog:
         columns = list(rows[0])
         data = [[row.get(c) for c in columns] for row in rows]
         for tracker in self.acc.trackers:
-            if tracker.name in ("wandb", "trackio", "comet_ml", "swanlab") and hasattr(tracker, "log_table"):
-                tracker.log_table("samples", columns=columns, data=data, step=step)
-            elif tracker.name == "tensorboard":
+            if tracker.name == "tensorboard":
                 table = "\n".join("| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r) + " |"
                                   for r in [columns, ["---"] * len(columns), *data])
                 tracker.writer.add_text("samples", table, global_step=step)
@@ -163,6 +185,8 @@ class RunLog:
 
                 mlflow.log_text("".join(json.dumps(dict(zip(columns, r))) + "\n" for r in data),
                                 f"samples/step-{step}.jsonl")
+            elif hasattr(tracker, "log_table"):  # W&B, trackio, Comet, SwanLab, ClearML, a user's own
+                tracker.log_table("samples", columns=columns, data=data, step=step)
 
     def finish(self) -> None:
         """The end-of-run summary (every run, with or without eval data) and the trackers' end."""
@@ -174,7 +198,7 @@ class RunLog:
                 if split in self.last:
                     record = self.last[split]
                     self.print(f"[prefopt] last {split} (step {record['step']}): "
-                               f"{headline(record, self.trainer.HEADLINE)}")
+                               f"{headline(record, self.trainer.method.headline)}")
             outputs = [name for name in ("metrics.jsonl", SAMPLES, "final", "tensorboard", "mlruns", "wandb")
                        if (self.out / name).exists()]
             self.print(f"[prefopt] outputs in {self.out}: {', '.join(outputs)}")

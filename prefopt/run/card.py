@@ -24,7 +24,7 @@ def run_card(trainer) -> str:
     import torch
     import transformers
 
-    from prefopt.trainers.metrics import read_records
+    from prefopt.run.metrics import read_records
 
     recipe, path = trainer.recipe, trainer.output_dir / "metrics.jsonl"
     evals = [r for _, r in read_records(path) if r["split"] == "eval"] if path.exists() else []
@@ -40,15 +40,15 @@ def run_card(trainer) -> str:
 def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str]) -> str:
     """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's."""
     import prefopt
+    from prefopt.methods import METHODS
 
+    record = METHODS[recipe.method]
     lora = recipe.model.lora is not None or recipe.model.adapter is not None
-    reward = recipe.method == "reward"
+    reward = record.reward_model
     kind = ("reward_adapter" if reward else "adapter") if lora else ("reward" if reward else "policy")
     library, cls, what = LOADERS[kind]
-    method = {"preference": "offline preference optimisation", "reward": "reward modelling",
-              "rl": "online reinforcement learning", "online": "online preference optimisation on its own samples"
-              }[recipe.method]
-    if recipe.method == "rl":
+    method = record.description
+    if "ppo" in record.sections:
         loss = f"ppo (advantage {recipe.ppo.advantage}, loss aggregation {recipe.ppo.loss_aggregation})"
         rewards = ", ".join(term.name or "?" for term in recipe.rewards)
         loss += f"; rewards: {rewards}"
@@ -57,7 +57,7 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
     data = [f"- train: {', '.join(src.path + (f' ({src.split})' if src.split != 'train' else '') for src in recipe.data.train)}"]
     if recipe.data.eval:
         data.append(f"- eval: {', '.join(src.path for src in recipe.data.eval)}")
-    tags = ["prefopt", recipe.method, *(term.name for term in recipe.loss if recipe.method != "rl")]
+    tags = ["prefopt", recipe.method, *(term.name for term in recipe.loss if "loss" in record.sections)]
     front = {"library_name": library, "base_model": recipe.model.name_or_path, "tags": tags}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(recipe.output_dir).name}", "",

@@ -1,8 +1,17 @@
-"""Rollout engines: what samples completions for online methods (`rollout.engine`).
+"""Rollout engines: what samples completions for online methods (`rollout.engine`). One interface, `Engine`:
 
-- `hf`: Hugging Face `generate` on the trained policy itself (prefopt.trainers.rollout.generate);
-- `vllm`: a vLLM engine colocated in each training process (TRL's colocate design: each process generates
-  its share of the prompts), holding its own copy of the policy's weights, synced after every update.
+- `generate(prompts, draw, max_new_tokens)`: one completion per prompt (token ids, cut after EOS), drawn by
+  `draw` (prefopt.generation.Draw) or greedy; and the engine's log-prob of each sampled token, or None;
+- `sync(model, accelerator)`: take the trained policy's current weights (the sampler calls it before a
+  generation that follows an update);
+- `sleep()` / `wake()`: free the engine's memory while the trainer updates, and take it back;
+- `close()`.
+
+Engines:
+
+- `hf` (HFEngine): Hugging Face `generate` on the trained policy itself (prefopt.generation), whose sync is free;
+- `vllm` (VLLMEngine): a vLLM engine colocated in each training process (TRL's colocate design: each process
+  generates its share of the prompts), holding its own copy of the policy's weights, loaded at each sync.
 
 Determinism: each completion is drawn with its own seed, derived from (seed, rollout, round, global row), so a
 resumed or re-sharded run asks vLLM for the same draws. vLLM then promises the same tokens for the same seed and
@@ -20,9 +29,66 @@ from collections.abc import Iterator
 
 import torch
 
-from prefopt.errors import PrefoptError, TrainingError
+from prefopt import distributed
+from prefopt.errors import PrefoptError, RecipeError, TrainingError
+from prefopt.generation import Draw, generate
 
 SYNC_TIMEOUT_S = 300.0
+
+
+class Engine:
+    """What samples completions for an online method (see the module's docstring)."""
+
+    def generate(self, prompts: list[list[int]], draw: Draw | None, max_new_tokens: int
+                 ) -> tuple[list[list[int]], list[list[float]] | None]:
+        raise NotImplementedError
+
+    def sync(self, model, accelerator) -> None:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Nothing to free by default."""
+
+    def wake(self) -> None:
+        """Nothing to take back by default."""
+
+    def close(self) -> None:
+        """Nothing to shut down by default."""
+
+
+class HFEngine(Engine):
+    """Hugging Face generate on the trained policy itself: a sync points it at the model (no copy)."""
+
+    def __init__(self, tokenizer, *, temperature: float, top_p: float):
+        self.tokenizer, self.temperature, self.top_p = tokenizer, temperature, top_p
+        self.model = self.accelerator = None
+
+    def sync(self, model, accelerator) -> None:
+        if self.model is None and accelerator.distributed_type.name == "FSDP":  # FSDP2 sets itself up in the
+            # first forward of the whole model; generation calls the policy inside it, so run that forward first
+            ids = torch.full((1, 1), self.tokenizer.pad_token_id, device=accelerator.device)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        self.model, self.accelerator = model, accelerator
+
+    def generate(self, prompts, draw, max_new_tokens):
+        return generate(self.model, self.accelerator, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        draw=draw, temperature=self.temperature, top_p=self.top_p), None
+
+
+def make_engine(recipe, tokenizer) -> Engine:
+    """The recipe's rollout.engine."""
+    rollout, model = recipe.rollout, recipe.model
+    if rollout.engine == "hf":
+        return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p)
+    if rollout.engine == "vllm":
+        return VLLMEngine(model.name_or_path, seed=recipe.seed, dtype=model.dtype, temperature=rollout.temperature,
+                          top_p=rollout.top_p, eos_token_id=tokenizer.eos_token_id,
+                          max_model_len=recipe.data.max_length + rollout.max_new_tokens,
+                          gpu_memory_utilization=rollout.gpu_memory_utilization,
+                          tensor_parallel_size=rollout.tensor_parallel_size,
+                          trust_remote_code=model.trust_remote_code)
+    raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf or vllm")
 
 
 def vllm_available() -> str | None:
@@ -34,11 +100,13 @@ def vllm_available() -> str | None:
     return None
 
 
-class VLLMEngine:
-    """A vLLM LLM in this process on the policy's starting checkpoint; `sync(policy)` loads the trained weights."""
+class VLLMEngine(Engine):
+    """A vLLM LLM in this process on the policy's starting checkpoint; `sync` loads the trained weights."""
 
     def __init__(self, name_or_path: str, *, seed: int, max_model_len: int, gpu_memory_utilization: float,
-                 tensor_parallel_size: int, dtype: str, trust_remote_code: bool = False):
+                 tensor_parallel_size: int, dtype: str, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, trust_remote_code: bool = False):
+        self.temperature, self.top_p, self.eos_token_id = temperature, top_p, eos_token_id
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no spawned engine process
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU
@@ -62,7 +130,12 @@ class VLLMEngine:
     def _runner(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
-    def sync(self, weights: Iterator[tuple[str, torch.Tensor]], timeout: float = SYNC_TIMEOUT_S) -> None:
+    def sync(self, model, accelerator) -> None:
+        """Load the trained policy's weights (gathered where sharded)."""
+        with distributed.generation_weights(model, accelerator):
+            self.load(policy_weights(model, accelerator))
+
+    def load(self, weights: Iterator[tuple[str, torch.Tensor]], timeout: float = SYNC_TIMEOUT_S) -> None:
         """Load (name, tensor) pairs in Hugging Face names into the engine, a tensor at a time. A name the engine
         does not know, or any failure of the engine, stops the run with its error; so does a sync that takes
         longer than `timeout` seconds."""
@@ -78,16 +151,17 @@ class VLLMEngine:
         finally:
             pool.shutdown(wait=False)
 
-    def generate(self, prompts: list[list[int]], seeds: list[int | None], *, temperature: float, top_p: float,
-                 max_new_tokens: int, eos_token_id: int) -> tuple[list[list[int]], list[list[float]]]:
-        """One completion per prompt (greedy where its seed is None), cut after EOS: its token ids and each
-        sampled token's log-prob under the temperature-scaled (top-p) distribution."""
+    def generate(self, prompts, draw, max_new_tokens):
+        """One completion per prompt (greedy without a draw, else each row with its own seed), cut after EOS: its
+        token ids and each sampled token's log-prob under the temperature-scaled (top-p) distribution."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake()
-        params = [SamplingParams(temperature=temperature if seed is not None else 0.0, top_p=top_p, top_k=-1,
-                                 max_tokens=max_new_tokens, seed=seed, logprobs=0, stop_token_ids=[eos_token_id],
+        seeds = [None] * len(prompts) if draw is None else draw.row_seeds()
+        params = [SamplingParams(temperature=self.temperature if seed is not None else 0.0, top_p=self.top_p,
+                                 top_k=-1, max_tokens=max_new_tokens, seed=seed, logprobs=0,
+                                 stop_token_ids=[self.eos_token_id],
                                  ignore_eos=False, skip_special_tokens=False, detokenize=False)
                   for seed in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

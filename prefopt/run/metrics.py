@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from prefopt.trainers.checkpoints import write_atomic, writing
+from prefopt.run.checkpoints import write_atomic, writing
 
 
 class MetricMeans:

@@ -1,0 +1,85 @@
+"""Hugging Face generation with the trained policy: greedy, or a seeded draw that one process and N processes (or
+a resumed run) make alike. The online HF engine samples with it; offline runs write their eval samples with it.
+
+A draw (`Draw`) names each prompt's global row: the Gumbel noise that turns greedy decoding into sampling from
+softmax(logits / temperature) (top-p cut) depends only on (seed, decoding step, global row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefopt import distributed
+
+
+@dataclass
+class Draw:
+    """A seeded draw of one completion per prompt: `rows` (N,) are the prompts' global row indices, of
+    `total_rows` over all processes."""
+
+    seed: int
+    rows: torch.Tensor
+    total_rows: int
+
+    def row_seeds(self) -> list[int]:
+        """One seed per row, for an engine that seeds each request (vLLM)."""
+        return [hash((self.seed, int(row))) & (2**31 - 1) for row in self.rows]
+
+
+class GumbelSampler:
+    """A logits processor that makes greedy decoding draw from softmax(scores): it adds Gumbel noise (Gumbel-max
+    trick) that depends only on (seed, decoding step, global row)."""
+
+    def __init__(self, draw: Draw, prompt_width: int):
+        self.draw, self.prompt_width = draw, prompt_width  # decoding step = sequence length - prompt width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        generator = torch.Generator(scores.device).manual_seed(hash((self.draw.seed, step)) & (2**63 - 1))
+        uniform = torch.rand(self.draw.total_rows, scores.shape[-1], generator=generator, device=scores.device)
+        uniform = uniform[self.draw.rows.to(scores.device)].clamp_(min=1e-20)  # this process's rows
+        return scores - torch.log(-torch.log(uniform))
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (N, P) ids and mask."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, accelerator, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+             draw: Draw | None = None, temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+    """Each prompt's completion ids, cut after its first EOS: drawn by `draw` from the whole temperature-scaled
+    (top-p) distribution the update's log-probs are taken under (not the top 50 or the repetition penalty of a
+    model's own generation config), or greedy without one. `model` is the trained one, prepared (a policy with a
+    value head generates with its policy); sharded weights are gathered for it."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    prompt_ids, prompt_mask = pad_prompts(prompts, tokenizer.pad_token_id, accelerator.device)
+    processors = LogitsProcessorList()
+    if draw is not None:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(GumbelSampler(draw, prompt_ids.shape[1]))
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    policy = accelerator.unwrap_model(model)
+    policy = getattr(policy, "policy", policy)  # PolicyWithValueHead's
+    was_training = policy.training
+    policy.eval()
+    with distributed.generation_weights(model, accelerator):
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                              logits_processor=processors)
+    policy.train(was_training)
+    responses = out[:, prompt_ids.shape[1] :].tolist()  # (N, R)
+    eos = tokenizer.eos_token_id
+    return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in responses]

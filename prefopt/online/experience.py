@@ -1,0 +1,176 @@
+"""Steps 4-7 of a rollout (docs/ppo.md): log-probs, rewards, advantages and the loss mask, on the gathered rows
+the Sampler collected. The maths is in prefopt/losses/ppo.py; here it is applied to a rollout.
+
+`TokenForward` is how every online forward is taken (rollout, update and evaluation): per-token log-probs of
+the completions through the shared-prompt layout where it pays, else the padded rows as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prefopt import distributed
+from prefopt import reference as refs
+from prefopt.errors import RecipeError
+from prefopt.logprobs import custom_masks, plain_head, response_logps, shared_prompt_logps
+from prefopt.losses import ppo as ppo_math
+
+
+@dataclass
+class Rollout:
+    """One rollout, the same on every process: B completions (prompts left-padded, completions right-padded)."""
+
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    mask: torch.Tensor  # (B, R) the completion tokens the loss counts (mask_truncated takes cut ones out)
+    ref_logps: torch.Tensor  # (B, R) the reference's per-token log-probs (the policy's own without a reference)
+    old_logps: torch.Tensor | None  # (B, R) the sampling policy's; None: one update per rollout, which uses its own
+    old_values: torch.Tensor  # (B, R) the value head's (0 without one)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R) value targets (0 without a critic)
+    is_weights: torch.Tensor | None  # (B, R) truncated importance weights trainer / engine (ppo.engine_is)
+    stats: dict[str, float] = field(default_factory=dict)  # rollout/*, rewards/*, timing/* metrics
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensors = {key: getattr(self, key) for key in ("input_ids", "attention_mask", "mask", "ref_logps",
+                                                       "old_logps", "old_values", "advantages", "returns", "is_weights")}
+        return {key: value[index] for key, value in tensors.items() if value is not None}
+
+
+def sequences(rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, P + R) of gathered or generated rows: the prompt, then the completion."""
+    return (torch.cat([rows["prompt_ids"], rows["response_ids"]], 1),
+            torch.cat([rows["prompt_mask"], rows["mask"].long()], 1))
+
+
+class TokenForward:
+    """Per-token log-probs and entropies (N, W) of the completions of left-padded rows under a model (the policy
+    or a reference), and the value head's values (N, W) or None."""
+
+    def __init__(self, recipe, config, accelerator, pad_token_id: int, critic: bool):
+        self.temperature, self.pad_token_id = recipe.rollout.temperature, pad_token_id
+        # the LM head runs outside the model's forward: not where its weight is sharded between forwards
+        chunked = plain_head(config) and not distributed.shards_parameters(accelerator)
+        # at most 2^26 fp32 logits (256 MB) per chunk: a 152k vocabulary takes 441 tokens at a time, not 1024
+        vocab = config.get_text_config().vocab_size
+        self.chunk_size = min(recipe.train.logps_chunk_size, max(16, 2**26 // vocab)) if chunked else 0
+        # the k samples of a prompt packed behind one copy of it, for every forward of the update and the rollout
+        # (the offline share_prompt layout); not with a critic, whose values this layout does not give. With
+        # train.share_prompt unset, per batch where it pays (sharing_pays)
+        allowed = custom_masks(config, recipe.model.attn_implementation) and not critic
+        self.force = recipe.train.share_prompt
+        self.share_prompt = recipe.train.packing and (
+            allowed and recipe.rollout.samples_per_prompt > 1 if self.force is None else self.force)
+        if self.share_prompt and not allowed:
+            raise RecipeError("train.share_prompt needs a critic-free advantage and a custom attention mask (attention "
+                              "sdpa or eager, no sliding window); set train.share_prompt: false")
+        self.hidden_size = config.get_text_config().hidden_size
+
+    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                 entropy_grad: bool = False, temperature: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        options = {"temperature": self.temperature if temperature is None else temperature,
+                   "chunk_size": self.chunk_size, "entropy_grad": entropy_grad}
+        if self.share_prompt and (self.force or sharing_pays(input_ids, attention_mask, mask.shape[1],
+                                                             self.hidden_size)):
+            return (*shared_prompt_logps(model, input_ids, attention_mask, mask, pad_token_id=self.pad_token_id,
+                                         **options), None)
+        logps, entropy, out = response_logps(model, input_ids, attention_mask, mask, **options)
+        values = getattr(out, "critic_values", None)
+        return logps, entropy, None if values is None else values[:, -mask.shape[1] - 1 : -1]
+
+
+@torch.no_grad()
+def token_logps(forward: TokenForward, model, reference, kind: str, accelerator, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, mask: torch.Tensor, old: bool = True, critic: bool = False
+                ) -> dict[str, torch.Tensor]:
+    """Step 4 on this process's rows: per-token log-probs of the completions under the sampling policy (without
+    dropout; unless `old` is False), the values for GAE (`critic`), and the reference's (reference.kind `kind`;
+    the policy's own without one)."""
+    out = {}
+    was_training = model.training
+    model.eval()
+    if old or critic:
+        logps, _, values = forward(model, input_ids, attention_mask, mask)
+        out["old_logps"] = logps * mask
+        if values is not None:
+            out["old_values"] = values * mask
+    ref = refs.reference_logps(kind, model, reference, accelerator,
+                               lambda m: forward(m, input_ids, attention_mask, mask)[0])
+    out["ref_logps"] = ref * mask if ref is not None else out.get("old_logps", torch.zeros_like(mask))
+    model.train(was_training)
+    return out
+
+
+def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator):
+    """None without a reference; else kl(batch) -> (N,): each generated completion's summed log-ratio
+    log pi - log pi_ref at rollout.temperature (a one-sample estimate of KL(pi || pi_ref), for evaluations)."""
+    if kind == "none":
+        return None
+
+    def kl(batch: dict) -> torch.Tensor:
+        input_ids, attention_mask = sequences(batch)
+        tokens = token_logps(forward, model, reference, kind, accelerator, input_ids, attention_mask, batch["mask"])
+        return (tokens["old_logps"] - tokens["ref_logps"]).sum(1)
+
+    return kl
+
+
+@torch.no_grad()
+def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: float) -> Rollout:
+    """Steps 5-7 on the gathered rollout: the rewards (the score at each completion's last token, less beta x KL
+    per token where the KL is in the reward), the advantages (the estimator, then its scale), the engine's
+    importance weights, and the loss mask (completions cut by max_new_tokens leave it with
+    rollout.mask_truncated)."""
+    ppo, rollout = recipe.ppo, recipe.rollout
+    estimator = ppo_math.get_advantage(ppo.advantage)
+    mask, ended, penalised = buffer["mask"], buffer["ended"], buffer["penalised"]
+    old_logps = tokens.get("old_logps")
+    stats = {**stats, "rollout/kl_coef": kl_coef}
+    kl = torch.zeros_like(mask)
+    if old_logps is not None:
+        kl = ppo_math.kl_estimate(old_logps, tokens["ref_logps"], ppo.kl_estimator) * mask  # (B, R)
+        stats.update({"rollout/kl_per_token": kl.sum() / mask.sum(), "rollout/kl": kl.sum(1).mean()})
+    rewards = ppo_math.shape_rewards(penalised, kl, mask, kl_coef if ppo.kl_penalty == "reward" else 0.0)
+    stats["rollout/shaped_reward"] = rewards.sum(1).mean()
+    advantages, returns = ppo_math.estimate_advantages(
+        rewards, mask, estimator, ppo.advantage_scale, values=tokens.get("old_values"),
+        group_size=rollout.samples_per_prompt, gamma=ppo.gamma, lam=ppo.lam)
+    if estimator.critic:
+        values = tokens["old_values"]
+        residual = ppo_math.masked_mean((returns - values - ppo_math.masked_mean(returns - values, mask)) ** 2, mask)
+        total = ppo_math.masked_mean((returns - ppo_math.masked_mean(returns, mask)) ** 2, mask)
+        stats["value/explained_variance"] = 1 - residual / total
+    is_weights = None
+    if "engine_logps" in buffer:  # the engine's and the trainer's log-probs of the same tokens
+        gap = (buffer["engine_logps"] - old_logps).abs() * mask
+        stats.update({"rollout/engine_logp_gap_mean": gap.sum() / mask.sum(), "rollout/engine_logp_gap_max": gap.max()})
+        if ppo.engine_is == "truncate":  # truncated importance sampling (TIS): pi_trainer / pi_engine, capped
+            is_weights = torch.exp(old_logps - buffer["engine_logps"]).clamp(max=ppo.engine_is_cap) * mask
+    loss_mask = mask * ended[:, None] if rollout.mask_truncated else mask
+    input_ids, attention_mask = sequences(buffer)
+    return Rollout(input_ids, attention_mask, loss_mask, tokens["ref_logps"], old_logps,
+                   tokens.get("old_values", torch.zeros_like(mask)), advantages, returns, is_weights,
+                   {key: float(value) for key, value in stats.items()})
+
+
+def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, hidden: int) -> bool:
+    """Whether packing each prompt's completions behind one copy of it costs less than the padded rows. A
+    transformer layer costs about 24 h^2 FLOPs per token in its projections and 4 h per (query, key) pair in a
+    dense masked attention, so a layout costs 6 h x tokens + sum over its rows (or segments) of length^2. Packing
+    saves the k - 1 prompt copies but makes one long segment per prompt: long prompts with short completions
+    share, short prompts with long completions do not. Rows of left-padded prompts, the last `width` columns
+    the completions."""
+    prompts, completions = attention_mask[:, :-width].sum(1).tolist(), attention_mask[:, -width:].sum(1).tolist()
+    segments: dict[tuple, int] = {}
+    for row, prompt, completion in zip(input_ids[:, :-width], prompts, completions):
+        key = tuple(row[row.shape[0] - prompt :].tolist())
+        segments[key] = segments.get(key, prompt) + completion
+    padded = [prompt + completion for prompt, completion in zip(prompts, completions)]
+    shared = list(segments.values())
+    return 6 * hidden * sum(shared) + sum(n * n for n in shared) < 6 * hidden * sum(padded) + sum(n * n for n in padded)

@@ -1,0 +1,289 @@
+"""The Sampler: prompts -> samples -> scores -> the gathered rollout, for every online method (steps 1-3 of
+docs/ppo.md). A trainer holds one; `prefopt label` samples through the same engines.
+
+Every process samples and scores its share of a step's prompts; the rows are then gathered, so that every
+process holds the whole rollout, laid out as one process would lay it out. Every random draw depends only on
+(seed, cycle, round, global row): one process and N processes, or a resumed run, make the same rollout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from prefopt import distributed
+from prefopt.data import load_prompts
+from prefopt.errors import RecipeError
+from prefopt.generation import Draw, pad_prompts
+from prefopt.losses import ppo as ppo_math
+from prefopt.rewards import RewardTerms, Scores, TrainerState
+
+
+class Sampler:
+    """The online side of a run: its prompts, engine and reward terms. Made before any model loads (the data is
+    checked first); `start_engine()` once the policy is loaded."""
+
+    def __init__(self, recipe, accelerator, tokenizer, place: Callable | None = None):
+        data = recipe.data
+        self.recipe, self.accelerator, self.tokenizer = recipe, accelerator, tokenizer
+        self.world_size = accelerator.num_processes
+        with accelerator.main_process_first():  # the first process fills the datasets cache
+            self.train_data = load_prompts(data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print)
+            self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "data.eval",
+                                          accelerator.print) if data.eval else []
+        lockstep = None
+        if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
+            def lockstep(batches: int) -> int:
+                return int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).max())
+        self.rewards = RewardTerms(recipe.rewards, device=str(accelerator.device), place=place, lockstep=lockstep)
+        for rows, where in ((self.train_data, "data.train"), (self.eval_data, "data.eval")):
+            self.rewards.check_columns(rows, where)
+        self.engine = None
+        self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
+        self.eval_samples: list[dict] = []
+
+    def start_engine(self) -> None:
+        from prefopt.online.engines import make_engine
+
+        self.engine = make_engine(self.recipe, self.tokenizer)
+
+    def check_prompts(self, prompts: int, what: str) -> None:
+        """A step's `prompts` must exist in data.train and split evenly over the processes."""
+        if len(self.train_data) < prompts:
+            raise RecipeError(f"{what} takes {prompts} prompts but data.train has {len(self.train_data)}")
+        if prompts % self.world_size:
+            raise RecipeError(f"{what}'s {prompts} prompts do not split evenly over {self.world_size} processes")
+
+    def policy_changed(self) -> None:
+        """An update changed the policy: the engine syncs before it generates again."""
+        self.stale = True
+
+    def close(self, placed: list) -> None:
+        self.rewards.close()
+        if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
+            distributed.release_gathers(self.accelerator, placed)
+            self.engine.close()
+
+    # ----- 1. prompts ---------------------------------------------------------------------------
+
+    def prompts(self, cycle: int, round: int, count: int) -> list[dict]:
+        """The `count` examples of a rollout's sampling round, over all processes: round 0 the next slice of the
+        epoch's seeded permutation of data.train; a further round (dynamic sampling) a seeded sample."""
+        n, seed = len(self.train_data), self.recipe.seed
+        if round:
+            generator = torch.Generator().manual_seed(hash((seed, cycle, round)) & (2**63 - 1))
+            return [self.train_data[i] for i in torch.randperm(n, generator=generator)[:count].tolist()]
+        epoch, index = divmod(cycle, n // count)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        return [self.train_data[i] for i in order[index * count : (index + 1) * count]]
+
+    # ----- 2. samples ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, model, examples: list[dict], draw: Draw | None = None, samples: int = 1,
+                 max_new_tokens: int | None = None) -> dict:
+        """`samples` completions of each example's prompt (drawn by `draw`, greedy without), through the engine:
+        left-padded prompts, right-padded completions with their mask, whether each ended (EOS), the texts, the
+        rows, and the engine's log-probs where it gives them (`engine_logps`)."""
+        rows = [ex for ex in examples for _ in range(samples)]
+        device, pad, eos = self.accelerator.device, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        if self.stale:
+            start = time.perf_counter()
+            self.engine.sync(model, self.accelerator)
+            self.stale, self.sync_seconds = False, time.perf_counter() - start
+        tokens, logps = self.engine.generate([row["prompt_ids"] for row in rows], draw,
+                                             max_new_tokens or self.recipe.rollout.max_new_tokens)
+        prompt_ids, prompt_mask = pad_prompts([row["prompt_ids"] for row in rows], pad, device)
+        width = max(1, max(map(len, tokens)))
+        responses = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, ids in enumerate(tokens):
+            responses[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        lengths = torch.tensor([len(ids) for ids in tokens])
+        mask = torch.arange(width)[None] < lengths[:, None]
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses.to(device),
+                 "mask": mask.float().to(device), "completion_ids": tokens, "rows": rows,
+                 "ended": torch.tensor([bool(ids) and ids[-1] == eos for ids in tokens], device=device),
+                 "texts": self.tokenizer.batch_decode(tokens, skip_special_tokens=True)}
+        if logps is not None:
+            engine_logps = torch.zeros(len(rows), width)
+            for i, values in enumerate(logps):
+                engine_logps[i, : len(values)] = torch.tensor(values)
+            batch["engine_logps"] = engine_logps.to(device)
+        return batch
+
+    # ----- 3. scores ----------------------------------------------------------------------------
+
+    def score(self, batch: dict, state: TrainerState | None = None) -> Scores:
+        """The reward terms on a generated batch: the weighted total (N,) and each term's values (terms, N)."""
+        scores = self.rewards([row["prompt"] for row in batch["rows"]], batch["texts"], batch["rows"],
+                              batch["completion_ids"], state)
+        device = batch["mask"].device
+        scores.total, scores.terms = scores.total.to(device).float(), scores.terms.to(device).float()
+        return scores
+
+    def penalise(self, scores: torch.Tensor, ended: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores less rollout.missing_eos_penalty where a completion never ended and DAPO's overlong penalty."""
+        rollout = self.recipe.rollout
+        penalised = scores.clone()
+        if rollout.missing_eos_penalty is not None:
+            penalised[~ended] -= rollout.missing_eos_penalty
+        if rollout.overlong:
+            penalised += ppo_math.overlong_penalty(mask.sum(1), rollout.max_new_tokens, rollout.overlong.buffer,
+                                                   rollout.overlong.penalty)
+        return penalised
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process's rows, in process order, on every process: prompts left-padded and completions
+        right-padded to the widest, so the rows are laid out as one process would lay them out."""
+        acc = self.accelerator
+        if self.world_size == 1:
+            return tensors
+        gathered = {}
+        for key, value in tensors.items():
+            if value.dim() == 2:
+                pad = self.tokenizer.pad_token_id if key.endswith("_ids") else 0
+                value = acc.pad_across_processes(value, dim=1, pad_index=pad, pad_first=key.startswith("prompt_"))
+            gathered[key] = acc.gather(value)
+        return gathered
+
+    @torch.no_grad()
+    def collect(self, model, cycle: int, prompts: int, state: TrainerState, filter_groups: bool = False,
+                local: Callable[[dict, torch.Tensor], dict] | None = None) -> tuple[dict, dict, list[dict]]:
+        """Steps 1-3 of rollout `cycle`: `prompts` prompts over all processes, rollout.samples_per_prompt samples
+        each, scored and gathered. With `filter_groups` (DAPO's dynamic sampling) a group whose samples all score
+        the same is dropped and further seeded rounds refill the rollout, for at most rollout.filter_max_rounds
+        rounds. `local(batch, penalised)` adds per-row tensors computed on this process's batch (a judge's).
+        Returns the gathered rows (prompt_ids, prompt_mask, response_ids, mask, ended, scores, penalised, terms
+        (rows, terms), [engine_logps]), the stats and the first round's sample rows."""
+        recipe, acc, rollout = self.recipe, self.accelerator, self.recipe.rollout
+        k, share = rollout.samples_per_prompt, prompts // self.world_size
+        timing = {"generate": 0.0, "score": 0.0}
+        kept, dropped, samples, rounds, generated, metrics = [], [], None, 0, 0.0, {}
+        while len(kept) < prompts and rounds < (rollout.filter_max_rounds if filter_groups else 1):
+            # 1. prompts: round 0 takes the next slice of the epoch's permutation; a dynamic-sampling round r
+            # draws a seeded sample of its own (so the data order stays a function of (seed, cycle))
+            examples = self.prompts(cycle, rounds, prompts)[acc.process_index * share :][:share]
+            # 2. samples: this process's share, each row's noise from its global index
+            rows = torch.arange(share * k) + acc.process_index * share * k
+            draw = Draw(hash((recipe.seed, cycle) + ((rounds,) if rounds else ())), rows, prompts * k)
+            start = time.perf_counter()
+            batch = self.generate(model, examples, draw, samples=k)
+            timing["generate"] += time.perf_counter() - start
+            # 3. scores: the reward terms, then the missing-EOS and overlong penalties
+            start = time.perf_counter()
+            scored = self.score(batch, state)
+            penalised = self.penalise(scored.total, batch["ended"], batch["mask"])
+            extra = local(batch, penalised) if local else {}
+            timing["score"] += time.perf_counter() - start
+            for key, value in scored.metrics.items():  # the reward terms' timing and log_metric values
+                metrics.setdefault(key, []).append(value)
+            samples = samples or [{"cycle": cycle, **row} for row in self.sample_rows(batch, scored)][
+                : recipe.eval.generate or 3]  # the first round's
+            local_rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask",
+                                                      "engine_logps") if key in batch}
+            gathered = self.gather({**local_rows, "ended": batch["ended"].float(), "scores": scored.total,
+                                    "penalised": penalised, "terms": scored.terms.T, **extra})
+            gathered["ended"] = gathered["ended"].bool()
+            generated += gathered["mask"].sum().item()
+            groups = [{key: value[g * k : (g + 1) * k] for key, value in gathered.items()} for g in range(prompts)]
+            rounds += 1
+            if not filter_groups:
+                kept = groups
+                break
+            # DAPO's dynamic sampling: a group whose completions all score the same has no advantage to learn from
+            for group in groups:
+                (kept if group["penalised"].max() > group["penalised"].min() else dropped).append(group)
+        buffer = _concat((kept + dropped)[:prompts], self.tokenizer.pad_token_id)
+        mask, scores = buffer["mask"], buffer["scores"]
+        stats = {"rollout/score": scores.mean(), "rollout/length": mask.sum(1).mean(),
+                 "rollout/eos": buffer["ended"].float().mean()}
+        stats.update({key: sum(values) / (1 if key.startswith("timing/") else len(values))  # time adds up
+                      for key, values in metrics.items()})
+        for i, name in enumerate(self.rewards.names):
+            values = buffer["terms"][:, i]
+            applies = values[~values.isnan()]
+            stats[f"rewards/{name}/mean"] = applies.mean() if len(applies) else float("nan")
+            stats[f"rewards/{name}/std"] = applies.std(unbiased=False) if len(applies) else float("nan")
+        if filter_groups:
+            stats.update({"rollout/groups_filtered": len(dropped), "rollout/sampling_rounds": rounds,
+                          "rollout/groups_short": max(0, prompts - len(kept))})  # the cap was reached
+        timing["sync"] = self.sync_seconds  # the engine's last weight sync (inside timing/generate)
+        stats.update({f"timing/{key}": value for key, value in timing.items()})
+        stats["rollout/tokens_per_second"] = generated / max(timing["generate"], 1e-9)
+        return buffer, {key: float(value) for key, value in stats.items()}, samples
+
+    def sample_rows(self, batch: dict, scores: Scores) -> list[dict]:
+        """{prompt, completion, score, <term>..., <log_extra column>...} of each generated completion."""
+        names = self.rewards.names
+        return [{"prompt": row["prompt"], "completion": text, "score": scores.total[i].item(),
+                 **{name: scores.terms[j, i].item() for j, name in enumerate(names)},
+                 **{column: values[i] for column, values in scores.extra.items() if i < len(values)}}
+                for i, (row, text) in enumerate(zip(batch["rows"], batch["texts"]))]
+
+    # ----- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model, examples: list[dict], kl: Callable[[dict], torch.Tensor] | None,
+                 state: TrainerState | None = None) -> dict[str, float]:
+        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share and
+        length; the first eval.generate of them are kept in `eval_samples`. With `kl` (a reference), also
+        KL(pi || pi_ref) per completion: `kl(batch)` on one sample of each held-out prompt (at
+        rollout.temperature, seeded by the prompt's row, as rollouts are), the x-axis of the over-optimisation
+        frontier (Gao et al. 2023)."""
+        from prefopt.run.metrics import MetricMeans
+
+        acc, world = self.accelerator, self.world_size
+        means, self.eval_samples = MetricMeans(), []
+        keys = ["score", "eos", "length", *(["kl"] if kl else []), *(f"rewards/{name}" for name in self.rewards.names)]
+        for key in keys:  # every process has every key, even one with no prompts
+            means.add(key, torch.empty(0, device=acc.device))
+        size = self.recipe.train.eval_batch_size or 64
+        mine = examples[acc.process_index :: world]
+        for i in range(math.ceil(math.ceil(len(examples) / world) / size)):  # every process runs as many chunks
+            chunk = mine[i * size : (i + 1) * size]
+            counts, chunk = bool(chunk), chunk or examples[:1]
+            batch = self.generate(model, chunk)
+            scored = self.score(batch, state)
+            if kl:
+                first = acc.process_index + world * i * size  # the chunk's global rows
+                rows = torch.arange(len(chunk)) * world + first if counts else torch.zeros(1, dtype=torch.long)
+                # seeded apart from every rollout (cycles count from 0); ints only: a str hash differs per process
+                drawn = self.generate(model, chunk, Draw(hash((self.recipe.seed, -1)), rows, len(examples)))
+                divergence = kl(drawn)
+            if not counts:
+                continue
+            means.add("score", scored.total)
+            means.add("eos", batch["ended"].float())
+            means.add("length", batch["mask"].sum(1))
+            if kl:
+                means.add("kl", divergence)
+            for name, values in zip(self.rewards.names, scored.terms):
+                means.add(f"rewards/{name}", values[~values.isnan()])
+            self.eval_samples += self.sample_rows(batch, scored)
+            del self.eval_samples[self.recipe.eval.generate :]
+        self.engine.sleep()
+        return means.result(acc)
+
+    def generated_samples(self) -> list[dict]:
+        """The first eval.generate held-out completions of the last evaluation, from every process."""
+        from accelerate.utils import gather_object
+
+        rows = gather_object(self.eval_samples) if self.world_size > 1 else self.eval_samples
+        return rows[: self.recipe.eval.generate]
+
+
+def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Row-wise concatenation of gathered groups: prompts left-padded and completions right-padded to the widest."""
+    out = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if values[0].dim() == 2 and key != "terms":
+            width = max(v.shape[1] for v in values)
+            pad = pad_id if key.endswith("_ids") else 0
+            values = [torch.nn.functional.pad(v, (width - v.shape[1], 0) if key.startswith("prompt_") else
+                                              (0, width - v.shape[1]), value=pad) for v in values]
+        out[key] = torch.cat(values)
+    return out
