@@ -7,7 +7,7 @@ prefopt.train and prefopt.load_recipe are the Python API (prefopt/api.py); the t
 prefopt.trainers (Trainer, PreferenceTrainer, RewardTrainer, PPOTrainer), the losses in prefopt.losses.
 """
 
-__version__ = "0.1.0"
+from prefopt.version import __version__
 
 __all__ = ["__version__", "load_recipe", "train"]
 

@@ -28,7 +28,7 @@ QUICKSTART_ASSETS = Path("runs/quickstart-assets")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefopt import __version__
+    from prefopt.version import __version__
 
     parser = argparse.ArgumentParser(prog="prefopt", description="Train language models from preferences.")
     parser.add_argument("--version", action="version", version=f"prefopt {__version__}")

@@ -30,13 +30,13 @@ def evaluate_run(path: str | Path, data: str) -> dict:
     from prefopt.methods import METHODS
 
     method = METHODS[recipe.get("method") or recipe_lib.from_dict(recipe, str(saved)).method]
-    if method.evaluation == "reward":
+    if method.evaluation == "reward_model":
         return evaluate_reward_model(path, data)
     if method.evaluation == "none":
         raise PrefoptError(f"{path} is a {method.name!r} run, which prefopt eval does not evaluate")
     if not (path / "final").is_dir():
         raise PrefoptError(f"{path} has no final/ yet: the run has not finished (resume it with prefopt train)")
-    evaluate = evaluate_policy if method.evaluation == "policy" else evaluate_online
+    evaluate = evaluate_policy if method.evaluation == "losses" else evaluate_online
     return {"run": str(path), "data": data, **evaluate(recipe, path / "final", data)}
 
 

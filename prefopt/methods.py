@@ -31,7 +31,9 @@ class Method:
     check: Callable | None = None  # validates the resolved recipe; never writes into it
     prompts_only: bool = False  # its data is prompts (online) rather than completions
     reward_model: bool = False  # it trains a model with a score head
-    evaluation: str = "none"  # prefopt eval on its runs: "reward", "policy" (offline losses), "online", "none"
+    # prefopt eval on its runs: "reward_model" (ranking accuracy), "losses" (its eval metrics against its
+    # reference), "sampler" (greedy samples scored by its reward terms), "none"
+    evaluation: str = "none"
     frontier: bool = False  # `prefopt plot` draws eval reward terms against KL (Gao et al. 2023)
 
     def trainer_class(self):
@@ -49,18 +51,18 @@ METHODS = {method.name: method for method in (
             ("log-probs", ["logps/chosen", "logps/rejected"]),
             ("log-prob change vs reference", ["diag/chosen_logp_change", "diag/rejected_logp_change"]),
             ("chosen log-prob fell (share)", ["diag/chosen_logp_fell"]), *LR_AND_SPEED],
-           "offline preference optimisation", checks.resolve_losses, checks.check_preference, evaluation="policy"),
+           "offline preference optimisation", checks.resolve_losses, checks.check_preference, evaluation="losses"),
     Method("reward", ("loss",), "prefopt.trainers.reward:RewardTrainer",
            ("loss", "rewards/accuracy", "rewards/margin", "rewards/std"),
            [("loss", ["loss"]), ("accuracy", ["rewards/accuracy"]), ("reward margin", ["rewards/margin"]),
             *LR_AND_SPEED],
-           "reward modelling", checks.resolve_losses, checks.check_reward, reward_model=True, evaluation="reward"),
+           "reward modelling", checks.resolve_losses, checks.check_reward, reward_model=True, evaluation="reward_model"),
     Method("rl", ("reference", "rollout", "rewards", "ppo"), "prefopt.trainers.ppo:PPOTrainer",
            ("score", "rewards/", "kl", "length", "rollout/score", "rollout/kl", "policy/entropy"),
            [*ONLINE_PANELS, ("entropy", ["policy/entropy"]), ("learning rate", ["lr"]),
             ("tokens/s", ["rollout/tokens_per_second", "tokens_per_second"])],
            "online reinforcement learning", checks.resolve_rl, checks.check_rl, prompts_only=True,
-           evaluation="online", frontier=True),
+           evaluation="sampler", frontier=True),
     # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
     Method("online", ("reference", "loss", "rollout", "rewards", "pairs"),
            "prefopt.trainers.online:OnlinePreferenceTrainer",
@@ -68,7 +70,7 @@ METHODS = {method.name: method for method in (
            [*ONLINE_PANELS, ("loss", ["loss"]), ("reward margin", ["rewards/margin"]),
             ("pairs", ["pairs/real", "pairs/ties"]), ("learning rate", ["lr"])],
            "online preference optimisation on its own samples", checks.resolve_online, checks.check_online,
-           prompts_only=True, evaluation="online", frontier=True),
+           prompts_only=True, evaluation="sampler", frontier=True),
 )}
 SECTIONS = {section for method in METHODS.values() for section in method.sections}
 

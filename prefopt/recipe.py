@@ -229,6 +229,7 @@ def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe
     recipe = _convert(data, Recipe, "", where)
     METHODS[method].resolve(recipe, where)
     check(recipe, where)
+    METHODS[method].check(recipe, where)
     if recipe.output_dir is None:
         recipe.output_dir = f"runs/{name}-{fingerprint(recipe)[:8]}"
     return recipe

@@ -21,9 +21,7 @@ def fail(where: str, key: str, message: str) -> typing.NoReturn:
 
 
 def check(recipe: Recipe, where: str) -> None:
-    """Every check of a resolved recipe: the common ones, then its method's (prefopt.methods). Nothing is written."""
-    from prefopt.methods import METHODS
-
+    """The checks every resolved recipe passes (prefopt.recipe then runs its method's). Nothing is written."""
     data, train = recipe.data, recipe.train
     _check_ranges(recipe, where)
     if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
@@ -37,16 +35,17 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
     _check_log(recipe, where)
-    METHODS[recipe.method].check(recipe, where)
 
 
 # ----- resolution: what a recipe left to its defaults, from the registry entries that declare them -----------
 
 
 def resolve_losses(recipe: Recipe, where: str) -> None:
-    """reference.kind auto: adapter_off with LoRA, none if no loss needs a reference, else copy."""
+    """reference.kind auto: adapter_off with LoRA, none if no loss needs a reference, else copy; eval.rewards'
+    names."""
     from prefopt.losses import get_loss  # needs only torch
 
+    _name_terms(recipe.eval.rewards)
     ref = recipe.reference
     if ref.kind == "auto":
         needs = any(get_loss(term.name, where=f"{where}: loss.name").needs_reference for term in recipe.loss)
@@ -172,6 +171,7 @@ def check_rl(recipe: Recipe, where: str) -> None:
 
     ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
     _check_rewards(recipe.rewards, where)
+    _no_eval_rewards(recipe, where)
     estimator = get_advantage(ppo.advantage)
     k = rollout.samples_per_prompt
     if k < estimator.min_group or (rollout.filter_groups and k < 2):
@@ -207,6 +207,7 @@ def check_rl(recipe: Recipe, where: str) -> None:
 def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
     kinds = _loss_specs(recipe, where)
+    _no_eval_rewards(recipe, where)
     k = recipe.rollout.samples_per_prompt
     _check_rewards(recipe.rewards, where)
     wrong = {name: kind for name, kind in kinds.items() if kind not in ("paired", "group")}
@@ -226,17 +227,18 @@ def _check_log(recipe: Recipe, where: str) -> None:
     eval.rewards are reward terms."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    from prefopt.methods import METHODS
-
     for i, name in enumerate(recipe.log.to):
         if name not in LOGGER_TYPE_TO_CLASS and ":" not in name:
             fail(where, f"log.to[{i}]", f"unknown tracker {name!r}; known: {', '.join(LOGGER_TYPE_TO_CLASS)}, or "
                   "module:Class for your own accelerate.tracking.GeneralTracker")
     _check_rewards(recipe.eval.rewards, where, "eval.rewards")
-    if recipe.eval.rewards and METHODS[recipe.method].prompts_only:
-        fail(where, "eval.rewards", "online runs score their samples with the recipe's rewards: remove eval.rewards")
     if recipe.eval.rewards and not recipe.eval.generate:
         fail(where, "eval.rewards", "score the samples of eval.generate: set eval.generate to N > 0")
+
+
+def _no_eval_rewards(recipe: Recipe, where: str) -> None:
+    if recipe.eval.rewards:
+        fail(where, "eval.rewards", "online runs score their samples with the recipe's rewards: remove eval.rewards")
 
 
 def _check_rewards(terms: list, where: str, section: str = "rewards") -> None:

@@ -95,6 +95,15 @@ def test_online_runs_train_on_their_own_samples(sort_task, tmp_path, case):
     evals = read_metrics(out, "eval")
     assert [r["step"] for r in evals] == [0, 4] and "score" in evals[0] and evals[0]["kl"] == pytest.approx(0, abs=1e-4)
     assert (out / "samples.jsonl").exists() and (out / "final" / "README.md").exists()
+    if case == "dpo":  # the plot draws reward against KL; prefopt eval scores the final policy through the sampler
+        from prefopt.evaluation import evaluate_run
+        from prefopt.plotting import plot_runs
+
+        fig = plot_runs([out])
+        assert "over-optimisation frontier" in [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        report = evaluate_run(out, str(sort_task / "eval.jsonl"))
+        assert report["prompts"] == 48 and report["score"] == pytest.approx(evals[-1]["score"])
+        assert report["kl"] == pytest.approx(evals[-1]["kl"], abs=1e-5)
 
 
 def test_online_dpo_resumes_exactly(sort_task, tmp_path):

@@ -62,9 +62,15 @@ def sort_score(prompt: str, completion: str) -> float:
     return float(completion.split() == sorted(numbers, key=int))
 
 
-def sort_scores(prompts: list[str], completions: list[str]) -> list[float]:
-    """sort_score over a batch: the verifier as a scoring function (prefopt label --verifier, PPO)."""
-    return [sort_score(p, c) for p, c in zip(prompts, completions)]
+def content(value) -> str:
+    """The text of a prompt or completion: a string as it is, a message list's last message's content (TRL passes
+    conversational completions as [{"role": "assistant", "content": ...}])."""
+    return value[-1]["content"] if isinstance(value, list) else value
+
+
+def sort_scores(prompts: list, completions: list, **kwargs) -> list[float]:
+    """sort_score over a batch: the verifier as a reward function (TRL's form; prefopt label --verifier, PPO)."""
+    return [sort_score(content(p), content(c)) for p, c in zip(prompts, completions)]
 
 
 def arithmetic_row(rng: random.Random, max_value: int = 20) -> dict[str, str]:
@@ -72,15 +78,16 @@ def arithmetic_row(rng: random.Random, max_value: int = 20) -> dict[str, str]:
     return {"prompt": f"add: {a} + {b} =", "answer": str(a + b)}
 
 
-def arithmetic_correct(prompts: list, completions: list[str], answer: list[str]) -> list[float]:
-    """Correctness: 1.0 where the completion's first number is the row's `answer` column."""
-    numbers = [re.findall(r"-?\d+", c) for c in completions]
-    return [float(bool(found) and found[0] == truth) for found, truth in zip(numbers, answer)]
+def arithmetic_correct(completions: list, answer: list, **kwargs) -> list[float]:
+    """Correctness: 1.0 where the completion's first number equals the row's `answer` column, compared as numbers
+    (an answer column of integers or of strings, "7" or 7, both work)."""
+    numbers = [re.findall(r"-?\d+", content(c)) for c in completions]
+    return [float(bool(found) and int(found[0]) == int(str(truth).strip())) for found, truth in zip(numbers, answer)]
 
 
-def number_format(prompts: list, completions: list[str]) -> list[float]:
+def number_format(completions: list, **kwargs) -> list[float]:
     """Format: 1.0 where the completion is one number and nothing else."""
-    return [float(re.fullmatch(r"\s*-?\d+\s*", c) is not None) for c in completions]
+    return [float(re.fullmatch(r"\s*-?\d+\s*", content(c)) is not None) for c in completions]
 
 
 def write_arithmetic_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,

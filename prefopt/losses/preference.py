@@ -11,7 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import GroupLogps, LossOutput, PairLogps, UnpairedLogps, check_range, register_loss
+from prefopt.losses.registry import (
+    GroupLogps,
+    LossOutput,
+    PairLogps,
+    UnpairedLogps,
+    check_range,
+    register_loss,
+)
 from prefopt.losses.unpaired import split_rewards
 
 

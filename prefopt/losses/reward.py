@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, PairRewards, register_loss
+from prefopt.losses.registry import LossOutput, PairRewards, register_loss
 
 
 @register_loss("bradley_terry", needs_reference=False, data="rewards")

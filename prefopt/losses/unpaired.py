@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses import LossOutput, RunningMean, UnpairedLogps, check_range, register_loss
+from prefopt.losses.registry import LossOutput, RunningMean, UnpairedLogps, check_range, register_loss
 
 
 def split_rewards(rewards: torch.Tensor, desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

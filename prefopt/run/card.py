@@ -39,8 +39,8 @@ def run_card(trainer) -> str:
 
 def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str]) -> str:
     """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's."""
-    import prefopt
     from prefopt.methods import METHODS
+    from prefopt.version import __version__
 
     record = METHODS[recipe.method]
     lora = recipe.model.lora is not None or recipe.model.adapter is not None
@@ -61,14 +61,14 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
     front = {"library_name": library, "base_model": recipe.model.name_or_path, "tags": tags}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(recipe.output_dir).name}", "",
-             f"{what.capitalize()} trained by {method} with prefopt {prefopt.__version__}: {loss}, from "
+             f"{what.capitalize()} trained by {method} with prefopt {__version__}: {loss}, from "
              f"`{recipe.model.name_or_path}`.", "", "## Data", "", *data, ""]
     if metrics:
         lines += ["## Last evaluation", "", "| metric | value |", "| --- | --- |",
                   *(f"| {key} | {value:.4f} |" for key, value in metrics.items() if key not in ("step", "split")), ""]
     lines += ["## Use", "", f"With {library} alone (no prefopt needed); after `prefopt push`, give the hub repository "
               "id instead of the path:", "", "```python", *usage(kind, str(final)), "```", "",
-              "## Versions", "", f"- prefopt {prefopt.__version__}",
+              "## Versions", "", f"- prefopt {__version__}",
               *(f"- {name} {version}" for name, version in versions.items()), "",
               "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)

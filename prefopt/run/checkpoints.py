@@ -15,7 +15,7 @@ import torch
 
 from prefopt import distributed
 from prefopt.errors import TrainingError
-from prefopt.run import directory as runs
+from prefopt.recipe import fingerprint, identity
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 EXTRA_STATE_FILE = "prefopt_state.json"  # Trainer.checkpointed: schedule, KL controller, running means
@@ -145,7 +145,7 @@ def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:
                       str(tmp / f"{name}.safetensors"))
         write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
         state = {"step": step, "world_size": trainer.world_size, "seed": trainer.recipe.seed,
-                 "fingerprint": runs.fingerprint(trainer.recipe), "recipe": runs.identity(trainer.recipe)}
+                 "fingerprint": fingerprint(trainer.recipe), "recipe": identity(trainer.recipe)}
         fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
         write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
         fsync_dir(tmp)

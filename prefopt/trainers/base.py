@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-import prefopt
 from prefopt import distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
@@ -43,6 +42,7 @@ from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
 from prefopt.run.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
 from prefopt.run.metrics import MetricMeans
+from prefopt.version import __version__
 
 
 class Trainer:
@@ -407,7 +407,7 @@ class Trainer:
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
                 "distributed_type": str(self.accelerator.distributed_type),
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "prefopt": prefopt.__version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
+                "prefopt": __version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
                 runs.fingerprint(self.recipe), "started": self.started, "ended": None}
 
     # ----- logging ----------------------------------------------------------------------------
