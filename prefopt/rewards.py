@@ -163,7 +163,7 @@ class RewardTerms:
         available = {key: [row.get(key) for row in rows] for key in columns}
         available.update(prompts=prompts, completions=conversational_completions(prompts, completions),
                          completion_ids=completion_ids if completion_ids is not None else [[] for _ in completions],
-                         trainer_state=state or TrainerState(0, 0),
+                         trainer_state=state or TrainerState(0, 1),  # outside a run (prefopt label)
                          log_extra=lambda column, values: extra.setdefault(column, []).extend(values),
                          log_metric=lambda name, value: metrics.setdefault(name, []).append(float(value)))
         values: list[torch.Tensor | None] = [None] * len(self.terms)

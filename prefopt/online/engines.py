@@ -39,6 +39,8 @@ SYNC_TIMEOUT_S = 300.0
 class Engine:
     """What samples completions for an online method (see the module's docstring)."""
 
+    samples_from_trainer = False  # the engine is the trained policy itself: its log-probs are the trainer's
+
     def generate(self, prompts: list[list[int]], draw: Draw | None, max_new_tokens: int
                  ) -> tuple[list[list[int]], list[list[float]] | None]:
         raise NotImplementedError
@@ -58,6 +60,8 @@ class Engine:
 
 class HFEngine(Engine):
     """Hugging Face generate on the trained policy itself: a sync points it at the model (no copy)."""
+
+    samples_from_trainer = True
 
     def __init__(self, tokenizer, *, temperature: float, top_p: float):
         self.tokenizer, self.temperature, self.top_p = tokenizer, temperature, top_p

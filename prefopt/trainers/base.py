@@ -83,6 +83,7 @@ class Trainer:
         # or as safetensors when a state is all tensors; never pickled, so loading a checkpoint runs no code
         self.checkpointed: dict[str, object] = {}
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received: checkpoint at the end of this step and stop
+        self.global_step = 0  # optimizer steps done
 
     # ----- what a method overrides ------------------------------------------------------------
 
@@ -129,7 +130,7 @@ class Trainer:
         if acc.is_main_process:
             remove_leftovers(self.output_dir)
         acc.wait_for_everyone()
-        start = self._resume() if train.resume else 0
+        start = self.global_step = self._resume() if train.resume else 0
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             recipe_lib.save(recipe, self.output_dir / "recipe.yaml")
@@ -147,6 +148,7 @@ class Trainer:
         with runs.stop_signals(self._on_stop_signal):
             for step in progress:
                 record = self.train_step(step)
+                self.global_step = step
                 self.after_step(step, record)
                 for key, value in record.items():
                     window[key].append(value)

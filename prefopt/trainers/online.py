@@ -186,7 +186,8 @@ class OnlinePreferenceTrainer(Trainer):
         if not examples:
             return {}
         kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
-        return self.sampler.evaluate(self.model, examples, kl)
+        state = TrainerState(global_step=self.global_step, max_steps=self.recipe.train.max_steps)
+        return self.sampler.evaluate(self.model, examples, kl, state)
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()

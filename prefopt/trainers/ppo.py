@@ -46,7 +46,7 @@ class PPOTrainer(Trainer):
         # one update per rollout: its old log-probs are the update's own, detached (no forward at the rollout),
         # unless the rollout needs them for a KL in the reward, the adaptive KL, a critic or an engine's gap
         self.fused_old_logps = self.cycle == 1 and not self.estimator.critic and ppo.target_kl is None and not (
-            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and recipe.rollout.engine == "hf"
+            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and self.sampler.engine.samples_from_trainer
         self.buffer, self.buffer_cycle, self.stop_epoch, self.rollout_made_at = None, None, False, None
 
     def can_stop_after(self, step: int) -> bool:
@@ -64,9 +64,6 @@ class PPOTrainer(Trainer):
         self.sampler.check_prompts(self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches //
                                    self.recipe.rollout.samples_per_prompt, "a rollout")
 
-    def state(self, step: int) -> TrainerState:
-        """What reward functions see as TRL's trainer_state: the optimizer steps done before `step`."""
-        return TrainerState(global_step=step - 1, max_steps=self.recipe.train.max_steps)
 
     # ----- rollouts -------------------------------------------------------------------------------
 
@@ -76,7 +73,8 @@ class PPOTrainer(Trainer):
         gathered (step 4), then rewards, advantages and the loss mask (steps 5-7)."""
         recipe, acc, world = self.recipe, self.accelerator, self.world_size
         prompts = recipe.train.batch_size * recipe.ppo.num_mini_batches // recipe.rollout.samples_per_prompt
-        buffer, stats, samples = self.sampler.collect(self.model, cycle, prompts, self.state(cycle * self.cycle + 1),
+        state = TrainerState(global_step=cycle * self.cycle, max_steps=recipe.train.max_steps)  # steps done
+        buffer, stats, samples = self.sampler.collect(self.model, cycle, prompts, state,
                                                       filter_groups=recipe.rollout.filter_groups)
         start = time.perf_counter()
         input_ids, attention_mask = sequences(buffer)
@@ -175,7 +173,8 @@ class PPOTrainer(Trainer):
         if not examples:
             return {}
         kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
-        return self.sampler.evaluate(self.model, examples, kl)
+        state = TrainerState(global_step=self.global_step, max_steps=self.recipe.train.max_steps)
+        return self.sampler.evaluate(self.model, examples, kl, state)
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()
