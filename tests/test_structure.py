@@ -222,3 +222,23 @@ def test_a_user_tracker_named_in_log_to_gets_every_record_and_the_samples(sort_t
     assert any(line.get("table") == "samples" and line["rows"] > 0 for line in lines)
     assert any("eval/score" in line.get("values", {}) for line in lines)
     assert torch.isfinite(torch.tensor([line["values"]["train/loss"] for line in logged])).all()
+
+
+def test_checks_validate_a_resolved_recipe_and_never_write_into_it(sort_task, tmp_path):
+    import copy
+
+    from prefopt import recipe as recipe_lib
+    from prefopt.methods import METHODS
+    from prefopt.recipe_checks import check
+
+    online = {"method": "online", "rewards": {"function": "prefopt.data.synthetic:sort_scores"},
+              "rollout": {"samples_per_prompt": 2}}
+    for name, sections in (("dpo", {}), ("rl", rl_sections("grpo")), ("online", online)):
+        if name == "rl":
+            sections["data"]["train"] = str(sort_task / "train.jsonl")
+        recipe = recipe_lib.load(write_recipe(tmp_path / f"{name}.yaml", sort_task, tmp_path / name, **sections))
+        resolved = copy.deepcopy(recipe)
+        check(recipe, name)
+        METHODS[recipe.method].check(recipe, name)
+        assert recipe == resolved, name
+    assert (recipe.reference.kind, resolved.rewards[0].name) == ("copy", "sort_scores")

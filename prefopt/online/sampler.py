@@ -61,6 +61,10 @@ class Sampler:
         """An update changed the policy: the engine syncs before it generates again."""
         self.stale = True
 
+    def placed_models(self) -> dict:
+        """The reward models it placed like the policy, by name."""
+        return {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.rewards.members)}
+
     def close(self, placed: list) -> None:
         self.rewards.close()
         if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
@@ -226,15 +230,19 @@ class Sampler:
     # ----- evaluation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model, examples: list[dict], kl: Callable[[dict], torch.Tensor] | None,
-                 state: TrainerState | None = None) -> dict[str, float]:
-        """Greedy completions of the held-out prompts: their mean score (and each reward term's), EOS share and
+    def evaluate(self, model, examples: list[dict] | None, kl: Callable[[dict], torch.Tensor] | None,
+                 global_step: int = 0) -> dict[str, float]:
+        """Greedy completions of the held-out prompts (`examples`, or data.eval): their mean score (and each reward term's), EOS share and
         length; the first eval.generate of them are kept in `eval_samples`. With `kl` (a reference), also
         KL(pi || pi_ref) per completion: `kl(batch)` on one sample of each held-out prompt (at
         rollout.temperature, seeded by the prompt's row, as rollouts are), the x-axis of the over-optimisation
         frontier (Gao et al. 2023)."""
         from prefopt.run.metrics import MetricMeans
 
+        examples = self.eval_data if examples is None else examples
+        if not examples:
+            return {}
+        state = TrainerState(global_step, self.recipe.train.max_steps)
         acc, world = self.accelerator, self.world_size
         means, self.eval_samples = MetricMeans(), []
         keys = ["score", "eos", "length", *(["kl"] if kl else []), *(f"rewards/{name}" for name in self.rewards.names)]

@@ -63,8 +63,7 @@ class OnlinePreferenceTrainer(Trainer):
         super().close()
 
     def placed_models(self) -> dict[str, nn.Module]:
-        members = {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.sampler.rewards.members)}
-        return {**super().placed_models(), **members}
+        return {**super().placed_models(), **self.sampler.placed_models()}
 
     def _check_data(self) -> None:
         train, k = self.recipe.train, self.recipe.rollout.samples_per_prompt
@@ -179,15 +178,10 @@ class OnlinePreferenceTrainer(Trainer):
 
     # ----- evaluation: the sampler's -----------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
-        examples = self.eval_data if examples is None else examples
-        if not examples:
-            return {}
         kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
-        state = TrainerState(global_step=self.global_step, max_steps=self.recipe.train.max_steps)
-        return self.sampler.evaluate(self.model, examples, kl, state)
+        return self.sampler.evaluate(self.model, examples, kl, self.global_step)
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()

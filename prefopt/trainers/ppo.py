@@ -57,8 +57,7 @@ class PPOTrainer(Trainer):
         super().close()
 
     def placed_models(self) -> dict[str, nn.Module]:
-        members = {f"reward_model_{i}": model for i, (model, *_) in enumerate(self.sampler.rewards.members)}
-        return {**super().placed_models(), **members}
+        return {**super().placed_models(), **self.sampler.placed_models()}
 
     def _check_data(self) -> None:
         self.sampler.check_prompts(self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches //
@@ -166,15 +165,10 @@ class PPOTrainer(Trainer):
             rollout = sum(self.buffer.stats[f"timing/{key}"] for key in ("generate", "score", "logps"))
             record["timing/update"] = record["step_seconds"] - (rollout if self.rollout_made_at == step else 0.0)
 
-    @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
-        examples = self.eval_data if examples is None else examples
-        if not examples:
-            return {}
         kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
-        state = TrainerState(global_step=self.global_step, max_steps=self.recipe.train.max_steps)
-        return self.sampler.evaluate(self.model, examples, kl, state)
+        return self.sampler.evaluate(self.model, examples, kl, self.global_step)
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()
