@@ -10,6 +10,7 @@
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
     prefopt plot RUN [RUN ...] [--metric KEY ...] [-o FILE.png]   a run's curves, several runs overlaid
     prefopt push RUN REPO_ID [--private]        upload RUN/final with its model card to the Hugging Face Hub
+    prefopt verify RUN                          check every checkpoint's and final/'s files against their checksums
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("run_dir")
     push.add_argument("repo_id", help="e.g. your-name/my-dpo-model")
     push.add_argument("--private", action="store_true")
+    verify = commands.add_parser("verify", help="check a run's checkpoints and final/ against their checksums")
+    verify.add_argument("run_dir")
     code = run(parser.parse_args(argv))
     end_launched_process(code)
     return code
@@ -126,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
             from prefopt.run.card import push
 
             print(f"uploaded {Path(args.run_dir) / 'final'} to {push(args.run_dir, args.repo_id, args.private)}")
+        elif args.command == "verify":
+            from prefopt.run.directory import verify_run
+
+            report, bad = verify_run(Path(args.run_dir))
+            print(report)
+            return 1 if bad else 0
         elif args.command == "merge":
             from prefopt.models import merge_adapter
 

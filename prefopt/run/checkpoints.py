@@ -15,7 +15,8 @@ import torch
 
 from prefopt import distributed
 from prefopt.errors import TrainingError
-from prefopt.recipe import fingerprint, identity
+from prefopt.recipe import REMEDIES, fingerprint, flatten, identity
+from prefopt.run.integrity import FINAL_CHECKSUMS, checksums, mismatches
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 EXTRA_STATE_FILE = "prefopt_state.json"  # Trainer.checkpointed: schedule, KL controller, running means
@@ -144,9 +145,11 @@ def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
                       str(tmp / f"{name}.safetensors"))
         write_atomic(tmp / EXTRA_STATE_FILE, json.dumps({k: v for k, v in extra.items() if k not in tensors}))
-        state = {"step": step, "world_size": trainer.world_size, "seed": trainer.recipe.seed,
-                 "fingerprint": fingerprint(trainer.recipe), "recipe": identity(trainer.recipe)}
         fsync_tree(tmp)  # every file on disk before the state file that makes the checkpoint complete
+        state = {"step": step, "world_size": trainer.world_size, "seed": trainer.recipe.seed,
+                 "fingerprint": fingerprint(trainer.recipe), "recipe": identity(trainer.recipe),
+                 "settings": {key: flatten(trainer.recipe.to_dict())[key] for key in REMEDIES},
+                 "inputs": trainer.inputs, "files": checksums(tmp, skip=(STATE_FILE,))}
         write_atomic(tmp / STATE_FILE, json.dumps(state) + "\n")
         fsync_dir(tmp)
         if final.exists():
@@ -171,25 +174,62 @@ def check_finite_weights(trainer, what: str) -> None:
     """Refuse to write `what` from weights that are not all finite (on any process's shards)."""
     bad = sum(int(not torch.isfinite(p).all()) for p in trainer.model.parameters() if p.numel())
     if trainer.accelerator.reduce(torch.tensor(float(bad), device=trainer.accelerator.device), "sum"):
-        good = complete_checkpoints(trainer.output_dir / "checkpoints")
+        good = last_good(trainer.output_dir / "checkpoints")
         raise TrainingError(f"the weights hold non-finite values, so {what} was not written"
-                            + (f"; the last good checkpoint is {good[-1][1]}" if good else "")
+                            + (f"; the last good checkpoint is {good}" if good else "")
                             + ". Lower optim.lr or train.max_grad_norm")
 
 
-def resume(trainer) -> int:
-    """Load the newest checkpoint that loads whole (on every process), falling back past unreadable ones."""
-    acc = trainer.accelerator
-    checkpoints = complete_checkpoints(trainer.output_dir / "checkpoints")
-    for step, path in reversed(checkpoints):
+def incomplete_checkpoints(root: Path) -> list[tuple[Path, str]]:
+    """(path, why) of each step-N directory under root that is not a complete checkpoint: its state file is
+    missing, empty or unreadable."""
+    out = []
+    for path in sorted(root.glob("step-*")) if root.is_dir() else []:
+        if path.is_dir() and read_state(path) is None:
+            state = path / STATE_FILE
+            why = ("missing" if not state.exists() else "empty" if state.stat().st_size == 0 else "unreadable")
+            out.append((path, f"its {STATE_FILE} is {why}"))
+    return out
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with a complete checkpoint, or final/: each file that is missing or does not match the
+    checksum its state recorded (nothing for one written before checksums were recorded)."""
+    if path.name == "final":
+        record = path / FINAL_CHECKSUMS
         try:
-            _load(trainer, path)
-            failure = ""
-        except Exception as exc:  # a truncated or missing file, a planted payload: say which, go back one
-            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            expected = json.loads(record.read_text())["files"] if record.exists() else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return [f"{FINAL_CHECKSUMS} is unreadable"]
+    else:
+        expected = (read_state(path) or {}).get("files") or {}
+    return mismatches(path, expected)
+
+
+def last_good(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums."""
+    return next((path for _, path in reversed(complete_checkpoints(root)) if not verify(path)), None)
+
+
+def resume(trainer) -> int:
+    """Load the newest checkpoint whose files match their checksums and that loads whole (on every process),
+    falling back past corrupt or unreadable ones, each named."""
+    acc = trainer.accelerator
+    root = trainer.output_dir / "checkpoints"
+    for path, why in incomplete_checkpoints(root):
+        acc.print(f"[prefopt] {path} is not a complete checkpoint ({why}); skipped")
+    checkpoints = complete_checkpoints(root)
+    for step, path in reversed(checkpoints):
+        failure = "; ".join(verify(path)) if acc.is_main_process else ""  # every process agrees before loading
         if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
-            return step
-        acc.print(f"[prefopt] checkpoint {path} cannot be loaded ({failure or 'on another process'}); "
+            try:
+                _load(trainer, path)
+            except Exception as exc:  # a truncated or missing file, a planted payload: say which, go back one
+                failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
+                trainer.resumed_settings = (read_state(path) or {}).get("settings") or {}
+                return step
+        acc.print(f"[prefopt] checkpoint {path} cannot be used ({failure or 'on another process'}); "
                   "falling back to the previous one")
     if checkpoints:
         raise TrainingError(f"no checkpoint in {trainer.output_dir / 'checkpoints'} can be loaded (see above); run "
@@ -234,6 +274,7 @@ def save_final(trainer, extra_files: dict[str, str] | None = None) -> Path:
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
             fsync_tree(tmp)
+            write_atomic(tmp / FINAL_CHECKSUMS, json.dumps({"files": checksums(tmp, skip=(FINAL_CHECKSUMS,))}))
             if final.exists():
                 discard(final)
             os.replace(tmp, final)

@@ -45,6 +45,7 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
     """Before anything loads: archive the old run (restart, or train.resume: false; the main process), or refuse
     to resume a checkpoint of another recipe (every process, so that all stop)."""
     from prefopt.run.checkpoints import complete_checkpoints, read_state
+    from prefopt.run.integrity import changed_inputs, input_fingerprint
 
     out = Path(recipe.output_dir)
     if restart or not recipe.train.resume:
@@ -56,7 +57,15 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
     if not checkpoints:
         return
     step, path = checkpoints[-1]
-    saved = (read_state(path) or {}).get("recipe") or {}
+    state = read_state(path) or {}
+    changed_files = changed_inputs(state["inputs"], input_fingerprint(recipe)) if "inputs" in state else []
+    if changed_files:
+        raise RecipeError(
+            f"{out} holds a run that read other inputs (its checkpoint {path.name}): {'; '.join(changed_files)}. "
+            "Resuming would train on different data or weights than the run started with. Put the original files "
+            "back, or run again with --restart (or train.resume=false) to move the old run to "
+            f"{out / 'archive'} and start over, or set output_dir to a new directory")
+    saved = state.get("recipe") or {}
     now = identity(recipe)
     # a key only one side has is a key this version of prefopt added or dropped, not a change of the run
     changed = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(set(saved) & set(now))
@@ -68,6 +77,30 @@ def check_resume(recipe, restart: bool = False, main: bool = True, log=print) ->
         f"Changed: {'; '.join(changed)}. Run again with --restart (or train.resume=false) to move the old run to "
         f"{out / 'archive'} and start over, or set output_dir to a new directory. A resume may change only: "
         f"{', '.join(RESUMABLE)}")
+
+
+def verify_run(out: Path) -> tuple[str, int]:
+    """`prefopt verify RUN`: each checkpoint (complete or not) and final/, checked offline against the checksums
+    their state recorded; (the report, how many are bad)."""
+    from prefopt.run.checkpoints import complete_checkpoints, incomplete_checkpoints, verify
+    from prefopt.run.integrity import FINAL_CHECKSUMS
+
+    if not out.is_dir():
+        raise RecipeError(f"{out} is not a run directory")
+    lines, bad = [], 0
+    for path, why in incomplete_checkpoints(out / "checkpoints"):
+        lines.append(f"BAD  {path}: not a complete checkpoint ({why})")
+        bad += 1
+    parts = [path for _, path in complete_checkpoints(out / "checkpoints")]
+    for path in parts + ([out / "final"] if (out / "final").is_dir() else []):
+        problems = verify(path)
+        unchecked = path.name == "final" and not (path / FINAL_CHECKSUMS).exists()
+        bad += bool(problems)
+        lines.append(f"BAD  {path}: {'; '.join(problems)}" if problems else
+                     f"ok   {path}" + (" (written without checksums: not checked)" if unchecked else ""))
+    if not lines:
+        lines.append(f"{out} holds no checkpoint and no final/")
+    return "\n".join(lines + [f"{bad} bad" if bad else "every checkpoint and final/ match their checksums"]), bad
 
 
 def check_writable(out: Path) -> None:

@@ -40,7 +40,8 @@ from prefopt.models import decoder_layers, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
-from prefopt.run.checkpoints import complete_checkpoints, remove_leftovers, write_atomic
+from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic
+from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
 from prefopt.version import __version__
 
@@ -84,6 +85,7 @@ class Trainer:
         self.checkpointed: dict[str, object] = {}
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received: checkpoint at the end of this step and stop
         self.global_step = 0  # optimizer steps done
+        self.inputs: dict[str, dict] = {}  # the files the run reads, by content (set when fit starts)
 
     # ----- what a method overrides ------------------------------------------------------------
 
@@ -126,15 +128,21 @@ class Trainer:
 
         recipe, train, acc = self.recipe, self.recipe.train, self.accelerator
         self._check_data()
+        self.inputs = input_fingerprint(recipe) if acc.is_main_process else {}  # what the run reads, by content
         self._prepare()
         if acc.is_main_process:
             remove_leftovers(self.output_dir)
         acc.wait_for_everyone()
         start = self.global_step = self._resume() if train.resume else 0
+        changed = self._changed_on_resume() if start else {}
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             recipe_lib.save(recipe, self.output_dir / "recipe.yaml")
-            (self.output_dir / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
+            info = self._run_info()
+            old = self.output_dir / "run.json"
+            history = json.loads(old.read_text()).get("changed_on_resume", []) if start and old.exists() else []
+            info["changed_on_resume"] = history + ([{"step": start, **changed}] if changed else [])
+            write_atomic(old, json.dumps(info, indent=2) + "\n")
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
                   f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
                   + (f"; resuming after step {start}" if start else "")
@@ -268,8 +276,8 @@ class Trainer:
             acc.print(f"[prefopt] step {step}: non-finite {metric}; update skipped ({self.skipped_steps} of at most "
                       f"{train.max_skipped_steps}, train.max_skipped_steps)")
             return True
-        good = complete_checkpoints(self.output_dir / "checkpoints")
-        last = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written before it"
+        good = last_good(self.output_dir / "checkpoints")
+        last = f"the last good checkpoint is {good}" if good else "no good checkpoint was written before it"
         why = (f"{self.skipped_steps - 1} steps were skipped already (train.max_skipped_steps: "
                f"{train.max_skipped_steps})" if train.on_nonfinite == "skip" and not applied
                else "DeepSpeed applied the update inside backward" if applied else "train.on_nonfinite: stop")
@@ -435,6 +443,23 @@ class Trainer:
 
     def _resume(self) -> int:
         return checkpoints.resume(self)
+
+    def _changed_on_resume(self) -> dict[str, list]:
+        """The remedies (optim.lr, train.max_grad_norm) changed since the checkpoint resumed, {key: [old, new]},
+        said and applied: a new peak lr rescales the schedule from this step on."""
+        now = recipe_lib.flatten(self.recipe.to_dict())
+        saved = getattr(self, "resumed_settings", {})
+        changed = {key: [saved[key], now[key]] for key in recipe_lib.REMEDIES if key in saved and saved[key] != now[key]}
+        if "optim.lr" in changed:  # the scheduler's saved base lr is the old one
+            self.scheduler.base_lrs = [self.recipe.optim.lr for _ in self.scheduler.base_lrs]
+            factor = self._lr_factor(self.scheduler.last_epoch)
+            for group in self.scheduler.optimizer.param_groups:
+                group["lr"] = self.recipe.optim.lr * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
+        if changed:
+            self.accelerator.print(f"[prefopt] changed on resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}"
+                                   " (recorded in run.json)")
+        return changed
 
 
 def _now() -> str:
