@@ -160,3 +160,40 @@ def test_matches_trl_112_ppo_code(tmp_path):
                                                     0.3)
     assert close(value_loss, trl["vf_loss"]) and close(value_clipfrac, trl["vf_clipfrac"])
     assert 0 < stats["clipfrac"] < 1 and 0 < value_clipfrac < 1  # both branches of each max are exercised
+
+
+def test_a_huge_log_ratio_where_the_clip_binds_gives_a_finite_loss_and_gradient():
+    """exp(100) overflows; where the clip binds (A >= 0, or the dual clip) the gradient through the ratio is 0, so
+    the loss and gradient are finite and equal to the values for any other ratio past the clip."""
+    from prefopt.losses.ppo import policy_loss
+
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    for advantage, dual in ((torch.tensor([1.0]), None), (torch.tensor([-1.0]), 3.0)):
+        logps = torch.tensor([[100.0, 0.1]], requires_grad=True)
+        loss = policy_loss(logps, old, advantage, mask, clip_low=0.2, clip_high=0.2, dual_clip=dual)
+        loss.backward()
+        moderate = torch.tensor([[5.0, 0.1]], requires_grad=True)  # exp(5) is also past both clips
+        expected = policy_loss(moderate, old, advantage, mask, clip_low=0.2, clip_high=0.2, dual_clip=dual)
+        expected.backward()
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item())
+        assert torch.isfinite(logps.grad).all() and logps.grad[0].tolist() == pytest.approx(moderate.grad[0].tolist())
+        assert logps.grad[0, 0] == 0  # the clipped token passes no gradient
+
+
+def test_whitening_one_token_gives_zero_not_nan():
+    from prefopt.losses.ppo import masked_whiten
+
+    out = masked_whiten(torch.tensor([[3.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert out.tolist() == [[0.0, 0.0]]
+
+
+def test_gspo_clipfrac_is_the_share_of_sequence_ratios_clipped():
+    """Token log-ratios +0.5 and -0.5 (both tokens past the 0.2 clip) average to a sequence ratio of 1: GSPO clips
+    nothing, the token view clips both."""
+    from prefopt.losses.ppo import clip_stats
+
+    logps, old, mask = torch.tensor([[0.5, -0.5]]), torch.zeros(1, 2), torch.ones(1, 2)
+    advantages = torch.tensor([1.0])
+    assert clip_stats(logps, old, advantages, mask, ratio="sequence")["clipfrac"].item() == 0.0
+    assert clip_stats(logps, old, advantages, mask, ratio="token")["clipfrac"].item() == 0.5

@@ -23,7 +23,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     shift_mean=False keeps the mean (used to whiten rewards). Masked-out entries are 0."""
     mean = masked_mean(values, mask)
     n = mask.sum()
-    var = masked_mean((values - mean) ** 2, mask) * n / (n - 1)
+    var = masked_mean((values - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # one token: variance 0, not NaN
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -208,15 +208,27 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
 
 @torch.no_grad()
 def clip_stats(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-               clip_low: float = 0.2, clip_high: float = 0.2, normalizer=None) -> dict[str, torch.Tensor]:
-    """The share of tokens whose ratio the clip holds (the clipped term binds), and the approximate KL
-    0.5 * mean((log r)^2) (as TRL's PPO): token means over the completion tokens (see aggregate's normalizer)."""
-    log_ratio = logps - old_logps
-    ratio = torch.exp(log_ratio)
+               clip_low: float = 0.2, clip_high: float = 0.2, normalizer=None, ratio: str = "token"
+               ) -> dict[str, torch.Tensor]:
+    """The share of tokens whose ratio the clip holds (the clipped term binds; with ratio "sequence" the
+    sequence's ratio, GSPO's), and the approximate KL 0.5 * mean((log r)^2) of the token ratios (as TRL's PPO):
+    token means over the completion tokens (see aggregate's normalizer)."""
+    token_log_ratio = (logps - old_logps) * mask
+    ratio = torch.exp(log_ratios(logps, old_logps, mask, ratio))
     advantages = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     return {"clipfrac": aggregate((clipped > unclipped).float(), mask, normalizer=normalizer),
-            "approx_kl": 0.5 * aggregate(log_ratio**2, mask, normalizer=normalizer)}
+            "approx_kl": 0.5 * aggregate(token_log_ratio**2, mask, normalizer=normalizer)}
+
+
+def log_ratios(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, ratio: str = "token") -> torch.Tensor:
+    """(B, T) log pi / pi_old per token ("token"), or each sequence's mean of them on every token ("sequence")."""
+    log_ratio = (logps - old_logps) * mask  # (B, T)
+    if ratio == "sequence":
+        return (log_ratio.sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logps)
+    if ratio != "token":
+        raise ValueError(f"ratio must be token or sequence, got {ratio!r}")
+    return log_ratio
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -240,13 +252,13 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     batch's own; a trainer passes the count of the whole global mini-batch per micro-batch share, so that
     however the mini-batch is cut (micro-batches, processes) the gradient is the same.
     """
-    log_ratio = (logps - old_logps) * mask  # (B, T)
-    if ratio == "sequence":
-        log_ratio = (log_ratio.sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logps)
-    elif ratio != "token":
-        raise ValueError(f"ratio must be token or sequence, got {ratio!r}")
-    importance = torch.exp(log_ratio)
+    log_ratio = log_ratios(logps, old_logps, mask, ratio)
     advantages = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    # exp overflows past a log-ratio of ~88.7, and the clipped branch's 0 gradient times inf is NaN. Where the
+    # clip binds (A >= 0, or any A under the dual clip) the gradient through the ratio is 0 anyway: the log-ratio
+    # is capped there at 20 (as verl), which leaves every finite loss and gradient as it was
+    binds = advantages >= 0 if dual_clip is None else torch.ones_like(advantages, dtype=torch.bool)
+    importance = torch.exp(torch.where(binds, log_ratio.clamp(max=20.0), log_ratio))
     per_token = -torch.min(importance * advantages, importance.clamp(1 - clip_low, 1 + clip_high) * advantages)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)

@@ -136,7 +136,7 @@ class PPOTrainer(Trainer):
                                     clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, ratio=ppo.ratio,
                                     weights=batch.get("is_weights"), **aggregation)
         stats = ppo_math.clip_stats(logps, old_logps, batch["advantages"], mask, ppo.clip_low, ppo.clip_high,
-                                    batch["token_normalizer"])
+                                    batch["token_normalizer"], ppo.ratio)
         metrics = {"policy/loss": loss.detach(), "policy/clipfrac": stats["clipfrac"],
                    "policy/approx_kl": stats["approx_kl"]}
         entropy = ppo_math.aggregate(entropy, mask, **aggregation)
