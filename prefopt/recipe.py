@@ -203,9 +203,11 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {where} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML: {exc}") from None
+    except DuplicateKey as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -227,6 +229,9 @@ def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe
             fail(where, section, f"is not a section of method {method!r} (it belongs to {' or '.join(owners)}); "
                  f"method {method!r} takes {', '.join(METHODS[method].sections)} besides model, data, optim and train")
     recipe = _convert(data, Recipe, "", where)
+    if recipe.output_dir is not None and not str(recipe.output_dir).strip():
+        fail(where, "output_dir", "is empty: it would write the run into the current directory; give a directory of "
+             "its own, e.g. runs/my-run, or leave the key out for runs/<recipe name>-<hash>")
     METHODS[method].resolve(recipe, where)
     check(recipe, where)
     METHODS[method].check(recipe, where)
@@ -287,7 +292,34 @@ def _apply_override(data: dict, override: str, where: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {override!r}: {part!r} in {where} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise RecipeError(f"override {override!r}: the value is not plain YAML ({problem}); give a number, a word, "
+                          f"[a, list] or {{a: mapping}}, quoted for the shell, e.g. '{key}=\"text\"'") from None
+
+
+class DuplicateKey(Exception):
+    """A mapping of a recipe file names one key twice (YAML would keep the later one without a word)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key written twice in one mapping, with both lines named."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise DuplicateKey(f"{key!r} is written twice in one section, on line {seen[key]} and line "
+                               f"{key_node.start_mark.line + 1}; YAML would keep only the later one. Keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:

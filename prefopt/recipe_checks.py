@@ -130,6 +130,7 @@ def check_reward(recipe: Recipe, where: str) -> None:
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 UNIT, UNIT_OPEN = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     "optim.lr": POSITIVE, "optim.eps": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.min_lr_ratio": UNIT, "data.max_length": (lambda v: v >= 2, ">= 2"), "data.max_prompt_length": AT_LEAST_ONE,
     "data.eval_fraction": UNIT_OPEN, "data.num_proc": AT_LEAST_ONE,

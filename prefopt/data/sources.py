@@ -53,6 +53,7 @@ def load_source(source: DataSource, where: str):
                 return datasets.load_dataset(str(path), name=source.name, split=source.split)
             if suffix not in LOCAL_FORMATS:
                 raise DataError(f"{where}: cannot read {source.path}: use one of {', '.join(LOCAL_FORMATS)}")
+            check_local_file(path, where)
             return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split=source.split)
         return datasets.load_dataset(source.path, name=source.name, split=source.split)
     except DataError:
@@ -62,6 +63,47 @@ def load_source(source: DataSource, where: str):
             not_utf8(source.path, where)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{where}: could not load {source.path!r} (split {source.split!r}): {first_line}") from None
+
+
+def check_local_file(path: Path, where: str) -> None:
+    """What Arrow would read wrongly or crash on, refused with the line named, before it reads the file: a JSON
+    Lines file with a line that is not JSON or not an object (`null` crashes the reader), or whose column holds
+    text in some rows and lists in others (the reader would then decode text that looks like JSON: " 4" or
+    "[1, 2]"); a CSV file with a repeated header column (one would silently win)."""
+    import csv
+    import json
+
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{where}: {path} has the column(s) {', '.join(map(repr, repeated))} more than once in "
+                            "its header; rename them so that each column has one name")
+        return
+    if path.suffix.lower() != ".jsonl":
+        return
+    kinds: dict[str, dict[str, int]] = {}  # column -> {"text" | "list": the first line holding it}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as exc:
+                raise DataError(f"{where}: {path} line {number} is not valid JSON ({exc}); fix or remove it") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: {path} line {number} holds {raw.decode('utf-8', 'replace').strip()[:40]!r}, not a row (a JSON object "
+                                "{\"prompt\": ...}); fix or remove it")
+            for column, value in row.items():
+                kind = "text" if isinstance(value, str) else "list" if isinstance(value, (list, dict)) else None
+                if kind:
+                    kinds.setdefault(column, {}).setdefault(kind, number)
+    for column, seen in kinds.items():
+        if len(seen) == 2:
+            raise DataError(f"{where}: {path} column {column!r} holds text on line {seen['text']} and a list (messages) "
+                            f"on line {seen['list']}; one column is one format: give each format a file of its own "
+                            "(a mixture of two sources), so that no text is read as JSON")
 
 
 def not_utf8(path: str, where: str) -> None:

@@ -104,9 +104,18 @@ def verify_run(out: Path) -> tuple[str, int]:
 
 
 def check_writable(out: Path) -> None:
-    """output_dir is a directory this process can write, checked before anything loads."""
+    """output_dir is a directory this process can write, and holds nothing but a run's files (a run writes,
+    moves and deletes only those: never a file it did not write), checked before anything loads."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir: {out} is a file; give a directory")
+    if out.resolve() == Path.cwd().resolve():
+        raise RecipeError(f"output_dir: {out} is the current directory; give a directory of its own, e.g. runs/my-run")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    foreign = sorted(name for name in names - set(RUN_FILES) if not name.startswith("."))
+    if foreign and not names & {"run.json", "checkpoints", "metrics.jsonl", LOCK}:  # not a run's directory
+        raise RecipeError(f"output_dir: {out} holds files that are not a prefopt run's ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}); a run would overwrite or move files of the same "
+                          "name. Give a new or empty directory")
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
