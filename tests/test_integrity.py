@@ -61,7 +61,7 @@ def test_bit_rot_falls_back_to_the_previous_checkpoint_and_resumes_exactly(run, 
                 "train": {"max_steps": 4, "save_every": 2}}
     train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, copy, **sections))
     printed = capsys.readouterr().out
-    assert "step-4 cannot be used (optimizer.bin does not match its checksum); falling back" in printed
+    assert "step-4 cannot be loaded (optimizer.bin does not match its checksum); falling back" in printed
     assert "resuming after step 2" in printed
     assert [r["loss"] for r in read_metrics(copy)] == pytest.approx([r["loss"] for r in read_metrics(out)], abs=1e-6)
 

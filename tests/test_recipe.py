@@ -54,7 +54,8 @@ def test_overrides_are_typed_and_checked(tmp_path):
     (MINIMAL + "loss: {name: dpp}\n", r"unknown loss 'dpp'; did you mean 'dpo'"),
     (MINIMAL + "loss: {name: dpo, beta: high}\n", r"loss.beta: expected a number, got str 'high'"),
     (MINIMAL + "train: {batch_size: 8, micro_batch_size: 3}\n", r"train.batch_size: 8 is not a multiple"),
-    (MINIMAL + "data: {train: t.jsonl, max_length: 10, max_prompt_length: 10}\n", r"must be smaller than"),
+    (MINIMAL.replace("data: {train: t.jsonl}", "data: {train: t.jsonl, max_length: 10, max_prompt_length: 10}"),
+     r"must be smaller than"),
     ("- a\n- b\n", r"a recipe is a mapping of sections"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, text, message):

@@ -31,11 +31,11 @@ def test_a_changed_recipe_does_not_resume_another_run(sort_task, tmp_path, capsy
     path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **SHORT)
     train_recipe(path)
     before = snapshot(tmp_path / "run")
-    assert main(["train", str(path), "loss.name=ipo", "optim.lr=1e-2", "train.max_steps=6"]) == 2
+    assert main(["train", str(path), "loss.name=ipo", "optim.weight_decay=0.1", "train.max_steps=6"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another recipe" in err and "loss.name: 'dpo' -> 'ipo'" in err
     changed = err.split("Changed:")[1].split("A resume may change only")[0]
-    assert "optim.lr: 0.001 -> 0.01" in changed and "train.max_steps" not in changed
+    assert "optim.weight_decay: 0.0 -> 0.1" in changed and "train.max_steps" not in changed
     assert "--restart" in err
     assert snapshot(tmp_path / "run") == before  # nothing written
     train_recipe(path, ["train.max_steps=6"])  # more steps of the same recipe: resumes

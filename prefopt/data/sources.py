@@ -89,7 +89,10 @@ def check_local_file(path: Path, where: str) -> None:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: {path} line {number} is not valid UTF-8 (byte {exc.start} of the line); "
+                                "save the file as UTF-8") from None
             except ValueError as exc:
                 raise DataError(f"{where}: {path} line {number} is not valid JSON ({exc}); fix or remove it") from None
             if not isinstance(row, dict):

@@ -229,7 +229,7 @@ def resume(trainer) -> int:
             if not acc.reduce(torch.tensor(float(bool(failure)), device=acc.device), "sum"):
                 trainer.resumed_settings = (read_state(path) or {}).get("settings") or {}
                 return step
-        acc.print(f"[prefopt] checkpoint {path} cannot be used ({failure or 'on another process'}); "
+        acc.print(f"[prefopt] checkpoint {path} cannot be loaded ({failure or 'on another process'}); "
                   "falling back to the previous one")
     if checkpoints:
         raise TrainingError(f"no checkpoint in {trainer.output_dir / 'checkpoints'} can be loaded (see above); run "
