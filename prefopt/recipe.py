@@ -91,6 +91,9 @@ class DataConfig:
     # numeric columns carried into every batch as (B,) tensors, batch[name], for a custom trainer's compute_loss
     extra_columns: list[str] = field(default_factory=list)
     on_bad_row: Literal["error", "drop"] = "error"  # unusable rows stop the run, or are dropped and counted
+    # a signal that trains nothing (chosen == rejected, one label, a reward that is None or constant, no group
+    # variance, warm-up past the run; prefopt/degenerate.py): said loudly, or the run stops
+    on_degenerate: Literal["warn", "error"] = "warn"
 
 
 @dataclass
@@ -104,6 +107,7 @@ class LossConfig:
     name: str = "dpo"  # a registered loss (prefopt.losses.LOSSES) or "package.module:function"
     weight: float = 1.0  # multiplies this term in a weighted sum
     params: dict[str, Any] = field(default_factory=dict)  # checked against the loss function's signature
+    allow_negative_weight: bool = False  # a negative weight maximises the term (unlearning): refused unless set
 
 
 @dataclass
@@ -190,7 +194,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-ready data: the method's sections only, loss params inlined."""
         out = dataclasses.asdict(self)
-        terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}), **t.params} for t in self.loss]
+        terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}),
+                  **({"allow_negative_weight": True} if t.allow_negative_weight else {}), **t.params} for t in self.loss]
         out["loss"] = terms[0] if len(terms) == 1 else terms
         return {key: value for key, value in out.items()
                 if key not in SECTIONS or key in METHODS[self.method].sections}
@@ -393,7 +398,8 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
         value = dict(value)
         name = _convert(value.pop("name", "dpo"), str, _join(key, "name"), where)
         weight = _convert(value.pop("weight", 1.0), float, _join(key, "weight"), where)
-        return LossConfig(name=name, weight=weight, params=value)
+        negative = _convert(value.pop("allow_negative_weight", False), bool, _join(key, "allow_negative_weight"), where)
+        return LossConfig(name=name, weight=weight, params=value, allow_negative_weight=negative)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in value:

@@ -97,9 +97,14 @@ def _loss_specs(recipe: Recipe, where: str) -> dict[str, str]:
     train = recipe.train
     if not recipe.loss:
         fail(where, "loss", "give at least one loss, e.g. {name: dpo, beta: 0.1}")
+    from prefopt.degenerate import weight_problem
+
     specs = []
     for i, term in enumerate(recipe.loss):
         key = "loss" if len(recipe.loss) == 1 else f"loss[{i}]"
+        problem = weight_problem(term.weight, term.allow_negative_weight)
+        if problem:
+            fail(where, f"{key}.weight", problem)
         specs.append(get_loss(term.name, where=f"{where}: {key}.name"))
         specs[-1].check_params(term.params, where=f"{where}: {key}")
     _check_reference(recipe, specs, where)

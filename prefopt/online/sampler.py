@@ -16,6 +16,7 @@ import torch
 
 from prefopt import distributed
 from prefopt.data import load_prompts
+from prefopt.degenerate import RolloutWatch
 from prefopt.errors import RecipeError
 from prefopt.generation import Draw, pad_prompts
 from prefopt.losses import ppo as ppo_math
@@ -44,6 +45,7 @@ class Sampler:
         self.engine = None
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
         self.eval_samples: list[dict] = []
+        self.watch = RolloutWatch(recipe, accelerator.print)  # rewards that give no signal
 
     def start_engine(self) -> None:
         from prefopt.online.engines import make_engine
@@ -202,6 +204,7 @@ class Sampler:
                 (kept if group["penalised"].max() > group["penalised"].min() else dropped).append(group)
         buffer = _concat((kept + dropped)[:prompts], self.tokenizer.pad_token_id)
         mask, scores = buffer["mask"], buffer["scores"]
+        self.watch.check(self.rewards.names, buffer["terms"], buffer["penalised"], k)
         stats = {"rollout/score": scores.mean(), "rollout/length": mask.sum(1).mean(),
                  "rollout/eos": buffer["ended"].float().mean()}
         stats.update({key: sum(values) / (1 if key.startswith("timing/") else len(values))  # time adds up

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from prefopt import distributed
+from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.methods import METHODS
@@ -128,6 +128,7 @@ class Trainer:
 
         recipe, train, acc = self.recipe, self.recipe.train, self.accelerator
         self._check_data()
+        degenerate.check_recipe(recipe, acc.print)
         self.inputs = input_fingerprint(recipe) if acc.is_main_process else {}  # what the run reads, by content
         self._prepare()
         if acc.is_main_process:
@@ -331,6 +332,10 @@ class Trainer:
             random.Random(recipe.seed).shuffle(self.train_data)
             held_out = max(1, round(data.eval_fraction * len(self.train_data)))
             self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
+        from prefopt.losses import get_loss
+
+        contrast = any(get_loss(term.name).data == "unpaired" for term in recipe.loss)  # KTO, BCO
+        degenerate.check_examples(self.train_data, "data.train", recipe, acc.print, labels=contrast)
 
     def _prepare(self) -> None:
         optim = self.recipe.optim
