@@ -79,3 +79,13 @@ def test_a_loss_weight_of_zero_or_below_is_refused(sort_task, tmp_path, weight, 
     loss[1]["allow_negative_weight"] = True
     if weight < 0:  # unlearning, meant
         assert recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", loss=loss)).loss[1].weight == weight
+
+
+def test_the_shipped_verifiers_compare_answers_by_value():
+    """An answer column of integers (or of strings with spaces) scores a right completion 1, as its text does."""
+    from prefopt.data.synthetic import arithmetic_correct, number_format
+
+    assert arithmetic_correct(completions=[" 7", " 8", [{"role": "assistant", "content": "7"}]],
+                              answer=[7, "8 ", "7"]) == [1.0, 1.0, 1.0]
+    assert arithmetic_correct(completions=[" 07 apples"], answer=[7]) == [1.0]
+    assert number_format(completions=[" 12 ", "twelve"]) == [1.0, 0.0]
