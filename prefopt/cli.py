@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     except Stopped as exc:
         print(f"prefopt: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and stops on its own)
+        print("prefopt: interrupted (Ctrl-C) before training or between its stages; nothing was lost: every "
+              "checkpoint is complete. Run the same command to go on", file=sys.stderr)
+        return 130
     except PrefoptError as exc:
         print(f"prefopt: error: {exc}", file=sys.stderr)
         return 2

@@ -69,7 +69,28 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    bad = [name for name, param in model.named_parameters() if param.is_floating_point() and not torch.isfinite(param).all()]
+    if bad:
+        raise RecipeError(f"{key}: {name_or_path} holds non-finite values in {len(bad)} weight(s): "
+                          f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; training would give NaN losses "
+                          "from the first step. Start from a checkpoint saved before they went bad")
     return model
+
+
+def check_positions(recipe, length: int, what: str) -> None:
+    """Refuse sequences longer than the model has positions for (`length` tokens, described by `what`), before
+    any weight loads: past them a model trains on positions it never learned, or fails with an IndexError."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(absolute(recipe.model.name_or_path),
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 (load_causal_lm says what is wrong with the model)
+        return
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit and length > limit:
+        raise RecipeError(f"{what} is longer than {recipe.model.name_or_path}'s max_position_embeddings ({limit}); "
+                          f"lower data.max_length (or rollout.max_new_tokens) to fit")
 
 
 def _readable(path: Path) -> bool:

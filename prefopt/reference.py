@@ -120,11 +120,18 @@ def load_cached(path: Path, n: int) -> list[list[float]] | None:
 
 
 def save_cached(path: Path, values: list[list[float]]) -> None:
-    """Atomically: a crash never leaves a half-written cache that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically: a crash never leaves a half-written cache that a later run would trust; a failed write (a full
+    disk) is one message and leaves no temporary file."""
+    from prefopt.run.checkpoints import writing
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(torch.tensor(values, dtype=torch.float64), tmp)
-    os.replace(tmp, path)
+    try:
+        with writing("the reference log-probs cache", path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(torch.tensor(values, dtype=torch.float64), tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def attach(examples: list[dict], values: list[list[float]]) -> None:

@@ -69,7 +69,7 @@ def test_a_sequence_limit_past_the_models_positions_is_refused(sort_task, tmp_pa
     online = {"method": "rl", "data": {"max_length": 500, "eval": None}, "rollout": {"max_new_tokens": 64},
               "rewards": {"function": "prefopt.data.synthetic:sort_scores"}, "ppo": {"advantage": "grpo", "kl_coef": 0}}
     path = write_recipe(tmp_path / "o.yaml", sort_task, tmp_path / "online", **online)
-    with pytest.raises(RecipeError, match=r"500 \+ rollout.max_new_tokens 64 = 564.*\(512\)"):
+    with pytest.raises(RecipeError, match=r"\(500\) \+ rollout.max_new_tokens 64 = 564.*\(512\)"):
         train_recipe(path)
 
 

@@ -55,15 +55,18 @@ def write_atomic(path: Path, text: str) -> None:
 def writing(what: str, where: Path, cleanup: Path | None = None):
     """A failed write (a full disk, an I/O error) as one paragraph: what was being written, where, and for a full
     disk the free space there; `cleanup` (the temporary directory) is removed to give the space back."""
+    from safetensors import SafetensorError  # a full disk inside safetensors' writer is not an OSError
+
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         if isinstance(exc, TrainingError):
             raise
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "unexpected pos" in text
+        full = (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "unexpected pos" in text
+                or "StorageFull" in str(exc))
         existing = next(p for p in (where, *where.parents) if p.exists())
         reason = (f"the disk is full ({shutil.disk_usage(existing).free / 2**20:.1f} MiB free at {existing})" if full
                   else text)

@@ -36,7 +36,7 @@ from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.methods import METHODS
-from prefopt.models import decoder_layers, load_tokenizer
+from prefopt.models import check_positions, decoder_layers, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
@@ -74,6 +74,10 @@ class Trainer:
         set_seed(recipe.seed)
         self.run_log = tracking.RunLog(self)
         self.tokenizer = load_tokenizer(recipe.model)
+        new_tokens = recipe.rollout.max_new_tokens if self.method.prompts_only else 0
+        check_positions(recipe, recipe.data.max_length + new_tokens, f"data.max_length ({recipe.data.max_length})"
+                        + (f" + rollout.max_new_tokens {new_tokens} = {recipe.data.max_length + new_tokens}"
+                           if new_tokens else ""))
         self.model = None  # the policy: set by the method's __init__, after its data loads
         self.reference = None  # a frozen reference model, for a method that keeps one
         self.train_data: list[dict] = []  # examples that self.collate turns into batches
@@ -175,7 +179,10 @@ class Trainer:
                 if stopping:
                     raise Stopped(self.stop_signal, step, self.output_dir)
         progress.close()
-        self.save_final()
+        with runs.stop_signals(self._on_signal_at_final):  # final/ is finished, then the run stops, saying so
+            self.save_final()
+        if self.stop_signal is not None:
+            raise Stopped(self.stop_signal, train.max_steps, self.output_dir)
         if acc.is_main_process:
             info = json.loads((self.output_dir / "run.json").read_text())
             write_atomic(self.output_dir / "run.json", json.dumps({**info, "ended": _now()}, indent=2) + "\n")
@@ -202,6 +209,11 @@ class Trainer:
         self.stop_signal = signum
         print(f"[prefopt] {signal.Signals(signum).name}: stopping after this step with a checkpoint (send it again "
               "to exit at once)", flush=True)
+
+    def _on_signal_at_final(self, signum: int) -> None:
+        self.stop_signal = signum
+        print(f"[prefopt] {signal.Signals(signum).name} while final/ is written: it is finished first, then the run "
+              "stops (send it again to exit at once; final/ is written atomically)", flush=True)
 
     def _stopping(self, step: int) -> bool:
         """Whether a stop signal reached any process and this step is one a run may stop after."""
