@@ -281,7 +281,12 @@ def fingerprint(recipe: Recipe) -> str:
 
 
 def save(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    Path(path).write_text(dump(recipe))
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
 def _apply_override(data: dict, override: str, where: str) -> None:

@@ -112,3 +112,22 @@ def test_a_signal_while_final_is_written_finishes_it_and_says_so(sort_task, tmp_
     assert "SIGTERM while final/ is written" in captured.out + captured.err
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert main(["verify", str(tmp_path / "run")]) == 0
+
+
+def test_a_full_disk_while_the_recipe_is_written_at_start(sort_task, tmp_path, monkeypatch):
+    import prefopt.run.checkpoints as checkpoints
+
+    real_open = open
+
+    def no_space(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".recipe.yaml." in str(path):
+            handle = real_open(path, mode, *args, **kwargs)
+            handle.write = lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+            return handle
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", no_space, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"writing recipe.yaml and run.json to .* the disk is full"):
+        train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, out))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == []

@@ -40,7 +40,7 @@ from prefopt.models import check_positions, decoder_layers, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
-from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic
+from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic, writing
 from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
 from prefopt.version import __version__
@@ -141,13 +141,14 @@ class Trainer:
         start = self.global_step = self._resume() if train.resume else 0
         changed = self._changed_on_resume() if start else {}
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            recipe_lib.save(recipe, self.output_dir / "recipe.yaml")
             info = self._run_info()
             old = self.output_dir / "run.json"
             history = json.loads(old.read_text()).get("changed_on_resume", []) if start and old.exists() else []
             info["changed_on_resume"] = history + ([{"step": start, **changed}] if changed else [])
-            write_atomic(old, json.dumps(info, indent=2) + "\n")
+            with writing("recipe.yaml and run.json", self.output_dir):
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.output_dir / "recipe.yaml", recipe_lib.dump(recipe))
+                write_atomic(old, json.dumps(info, indent=2) + "\n")
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
                   f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
                   + (f"; resuming after step {start}" if start else "")
