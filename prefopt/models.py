@@ -69,7 +69,8 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    bad = [name for name, param in model.named_parameters() if param.is_floating_point() and not torch.isfinite(param).all()]
+    bad = [name for name, param in model.named_parameters()  # (meta: weights another process holds, FSDP2)
+           if param.is_floating_point() and not param.is_meta and not torch.isfinite(param).all()]
     if bad:
         raise RecipeError(f"{key}: {name_or_path} holds non-finite values in {len(bad)} weight(s): "
                           f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; training would give NaN losses "
