@@ -44,6 +44,21 @@ TRL_DPO_CASES = [
     ("exo_pair", {"beta": 0.5, "label_smoothing": 0.2}, "exo_pair", {"beta": 0.5, "label_smoothing": 0.2}),
     ("discopop", {"beta": 0.1, "tau": 0.05}, "discopop", {"beta": 0.1, "discopop_tau": 0.05}),
     ("discopop", {"beta": 0.5, "tau": 0.3}, "discopop", {"beta": 0.5, "discopop_tau": 0.3}),
+    # TRL's remaining DPO options: bco_pair, sigmoid_norm, aot, aot_unpaired, and the f-divergence family
+    ("bco_pair", {"beta": 0.1}, "bco_pair", {"beta": 0.1}),
+    ("bco_pair", {"beta": 0.5}, "bco_pair", {"beta": 0.5}),
+    ("sigmoid_norm", {"beta": 0.1}, "sigmoid_norm", {"beta": 0.1}),
+    ("sigmoid_norm", {"beta": 2.0}, "sigmoid_norm", {"beta": 2.0}),
+    ("aot", {"beta": 0.1}, "aot", {"beta": 0.1}),
+    ("aot", {"beta": 0.5, "label_smoothing": 0.2}, "aot", {"beta": 0.5, "label_smoothing": 0.2}),
+    ("aot_unpaired", {"beta": 0.1}, "aot_unpaired", {"beta": 0.1}),
+    ("aot_unpaired", {"beta": 0.5, "label_smoothing": 0.2}, "aot_unpaired", {"beta": 0.5, "label_smoothing": 0.2}),
+    *[("dpo", {"beta": 0.1, "f_divergence_type": f, "f_alpha_divergence_coef": a}, "sigmoid",
+       {"beta": 0.1, "f_divergence_type": f, "f_alpha_divergence_coef": a})
+      for f, a in (("forward_kl", 1.0), ("js_divergence", 1.0), ("alpha_divergence", 0.5),
+                   ("alpha_divergence", 1.5), ("alpha_divergence", 1.0))],
+    ("sigmoid_norm", {"beta": 0.5, "f_divergence_type": "js_divergence"}, "sigmoid_norm",
+     {"beta": 0.5, "f_divergence_type": "js_divergence"}),
 ]
 
 
@@ -54,11 +69,13 @@ def test_matches_trl_dpo_trainer(name, params, loss_type, trl_settings):
     unshifted completion mask's count; random_batch's prompts are >= 2 tokens, so it equals ours."""
     for seed in (0, 1):
         batch = random_batch(seed=seed)
+        if trl_settings.get("f_divergence_type") == "alpha_divergence":  # TRL's clamp table knows fp32, not fp64
+            batch = tuple(x.float() if x.is_floating_point() else x for x in batch)
         policy, reference = as_pairs(*batch)
         spec = LOSSES[name]
         ours = spec.fn(policy, reference if spec.needs_reference else None, **params).losses.mean()
         theirs = trl_dpo_loss(*batch, loss_type=loss_type, **trl_settings)
-        assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-6 if batch[0].dtype == torch.float64 else 1e-5)
 
 
 def test_ipo_hand_derived():
@@ -249,10 +266,25 @@ def test_registry():
     reference_free = {"simpo", "orpo", "sft"}
     added = {case[0] for case in TRL_DPO_CASES} | reference_free
     assert added == {"ipo", "simpo", "rpo", "robust", "hinge", "orpo", "sft", "sppo_hard", "nca_pair",
-                     "apo_zero", "apo_down", "exo_pair", "discopop"}
+                     "apo_zero", "apo_down", "exo_pair", "discopop", "bco_pair", "sigmoid_norm", "aot", "aot_unpaired",
+                     "dpo"}
     for name in added:
         assert LOSSES[name].needs_reference == (name not in reference_free), name
     assert set(LOSSES["simpo"].hyperparameters()) == {"beta", "gamma_beta_ratio", "sft_weight"}
     assert set(LOSSES["rpo"].hyperparameters()) == {"beta", "alpha"}
     assert set(LOSSES["discopop"].hyperparameters()) == {"beta", "tau"}
     assert set(LOSSES["sft"].hyperparameters()) == set()
+
+
+def test_bco_pair_and_aot_by_hand():
+    """bco_pair: policy (chosen, rejected) = (-4, -9), reference (-6, -6), beta 0.5: r_c = 1, r_r = -1.5;
+    -log sigma(1) - log sigma(1.5) = 0.31326169 + 0.20141328 = 0.51467497.
+    aot_unpaired on two pairs: chosen log-ratios (2, -1) sort to (-1, 2), rejected (0, 3) to (0, 3): deltas (-1, -1),
+    each -log sigma(-beta) at beta 1 = log(1 + e) = 1.31326169."""
+    from prefopt.losses.preference import aot_unpaired_loss, bco_pair_loss
+
+    out = bco_pair_loss(pair([-4.0], [-9.0], [2.0], [3.0]), pair([-6.0], [-6.0], [2.0], [3.0]), beta=0.5)
+    assert out.losses.item() == pytest.approx(0.51467497, abs=1e-8)
+    policy, reference = pair([2.0, -1.0], [0.0, 3.0], [1.0, 1.0], [1.0, 1.0]), pair([0.0, 0.0], [0.0, 0.0],
+                                                                                    [1.0, 1.0], [1.0, 1.0])
+    assert aot_unpaired_loss(policy, reference, beta=1.0).losses.tolist() == pytest.approx([1.31326169] * 2)

@@ -27,6 +27,30 @@ def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, t
     return policy.chosen - reference.chosen, policy.rejected - reference.rejected
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def _scores(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, f_divergence_type: str,
+            f_alpha_divergence_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """f'(pi / pi_ref) of each completion, the f-divergence generalisation of DPO's log-ratio (Wang et al. 2024,
+    "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints",
+    Theorem 1 and Table 1), with u = log pi - log pi_ref summed over the completion:
+    reverse_kl f'(t) = log t (DPO: u itself); forward_kl 1 - 1/t = 1 - exp(-u); js_divergence
+    log(2t / (1 + t)) = log 2 + log sigma(u); alpha_divergence (t^(alpha - 1) - 1) / (alpha - 1) (alpha = 1 is
+    reverse_kl; the exponent capped at 80, as TRL, so that it stays finite)."""
+    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence"
+                                             and abs(f_alpha_divergence_coef - 1.0) < 1e-6):
+        return chosen_logratios, rejected_logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-chosen_logratios), 1 - torch.exp(-rejected_logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(chosen_logratios), math.log(2) + F.logsigmoid(rejected_logratios)
+    if f_divergence_type == "alpha_divergence":
+        a = f_alpha_divergence_coef - 1.0
+        return tuple(torch.expm1((a * u).clamp(max=80.0)) / a for u in (chosen_logratios, rejected_logratios))
+    raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
+
+
 def _mean_logps(policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token mean log-probs of the chosen and of the rejected completions, each (B,); 0 for a completion
     with no scored token (losses on means drop that pair through _scored)."""
@@ -56,8 +80,8 @@ def _log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("dpo", needs_reference=True)
-def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> LossOutput:
+def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0,
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 1.0) -> LossOutput:
     """DPO: -log sigma(beta * h), Eq. 7 of Rafailov et al. 2023, "Direct Preference
     Optimization: Your Language Model is Secretly a Reward Model".
 
@@ -65,11 +89,14 @@ def dpo_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     with noisy preferences"): the label is flipped with probability eps, so
     loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
     Log-probs are sums over completion tokens; implicit rewards are
-    beta * (log pi - log pi_ref) of each completion.
+    beta * (log pi - log pi_ref) of each completion. f_divergence_type other than reverse_kl replaces each
+    log-ratio by f' of the ratio (f-DPO, see _scores), TRL's option of the same name.
     """
     check_range("dpo", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in [0, 0.5]"))
     chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
-    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
+    chosen_scores, rejected_scores = _scores(chosen_logratios, rejected_logratios, f_divergence_type,
+                                             f_alpha_divergence_coef)
+    logits = beta * (chosen_scores - rejected_scores)  # beta * h
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
@@ -295,3 +322,69 @@ def discopop_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
     # exp(-beta h) * m as one exponent: where exp(-beta h) overflows, m underflows and their product is finite
     losses = -F.logsigmoid(logits) * torch.sigmoid(-logits / tau) + torch.exp(F.logsigmoid(logits / tau) - logits)
     return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("sigmoid_norm", needs_reference=True)
+def sigmoid_norm_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
+                      f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 1.0) -> LossOutput:
+    """Length-normalised DPO: -log sigma(beta * (u_c / |y_c| - u_r / |y_r|)), each completion's summed log-ratio
+    (or f' of it, f_divergence_type) divided by its token count: the per-token implicit reward of Meng et al.
+    2024 (SimPO, Sec. 2.2, the length-normalised reward) kept with a reference, TRL's loss_type "sigmoid_norm".
+    Logged rewards are beta * summed log-ratios.
+    """
+    check_range("sigmoid_norm", beta=(beta, "> 0"))
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    chosen_scores, rejected_scores = _scores(chosen_logratios, rejected_logratios, f_divergence_type,
+                                             f_alpha_divergence_coef)
+    delta = chosen_scores / policy.chosen_tokens.clamp(min=1) - rejected_scores / policy.rejected_tokens.clamp(min=1)
+    losses = _scored(policy, -F.logsigmoid(beta * delta))
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("bco_pair", needs_reference=True)
+def bco_pair_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """BCO on pairs: -log sigma(beta u_c) - log sigma(-beta u_r), the binary classifier of Jung et al. 2024,
+    "Binary Classifier Optimization for Large Language Model Alignment" (Eq. 3) with its reward shift delta = 0,
+    each completion classified on its own (TRL's loss_type "bco_pair"; prefopt's `bco` is the unpaired form with
+    the running-mean shift). Sums over completion tokens; logged rewards are beta * summed log-ratios.
+    """
+    check_range("bco_pair", beta=(beta, "> 0"))
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+def _aot(policy: PairLogps, reference: PairLogps, beta: float, label_smoothing: float, paired: bool) -> LossOutput:
+    chosen_logratios, rejected_logratios = _logratios(policy, reference)  # (B,)
+    if paired:  # the policy's chosen-vs-rejected margins against the reference's, each sorted over the batch
+        delta = (torch.sort(policy.chosen - policy.rejected).values
+                 - torch.sort(reference.chosen - reference.rejected).values)
+    else:  # the chosen log-ratios against the rejected ones, each sorted over the batch
+        delta = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
+    losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    return LossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+@register_loss("aot", needs_reference=True)
+def aot_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0
+             ) -> LossOutput:
+    """AOT, paired: distributional preference alignment by optimal transport, Melnyk et al. 2024, "Distributional
+    Preference Alignment of LLMs via Optimal Transport" (Eq. 10 with the logistic loss): the batch's sorted
+    policy margins log pi(y_c) - log pi(y_r) against the sorted reference margins, -log sigma(beta delta)
+    (label_smoothing as conservative DPO). The sort couples the rows of a micro-batch, as in TRL (which sorts
+    each device's batch): the loss depends on how a global batch is cut, unlike prefopt's other losses; keep
+    one micro-batch per step to make it the global batch's. Logged rewards are beta * summed log-ratios.
+    """
+    check_range("aot", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in [0, 0.5]"))
+    return _aot(policy, reference, beta, label_smoothing, paired=True)
+
+
+@register_loss("aot_unpaired", needs_reference=True)
+def aot_unpaired_loss(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1,
+                      label_smoothing: float = 0.0) -> LossOutput:
+    """AOT, unpaired (Melnyk et al. 2024, Eq. 9): the batch's sorted chosen log-ratios against its sorted rejected
+    log-ratios, -log sigma(beta delta): first-order stochastic dominance of the chosen rewards' distribution
+    over the rejected ones'. Sorts within the micro-batch, as aot. Logged rewards are beta * summed log-ratios.
+    """
+    check_range("aot_unpaired", beta=(beta, "> 0"), label_smoothing=(label_smoothing, "in [0, 0.5]"))
+    return _aot(policy, reference, beta, label_smoothing, paired=False)
