@@ -11,6 +11,7 @@
     prefopt plot RUN [RUN ...] [--metric KEY ...] [-o FILE.png]   a run's curves, several runs overlaid
     prefopt push RUN REPO_ID [--private]        upload RUN/final with its model card to the Hugging Face Hub
     prefopt verify RUN                          check every checkpoint's and final/'s files against their checksums
+    prefopt env                                 versions, devices and thread settings, for a bug report
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("run_dir")
     push.add_argument("repo_id", help="e.g. your-name/my-dpo-model")
     push.add_argument("--private", action="store_true")
+    commands.add_parser("env", help="print versions, devices and thread settings (for a bug report)")
     verify = commands.add_parser("verify", help="check a run's checkpoints and final/ against their checksums")
     verify.add_argument("run_dir")
     code = run(parser.parse_args(argv))
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "quickstart":
             quickstart(args.overrides)
         elif args.command == "recipes":
-            print(f"example recipes in {RECIPES} (copy one, or run it: prefopt train {RECIPES}/quickstart.yaml):")
+            print(f"example recipes in {RECIPES} (run one by name, e.g. prefopt train quickstart or prefopt train "
+                  "dpo/qwen2.5-0.5b, or copy it):")
             for path in sorted(RECIPES.rglob("*.yaml")):
                 print(f"  {path.relative_to(RECIPES)}")
         elif args.command == "inspect":
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             from prefopt.run.card import push
 
             print(f"uploaded {Path(args.run_dir) / 'final'} to {push(args.run_dir, args.repo_id, args.private)}")
+        elif args.command == "env":
+            print(environment())
         elif args.command == "verify":
             from prefopt.run.directory import verify_run
 
@@ -155,6 +160,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefopt: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def environment() -> str:
+    """`prefopt env`: what a bug report needs, one `name: value` per line."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from prefopt.version import __version__
+
+    lines = [f"prefopt: {__version__}", f"python: {platform.python_version()} ({sys.executable})",
+             f"platform: {platform.platform()}"]
+    for package in ("torch", "transformers", "accelerate", "datasets", "peft", "trl", "deepspeed", "vllm",
+                    "safetensors", "tokenizers"):
+        try:
+            lines.append(f"{package}: {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{package}: not installed")
+    cuda = torch.cuda.is_available()
+    lines.append(f"cuda: {torch.version.cuda or 'none'}; devices: " + (", ".join(
+        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none (CPU)"))
+    lines.append(f"cpu cores: {os.cpu_count()} (this process may use {len(os.sched_getaffinity(0))})"
+                 if hasattr(os, "sched_getaffinity") else f"cpu cores: {os.cpu_count()}")
+    lines.append(f"torch threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "ACCELERATE_CONFIG_FILE",
+                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WORLD_SIZE"):
+        lines.append(f"{name}: {os.environ.get(name, '(unset)')}")
+    from accelerate.commands.config import default_config_file
+
+    lines.append(f"accelerate default config: {default_config_file}"
+                 + ("" if Path(default_config_file).exists() else " (none)"))
+    return "\n".join(lines)
 
 
 def end_launched_process(code: int) -> None:

@@ -31,10 +31,19 @@ class TrainingError(PrefoptError, RuntimeError):
 def import_object(reference: str, where: str):
     """A user's "package.module:name" (a loss, a scoring function), or a RecipeError saying why not."""
     import importlib
+    import os
+    import sys
 
     module_name, _, name = reference.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:  # the directory it is run from, as `python -m` sees it
+            if os.getcwd() in sys.path or "" in sys.path:
+                raise
+            sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+        return getattr(module, name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise RecipeError(f"{where}: cannot import {reference!r}: {exc} (is {module_name!r} on PYTHONPATH? the "
                           "form is package.module:name)") from None

@@ -19,6 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    check_exists(cfg.name_or_path, "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
@@ -39,6 +40,7 @@ def load_causal_lm(cfg: ModelConfig, name_or_path: str | None = None, key: str =
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_exists(name_or_path or cfg.name_or_path, key)
     name_or_path = absolute(name_or_path or cfg.name_or_path)
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, "use_safetensors": None}
     if cfg.attn_implementation:
@@ -104,6 +106,15 @@ def _readable(path: Path) -> bool:
     except Exception:
         return False
     return True
+
+
+def check_exists(name_or_path: str, key: str) -> None:
+    """A path that names a local directory (it starts with . / or ~, or has more than one /) must exist: not
+    transformers' "Repo id must be in the form..." for a typo in a path."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise RecipeError(f"{key}: no such directory: {name_or_path} (relative paths start from {Path.cwd()}); give "
+                          "a directory written by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def absolute(name_or_path: str) -> str:

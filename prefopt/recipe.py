@@ -203,10 +203,10 @@ class Recipe:
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `a.b=value` overrides, validate and return it."""
-    path = Path(path)
+    path = shipped(Path(path))
     where = str(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {where} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
+        raise RecipeError(f"recipe file not found: {where} (give the path to a .yaml recipe, or a shipped one by name: prefopt recipes lists them)")
     try:
         data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -217,9 +217,43 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    loss_before = data.get("loss", {}).get("name", "dpo") if isinstance(data.get("loss"), dict) else None
     for override in overrides:
         _apply_override(data, override, where)
+    if loss_before is not None and isinstance(data.get("loss"), dict) and data["loss"].get("name") != loss_before:
+        given = {o.partition("=")[0].removeprefix("loss.") for o in overrides if o.startswith("loss.")}
+        _drop_other_loss_arguments(data["loss"], loss_before, given)
     return from_dict(data, where, name=path.stem)
+
+
+SHIPPED = Path(__file__).resolve().parent / "recipes"  # the example recipes, in the wheel too
+
+
+def shipped(path: Path) -> Path:
+    """A recipe path, or the shipped recipe it names (`quickstart`, `dpo/qwen2.5-0.5b`) when no such file exists."""
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED / path, SHIPPED / f"{path}.yaml"):
+        if candidate.is_file() and SHIPPED in candidate.resolve().parents:
+            return candidate
+    return path
+
+
+def _drop_other_loss_arguments(loss: dict, before: str, given: set[str]) -> None:
+    """`loss.name=X` on a recipe written for another loss: its arguments that X does not take are dropped, and
+    said (one that an override names itself, in `given`, still gets the error)."""
+    from prefopt.losses import LOSSES
+
+    spec = LOSSES.get(loss.get("name"))
+    if spec is None:
+        return
+    keep = set(spec.hyperparameters()) | {"name", "weight", "allow_negative_weight"} | given
+    dropped = [key for key in loss if key not in keep]
+    for key in dropped:
+        del loss[key]
+    if dropped:
+        print(f"[prefopt] loss.name={loss['name']}: dropped {', '.join(dropped)} (arguments of {before} that "
+              f"{loss['name']} does not take)")
 
 
 def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe") -> Recipe:
