@@ -16,7 +16,10 @@ from prefopt.recipe import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, chat_template_kwargs: dict | None = None):
+    """The model's tokenizer, with model.chat_template in place of its own (a file or the template itself) and
+    data.chat_template_kwargs given to every render of a conversation (prefopt.data.formats.render_chat: the
+    training data, rollouts, evaluation, inspect)."""
     from transformers import AutoTokenizer
 
     check_exists(cfg.name_or_path, "model.name_or_path")
@@ -27,6 +30,14 @@ def load_tokenizer(cfg: ModelConfig):
                           f"{_first_line(exc)}") from None
     if tokenizer.pad_token is None:  # padding is masked out; any id will do, and EOS always exists
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template:
+        path = Path(cfg.chat_template).expanduser()
+        looks_like_path = "{" not in cfg.chat_template and len(cfg.chat_template) < 4096
+        if looks_like_path and not path.is_file():
+            raise RecipeError(f"model.chat_template: no such file: {cfg.chat_template} (give a .jinja file, or the "
+                              "template itself)")
+        tokenizer.chat_template = path.read_text() if looks_like_path else cfg.chat_template
+    tokenizer.prefopt_chat_template_kwargs = dict(chat_template_kwargs or {})
     return tokenizer
 
 
@@ -198,7 +209,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     merged = peft.PeftModel.from_pretrained(base, final).merge_and_unload()
     out_dir = Path(out_dir or run_dir / "merged")
     merged.save_pretrained(out_dir)
-    load_tokenizer(cfg).save_pretrained(out_dir)
+    load_tokenizer(cfg, recipe.data.chat_template_kwargs).save_pretrained(out_dir)
     for extra in final.glob("*.json"):  # e.g. a reward model's normalization statistics
         if not (out_dir / extra.name).exists() and extra.name != "adapter_config.json":
             shutil.copy(extra, out_dir / extra.name)

@@ -19,7 +19,7 @@ def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -
     from prefopt.models import load_tokenizer
 
     recipe = recipe_lib.load(path, overrides)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template_kwargs)
     data, lines = recipe.data, []
     out = [f"recipe {path}: tokenizer {type(tokenizer).__name__} of {recipe.model.name_or_path} (BOS "
            f"{tokenizer.bos_token!r}, EOS {tokenizer.eos_token!r}); data.max_length {data.max_length}, "

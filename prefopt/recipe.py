@@ -51,6 +51,7 @@ class ModelConfig:
     adapter: str | None = None  # continue training this saved PEFT adapter (hub id or directory)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (CUDA and bitsandbytes); needs lora or adapter
     dropout: bool = False  # keep the config's dropout; false (as TRL) sets it to 0 in every model (LoRA's is lora.dropout)
+    chat_template: str | None = None  # a .jinja file or the template itself, in place of the tokenizer's (TRL's chat_template_path)
 
 
 @dataclass
@@ -94,6 +95,9 @@ class DataConfig:
     # a signal that trains nothing (chosen == rejected, one label, a reward that is None or constant, no group
     # variance, warm-up past the run; prefopt/degenerate.py): said loudly, or the run stops
     on_degenerate: Literal["warn", "error"] = "warn"
+    # keyword arguments of every chat-template render (training data, rollouts, evaluation, inspect), e.g.
+    # {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

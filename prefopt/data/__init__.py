@@ -22,9 +22,12 @@ REPORT = ("prompts_cut", "completions_cut", "boundary_merged")
 
 
 def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: int, max_prompt_length: int | None,
-                  truncation: str, extra_columns: tuple[str, ...] = ()) -> dict[str, list]:
+                  truncation: str, extra_columns: tuple[str, ...] = (), chat_template_kwargs: dict | None = None
+                  ) -> dict[str, list]:
     """A batch of one source's rows (datasets.map, batched) -> token ids, with `bad` (why a row cannot be
-    used, or "") and, per row, what truncation did (the REPORT counts)."""
+    used, or "") and, per row, what truncation did (the REPORT counts). chat_template_kwargs travel as an
+    argument, not only on the tokenizer, so that they are part of the map's cache key."""
+    tokenizer.prefopt_chat_template_kwargs = dict(chat_template_kwargs or {})
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     examples, bad = [], []
     for row in rows:
@@ -103,7 +106,8 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         fmt = row_format(dataset, origin, cfg.columns, log,
                          ignore=dataset.column_names if keep_columns else cfg.extra_columns)
         settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
-                    "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns)}
+                    "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns),
+                    "chat_template_kwargs": dict(cfg.chat_template_kwargs)}
         keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
         try:
             tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,

@@ -86,9 +86,18 @@ def render_example(tokenizer, prompt: Any, completions: dict[str, Any]) -> dict[
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A conversation as the chat template renders it, with data.chat_template_kwargs."""
+    from prefopt.errors import DataError
+
+    if tokenizer.chat_template is None:  # one error for the run, not one per row blaming the rows
+        raise DataError(f"the data holds conversations (message lists), but the tokenizer of "
+                        f"{tokenizer.name_or_path!r} has no chat template. Give one with model.chat_template "
+                        "(a .jinja file or the template itself), or give plain-text prompt/chosen/rejected")
+    kwargs = getattr(tokenizer, "prefopt_chat_template_kwargs", {})
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # jinja errors, missing template: say which row, not a deep traceback
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except Exception as exc:  # jinja errors: say which row, not a deep traceback
         raise BadRow(f"the tokenizer's chat template failed on these messages: {exc}") from None
 
 

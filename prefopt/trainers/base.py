@@ -73,7 +73,7 @@ class Trainer:
         distributed.configure_deepspeed(self.accelerator, train, self.accumulation_steps)
         set_seed(recipe.seed)
         self.run_log = tracking.RunLog(self)
-        self.tokenizer = load_tokenizer(recipe.model)
+        self.tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template_kwargs)
         new_tokens = recipe.rollout.max_new_tokens if self.method.prompts_only else 0
         check_positions(recipe, recipe.data.max_length + new_tokens, f"data.max_length ({recipe.data.max_length})"
                         + (f" + rollout.max_new_tokens {new_tokens} = {recipe.data.max_length + new_tokens}"
