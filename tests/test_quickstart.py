@@ -22,6 +22,11 @@ def test_quickstart_learns(tmp_path, monkeypatch, capsys):
     assert last["rewards/accuracy"] >= 0.9
     out = capsys.readouterr().out
     assert "eval metric" in out and "rewards/accuracy" in out and "step 200" in out
+    assert "greedy samples, step 0 -> step 200:" in out and "samples/sort_scores" in out
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "quickstart" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0] * 3 + [50] * 3 + [100] * 3 + [150] * 3 + [200] * 3
+    for sample in samples[-3:]:  # the printed rows are the logged ones
+        assert f"step 200: {sample['completion']!r} (sort_scores {sample['sort_scores']:g})" in out
 
 
 def test_reward_quickstart_reaches_95_percent_held_out(tmp_path, monkeypatch, capsys):

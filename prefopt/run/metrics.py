@@ -103,4 +103,27 @@ def eval_summary(output_dir: Path) -> list[dict]:
         for key in keys:
             print(f"{key:<{width}}{first[key]:>14.4f}{last.get(key, float('nan')):>14.4f}")
         print()
+        print_samples(output_dir / "samples.jsonl", first["step"], last["step"])
     return evals
+
+
+def print_samples(path: Path, first: int, last: int, rows: int = 3) -> None:
+    """The greedy samples (eval.generate) of the first and the last eval side by side: what was learned, in words."""
+    if not path.exists():
+        return
+    samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    before = [s for s in samples if s.get("step") == first and "cycle" not in s][:rows]
+    after = {json.dumps(s["prompt"]): s for s in samples if s.get("step") == last and "cycle" not in s}
+    pairs = [(s, after[json.dumps(s["prompt"])]) for s in before if json.dumps(s["prompt"]) in after]
+    if not pairs:
+        return
+    scored = [k for k in pairs[0][0] if k not in ("step", "prompt", "completion", "chosen")]
+
+    def shown(sample):
+        score = ", ".join(f"{k} {sample[k]:g}" for k in scored if isinstance(sample.get(k), (int, float)))
+        return repr(sample["completion"]) + (f" ({score})" if score else "")
+
+    print(f"greedy samples, step {first} -> step {last}:")
+    for a, b in pairs:
+        print(f"  {a['prompt']!r}\n    step {first}: {shown(a)}\n    step {last}: {shown(b)}")
+    print()
