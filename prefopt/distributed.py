@@ -31,6 +31,21 @@ def start_processes():
     return PartialState(cpu=cpu), cpu
 
 
+def cpu_threads(cpu: bool) -> str | None:
+    """On a CPU, torch's threads per process from the cores this process may use and the processes on this
+    machine (oversubscribed threads slow every process down), unless OMP_NUM_THREADS says otherwise; the choice,
+    said, or None where nothing was set."""
+    import torch
+
+    if not cpu or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, cores // local))
+    return (f"torch threads per process: {torch.get_num_threads()} ({cores} cores / {local} process(es) here; "
+            "OMP_NUM_THREADS sets it)")
+
+
 def check_fsdp(accelerator) -> None:
     """Accelerate turns FSDP on for GPU-class devices only; on CPU an FSDP launch would silently run plain DDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":

@@ -67,34 +67,51 @@ def plot_runs(runs: list[str | Path], metrics: list[str] | None = None):
     count = len(panels) + bool(frontier)
     cols = min(3, count)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows + 0.4), squeeze=False)
     axes = axes.ravel()
+    # read at a glance: one colour per run in every panel (one legend for the figure), one marker per metric of
+    # a panel (its own small legend, in grey), train solid, eval dashed
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
     for ax, (title, keys) in zip(axes, panels):
+        shown = _keys(keys, {k for _, _, series, _ in loaded for split in series.values() for k in split})
         for name, (_, _, series, _) in zip(names, loaded):
-            for split, style in (("train", {"linestyle": "-", "marker": ".", "markersize": 2}), ("eval", {"linestyle": "--", "marker": "o",
-                                                                          "markersize": 3})):
+            for split, line in (("train", "-"), ("eval", "--")):
                 for key in _keys(keys, set(series[split])):
                     steps, values = series[split][key]
-                    ax.plot(steps, values, label=f"{name} {split}/{key}", **style)
+                    ax.plot(steps, values, label=f"{name} {split}/{key}", color=colour[name], linestyle=line,
+                            marker=markers[shown.index(key) % len(markers)], markevery=max(1, len(steps) // 8),
+                            markersize=3.5 if split == "eval" else 2.5, linewidth=1.3 if split == "train" else 1.0)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+        if len(shown) > 1:  # which marker is which metric
+            handles = [plt.Line2D([], [], color="0.35", marker=markers[i % len(markers)], linestyle="", markersize=4)
+                       for i in range(len(shown))]
+            ax.legend(handles, shown, fontsize=6.5, loc="best", framealpha=0.7)
     if frontier:
         ax = axes[len(panels)]
         for name, series, recipe in frontier:
             kl = series["eval"]["kl"][1]
-            for term in recipe.get("rewards") or []:
+            for i, term in enumerate(recipe.get("rewards") or []):
                 key = f"rewards/{term.get('name')}"
                 if key in series["eval"]:
                     kind = "proxy" if term.get("models") else "verifier"
-                    ax.plot(kl, series["eval"][key][1], marker="o", label=f"{name} {key} ({kind})")
+                    ax.plot(kl, series["eval"][key][1], marker=markers[i % len(markers)], color=colour[name],
+                            linestyle="-" if kind == "verifier" else ":", label=f"{name} {key} ({kind})")
         ax.set_title("over-optimisation frontier")
         ax.set_xlabel("eval KL to the reference (nats per completion)")
         ax.set_ylabel("eval score")
-        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, framealpha=0.7)
+    runs_legend = [plt.Line2D([], [], color=colour[name], linewidth=2.5) for name in names]
+    split_legend = [plt.Line2D([], [], color="0.35", linestyle="-"), plt.Line2D([], [], color="0.35", linestyle="--")]
+    fig.legend(runs_legend + split_legend, names + ["train", "eval"], loc="upper center",
+               ncol=min(len(names) + 2, 6), fontsize=9, frameon=False)
     for ax in axes[count:]:
         ax.set_visible(False)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the runs' legend on top
     return fig
 
 

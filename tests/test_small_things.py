@@ -54,3 +54,23 @@ def test_prefopt_env_prints_what_a_bug_report_needs(capsys):
     for key in ("prefopt:", "torch:", "transformers:", "accelerate:", "trl:", "cuda:", "torch threads:",
                 "OMP_NUM_THREADS:", "accelerate default config:"):
         assert key in out, key
+
+
+def test_cpu_threads_follow_the_cores_and_processes_unless_set(monkeypatch):
+    import os
+
+    import torch
+
+    from prefopt.distributed import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        cores = len(os.sched_getaffinity(0))
+        assert f"torch threads per process: {max(1, cores // 2)} ({cores} cores / 2 process(es)" in cpu_threads(True)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cpu_threads(True) is None and cpu_threads(False) is None
+    finally:
+        torch.set_num_threads(before)

@@ -219,3 +219,26 @@ def test_model_card_load_snippet_runs(sort_task, tmp_path, kind, monkeypatch):
     assert main(["push", str(out), "me/model"]) == 0
     assert calls == [("create", "me/model", False), ("upload", "me/model", str(out / "final"))]
     assert main(["push", str(tmp_path), "me/model"]) == 2  # no final/: a clear error
+
+
+def test_a_multi_run_plot_gives_each_run_one_colour_and_one_legend(sort_task, tmp_path):
+    """Several runs: a run keeps its colour in every panel, the figure names the runs once, and a panel with
+    several metrics tells them apart by marker in its own legend."""
+    from prefopt.plotting import plot_runs
+
+    runs = []
+    for lr in (1e-3, 1e-2):
+        runs.append(tmp_path / f"lr{lr}")
+        train_recipe(write_recipe(tmp_path / f"{lr}.yaml", sort_task, runs[-1], optim={"lr": lr},
+                                  train={"max_steps": 2, "eval_every": 1}))
+    fig = plot_runs(runs)
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if " " in str(line.get_label()) and not str(line.get_label()).startswith("_"):
+                colours.setdefault(line.get_label().split(" ")[0], set()).add(line.get_color())
+    assert set(colours) == {"lr0.001", "lr0.01"} and all(len(c) == 1 for c in colours.values())
+    assert colours["lr0.001"] != colours["lr0.01"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["lr0.001", "lr0.01", "train", "eval"]
+    log_probs = next(ax for ax in fig.axes if ax.get_title() == "log-probs")
+    assert [t.get_text() for t in log_probs.get_legend().get_texts()] == ["logps/chosen", "logps/rejected"]

@@ -60,6 +60,7 @@ class Trainer:
         self.output_dir = Path(recipe.output_dir)
         trackers, self.tracker_init = tracking.tracker_settings(recipe, self.output_dir)
         state, cpu = distributed.start_processes()
+        self.threads = distributed.cpu_threads(cpu)
         self.world_size = state.num_processes
         per_step = train.micro_batch_size * self.world_size
         if train.batch_size % per_step:
@@ -152,6 +153,7 @@ class Trainer:
             print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
                   f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
                   + (f"; resuming after step {start}" if start else "")
+                  + (f"; {self.threads}" if self.threads else "")
                   + ("; the run had finished: nothing to train" if start >= train.max_steps else ""))
         self.run_log.start(start, self.tracker_init)
         if start == 0:
@@ -433,6 +435,7 @@ class Trainer:
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                 "parameters_on_process_0": self.held_parameters,
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
+                "torch_threads": torch.get_num_threads(),
                 "distributed_type": str(self.accelerator.distributed_type),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "prefopt": __version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
