@@ -77,3 +77,27 @@ def test_chat_template_kwargs_reach_the_render(plain_tokenizer, tmp_path, data):
     path = recipe(plain_tokenizer, tmp_path, data, chat_template=THINKING)
     assert "/no_think" not in rendered(path)
     assert "cats. /no_think</s>" in rendered(path, ["data.chat_template_kwargs={enable_thinking: false}"])
+
+
+def test_a_run_on_conversations_gets_a_card_snippet_through_the_chat_template(plain_tokenizer, tmp_path):
+    import re
+
+    from prefopt.cli import train_recipe
+    from prefopt.data.synthetic import build_tiny_model
+
+    model = build_tiny_model(__import__("transformers").AutoTokenizer.from_pretrained(plain_tokenizer / "tok"),
+                             tmp_path / "model")
+    sections = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model),
+                                                               "chat_template": tokenizer_zoo.ZEPHYR_TEMPLATE},
+                "data": {"train": str(plain_tokenizer / "pairs.jsonl"), "max_length": 128},
+                "loss": {"name": "dpo"}, "train": {"batch_size": 1, "micro_batch_size": 1, "max_steps": 1,
+                                                   "progress_bar": False}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    train_recipe(path)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "apply_chat_template(messages, add_generation_prompt=True" in snippet
+    namespace = {}
+    exec(snippet, namespace)  # transformers alone: the saved tokenizer carries the template the run used
+    assert namespace["tokenizer"].chat_template == tokenizer_zoo.ZEPHYR_TEMPLATE

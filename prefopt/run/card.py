@@ -34,11 +34,27 @@ def run_card(trainer) -> str:
         import peft
 
         versions["peft"] = peft.__version__
-    return model_card(recipe, trainer.output_dir / "final", evals[-1] if evals else None, versions)
+    chat = trainer.tokenizer.chat_template is not None and conversational(recipe)
+    return model_card(recipe, trainer.output_dir / "final", evals[-1] if evals else None, versions, chat)
 
 
-def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str]) -> str:
-    """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's."""
+def conversational(recipe) -> bool:
+    """Whether the run trained on conversations (its first training source's first row holds message lists)."""
+    from prefopt.data.formats import is_messages
+    from prefopt.data.sources import load_source, map_columns
+
+    try:
+        source = recipe.data.train[0]
+        row = map_columns(load_source(source, "data.train[0]"), recipe.data.columns, "data.train[0]")[0]
+    except Exception:  # noqa: BLE001 (the card then shows the plain-text snippet)
+        return False
+    return any(is_messages(row.get(key)) and row.get(key) for key in ("prompt", "chosen", "completion", "messages"))
+
+
+def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, versions: dict[str, str],
+               chat: bool = False) -> str:
+    """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's;
+    `chat`: the run trained on conversations, so the snippet prompts through the chat template."""
     from prefopt.methods import METHODS
     from prefopt.version import __version__
 
@@ -67,14 +83,14 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
         lines += ["## Last evaluation", "", "| metric | value |", "| --- | --- |",
                   *(f"| {key} | {value:.4f} |" for key, value in metrics.items() if key not in ("step", "split")), ""]
     lines += ["## Use", "", f"With {library} alone (no prefopt needed); after `prefopt push`, give the hub repository "
-              "id instead of the path:", "", "```python", *usage(kind, str(final)), "```", "",
+              "id instead of the path:", "", "```python", *usage(kind, str(final), chat), "```", "",
               "## Versions", "", f"- prefopt {__version__}",
               *(f"- {name} {version}" for name, version in versions.items()), "",
               "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
 
 
-def usage(kind: str, path: str) -> list[str]:
+def usage(kind: str, path: str, chat: bool = False) -> list[str]:
     library, cls, _ = LOADERS[kind]
     module = "peft" if library == "peft" else "transformers"
     lines = [f"from {module} import {cls}", "from transformers import AutoTokenizer", "",
@@ -83,8 +99,13 @@ def usage(kind: str, path: str) -> list[str]:
     if "Sequence" in cls:
         return lines + ['inputs = tokenizer("Question? An answer.", return_tensors="pt")',
                         "score = model(**inputs).logits[0, 0].item()  # higher is preferred"]
-    return lines + ['inputs = tokenizer("Question?", return_tensors="pt")',
-                    "output = model.generate(**inputs, max_new_tokens=32)",
+    if chat:  # prompted as it was trained: through the chat template
+        lines += ['messages = [{"role": "user", "content": "Question?"}]',
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True)"]
+    else:
+        lines.append('inputs = tokenizer("Question?", return_tensors="pt")')
+    return lines + ["output = model.generate(**inputs, max_new_tokens=32)",
                     "print(tokenizer.decode(output[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
 
 
