@@ -87,11 +87,13 @@ def _layout_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
+                     token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the completion tokens of each sequence, and their counts: (N,) each.
 
     batch: any layout of prefopt.data.collate (padded or packed), which names the positions whose logits score
     each completion token (token_index, token_target, token_sequence) and the counts (completion_tokens).
+    token_weights (K,), aligned with token_target, weigh each token's log-prob in the sum (LD-DPO's tail).
     """
     inputs = _layout_inputs(model, batch)
     index, targets = batch["token_index"], batch["token_target"]
@@ -108,8 +110,24 @@ def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0)
         pieces = [_logps(states[index[i : i + size]], targets[i : i + size]) for i in range(0, len(index), size)]
     logps = torch.cat(pieces) if pieces else states[:0, 0].float()  # no token scored: still a graph to backprop
     counts = batch["completion_tokens"]
+    if token_weights is not None:
+        logps = logps * token_weights.to(logps)
     sums = logps.new_zeros(len(counts)).index_add(0, batch["token_sequence"], logps)
     return sums, counts.to(sums.dtype)
+
+
+def length_desensitized(sequence: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO's token weights (Liu et al. 2024, "LD-DPO: Length Desensitization in Direct Preference
+    Optimization", Eq. 9; TRL's ld_alpha): 1 on the first min(|y_c|, |y_r|) scored tokens of each completion of
+    a pair, alpha on the longer one's tail, so that log pi = shared + alpha * tail. sequence (K,): the sequence of
+    each scored token, each sequence's tokens in order; counts (2B,): scored tokens per sequence, chosen first."""
+    b = len(counts) // 2
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # (2B,)
+    order = torch.sort(sequence, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts  # each sequence's first token in the sorted order
+    position = torch.empty_like(sequence)
+    position[order] = torch.arange(len(sequence), device=sequence.device) - starts[sequence[order]]
+    return torch.where(position < shared[sequence], 1.0, alpha)
 
 
 def _head_logps_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -112,6 +112,9 @@ class LossConfig:
     weight: float = 1.0  # multiplies this term in a weighted sum
     params: dict[str, Any] = field(default_factory=dict)  # checked against the loss function's signature
     allow_negative_weight: bool = False  # a negative weight maximises the term (unlearning): refused unless set
+    # LD-DPO (TRL's ld_alpha): the log-prob of each completion's tail past the shorter one's length weighs this;
+    # None: 1. The same for every term of a recipe (they share the log-probs)
+    ld_alpha: float | None = None
 
 
 @dataclass
@@ -199,7 +202,8 @@ class Recipe:
         """The resolved recipe as plain YAML-ready data: the method's sections only, loss params inlined."""
         out = dataclasses.asdict(self)
         terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}),
-                  **({"allow_negative_weight": True} if t.allow_negative_weight else {}), **t.params} for t in self.loss]
+                  **({"allow_negative_weight": True} if t.allow_negative_weight else {}),
+                  **({"ld_alpha": t.ld_alpha} if t.ld_alpha is not None else {}), **t.params} for t in self.loss]
         out["loss"] = terms[0] if len(terms) == 1 else terms
         return {key: value for key, value in out.items()
                 if key not in SECTIONS or key in METHODS[self.method].sections}
@@ -442,7 +446,8 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
         name = _convert(value.pop("name", "dpo"), str, _join(key, "name"), where)
         weight = _convert(value.pop("weight", 1.0), float, _join(key, "weight"), where)
         negative = _convert(value.pop("allow_negative_weight", False), bool, _join(key, "allow_negative_weight"), where)
-        return LossConfig(name=name, weight=weight, params=value, allow_negative_weight=negative)
+        ld_alpha = _convert(value.pop("ld_alpha", None), float | None, _join(key, "ld_alpha"), where)
+        return LossConfig(name=name, weight=weight, params=value, allow_negative_weight=negative, ld_alpha=ld_alpha)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in value:

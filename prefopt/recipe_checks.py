@@ -109,6 +109,14 @@ def _loss_specs(recipe: Recipe, where: str) -> dict[str, str]:
         specs[-1].check_params(term.params, where=f"{where}: {key}")
     _check_reference(recipe, specs, where)
     kinds = {spec.name: spec.data for spec in specs}
+    alphas = {term.ld_alpha for term in recipe.loss}
+    if len(alphas) > 1:
+        fail(where, "loss", f"terms give different ld_alpha ({sorted(map(str, alphas))}); they share one forward: "
+              "give it to every term, the same")
+    alpha = alphas.pop()
+    if alpha is not None and (not 0 <= alpha <= 1 or set(kinds.values()) != {"paired"}):
+        fail(where, "loss.ld_alpha", f"weighs the tail of the longer completion of a pair: in [0, 1], with pair "
+              f"losses; got {alpha} with {kinds}")
     if {"paired", "unpaired"} <= set(kinds.values()):
         fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
@@ -214,6 +222,8 @@ def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
     kinds = _loss_specs(recipe, where)
     _no_eval_rewards(recipe, where)
+    if recipe.loss[0].ld_alpha is not None:
+        fail(where, "loss.ld_alpha", "is for offline pairs (method preference); online pairs score whole samples")
     k = recipe.rollout.samples_per_prompt
     _check_rewards(recipe.rewards, where)
     wrong = {name: kind for name, kind in kinds.items() if kind not in ("paired", "group")}

@@ -90,4 +90,4 @@ def test_dpo_label_smoothing_matches_trl(beta, label_smoothing):
 def test_dpo_is_registered_with_a_reference():
     spec = LOSSES["dpo"]
     assert spec.fn is dpo_loss and spec.needs_reference
-    assert set(spec.hyperparameters()) == {"beta", "label_smoothing"}
+    assert set(spec.hyperparameters()) == {"beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"}

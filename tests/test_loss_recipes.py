@@ -84,3 +84,29 @@ def test_bad_loss_settings_fail_before_any_model_loads(sort_task, tmp_path, loss
     with pytest.raises(RecipeError, match=message):
         recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", loss=loss))
     assert live_models() == before
+
+
+def test_ld_alpha_in_a_run_is_layout_free_and_one_is_plain_dpo(sort_task, tmp_path):
+    """LD-DPO through the trainer: the same losses packed and padded; ld_alpha 1 is DPO; refused where it
+    cannot apply."""
+    import json
+
+    rows = [json.loads(line) for line in (sort_task / "train.jsonl").read_text().splitlines()][:64]
+    for i, row in enumerate(rows):  # completions of different lengths: a tail for LD-DPO to weigh
+        row["rejected" if i % 2 else "chosen"] += " 9 9"
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    losses = {}
+    for name, loss, packing in (("packed", {"ld_alpha": 0.5}, True), ("padded", {"ld_alpha": 0.5}, False),
+                                ("one", {"ld_alpha": 1.0}, True), ("plain", {}, True)):
+        train_recipe(write_recipe(tmp_path / f"{name}.yaml", sort_task, tmp_path / name,
+                                  loss={"name": "dpo", "beta": 0.1, **loss}, data={"train": str(data), "eval": None},
+                                  optim={"lr": 1e-2}, train={"max_steps": 3, "packing": packing}))
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
+    assert losses["one"] == pytest.approx(losses["plain"], abs=1e-6)
+    assert abs(losses["packed"][-1] - losses["plain"][-1]) > 1e-3  # the tail weighs less: another trajectory
+    for loss, message in (({"name": "kto", "ld_alpha": 0.5}, "with pair losses"),
+                          ({"name": "dpo", "ld_alpha": 1.5}, r"in \[0, 1\]")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_lib.load(write_recipe(tmp_path / "bad.yaml", sort_task, tmp_path / "bad", loss=loss))

@@ -288,3 +288,26 @@ def test_bco_pair_and_aot_by_hand():
     policy, reference = pair([2.0, -1.0], [0.0, 3.0], [1.0, 1.0], [1.0, 1.0]), pair([0.0, 0.0], [0.0, 0.0],
                                                                                     [1.0, 1.0], [1.0, 1.0])
     assert aot_unpaired_loss(policy, reference, beta=1.0).losses.tolist() == pytest.approx([1.31326169] * 2)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_ld_dpo_matches_trl(alpha):
+    """LD-DPO: the policy's log-probs are shared + alpha * tail (the tokens past the shorter completion of the
+    pair), weighed by prefopt.logprobs.length_desensitized from the scored tokens in order; TRL's DPOTrainer with
+    ld_alpha on the same per-token log-probs (reference sums given, weighed alike)."""
+    from prefopt.logprobs import length_desensitized
+
+    for seed in (0, 1):
+        token_logps, completion_mask, _, _ = random_batch(seed=seed)
+        scored = completion_mask[:, 1:].bool()  # (2B, T-1): the logits position scoring each completion token
+        sequence = scored.nonzero()[:, 0]  # row-major: each sequence's tokens in order
+        counts = scored.sum(1)
+        weights = length_desensitized(sequence, counts, alpha)
+        sums = torch.zeros(len(counts), dtype=token_logps.dtype).index_add(0, sequence, token_logps[scored] * weights)
+        reference = sums.detach() * 0.7 - 1.0  # a reference that differs, weighed the same way
+        b = len(counts) // 2
+        policy = PairLogps(sums[:b], sums[b:], counts[:b].double(), counts[b:].double())
+        ref = PairLogps(reference[:b], reference[b:], counts[:b].double(), counts[b:].double())
+        ours = LOSSES["dpo"].fn(policy, ref, beta=0.1).losses.mean()
+        theirs = trl_dpo_loss(token_logps, completion_mask, reference[:b], reference[b:], beta=0.1, ld_alpha=alpha)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-9)

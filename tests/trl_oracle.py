@@ -24,7 +24,7 @@ class _Accelerator:
 
 def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, *, loss_type="sigmoid",
                  beta=0.1, label_smoothing=0.0, loss_weights=None, f_divergence_type="reverse_kl",
-                 f_alpha_divergence_coef=1.0, **args) -> torch.Tensor:
+                 f_alpha_divergence_coef=1.0, ld_alpha=None, **args) -> torch.Tensor:
     """policy_token_logps: (2B, T-1), chosen rows first, log p of token t+1 at position t.
     completion_mask: (2B, T), 1 on completion tokens. Returns TRL's scalar loss."""
     from trl import DPOTrainer
@@ -38,7 +38,7 @@ def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, 
         is_top1=torch.zeros_like(policy_token_logps, dtype=torch.bool),
     )
     stub = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,

@@ -19,7 +19,7 @@ from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError
-from prefopt.logprobs import completion_logps, custom_masks, plain_head
+from prefopt.logprobs import completion_logps, custom_masks, length_desensitized, plain_head
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
 from prefopt.models import load_policy, load_reference_copy
 from prefopt.trainers.base import Trainer
@@ -127,7 +127,8 @@ class PreferenceTrainer(Trainer):
             if not examples:
                 continue
             # the layout is in the key: a model found to mix packed sequences must not leave wrong values behind
-            setting = f"{model_cfg.dtype}/{acc.mixed_precision}" + ("/packed" if recipe.train.packing else "")
+            setting = (f"{model_cfg.dtype}/{acc.mixed_precision}" + ("/packed" if recipe.train.packing else "")
+                       + (f"/ld{recipe.loss[0].ld_alpha}" if recipe.loss[0].ld_alpha is not None else ""))
             path = cache_dir / f"{refs.cache_key(sources, examples, setting)}.pt"
             values = refs.load_cached(path, len(examples))
             # computed by every process or by none (machines without a shared disk may not all see the cache)
@@ -211,7 +212,9 @@ class PreferenceTrainer(Trainer):
         return {"token_normalizer": torch.tensor(sum(counts) / len(counts))}
 
     def logps_function(self):
-        return partial(unpaired_logps if self.unpaired else pair_logps, chunk_size=self.chunk_size)
+        if self.unpaired:
+            return partial(unpaired_logps, chunk_size=self.chunk_size)
+        return partial(pair_logps, chunk_size=self.chunk_size, ld_alpha=self.recipe.loss[0].ld_alpha)
 
     def compute_loss(self, batch):
         logps = self.logps_function()
@@ -249,9 +252,13 @@ class PreferenceTrainer(Trainer):
         return loss, metrics
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> PairLogps:
-    """Chosen and rejected through the model in one forward (the batch holds chosen first)."""
-    logps, counts = completion_logps(model, batch, chunk_size)  # (2B,) each
+def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float | None = None
+               ) -> PairLogps:
+    """Chosen and rejected through the model in one forward (the batch holds chosen first); with ld_alpha, each
+    completion's tail past the shorter one's length weighs ld_alpha (LD-DPO)."""
+    weights = None if ld_alpha is None else length_desensitized(batch["token_sequence"], batch["completion_tokens"],
+                                                                ld_alpha)
+    logps, counts = completion_logps(model, batch, chunk_size, weights)  # (2B,) each
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = counts.chunk(2)
     return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, batch.get("token_normalizer"))
