@@ -88,12 +88,14 @@ def _layout_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
-                     token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     token_weights: torch.Tensor | None = None, wpo: bool = False):
     """Summed log-probs of the completion tokens of each sequence, and their counts: (N,) each.
 
     batch: any layout of prefopt.data.collate (padded or packed), which names the positions whose logits score
     each completion token (token_index, token_target, token_sequence) and the counts (completion_tokens).
     token_weights (K,), aligned with token_target, weigh each token's log-prob in the sum (LD-DPO's tail).
+    wpo: also each sequence's mean over its tokens of log p - log sum_v p_v^2, detached (WPO's weight, a third
+    value).
     """
     inputs = _layout_inputs(model, batch)
     index, targets = batch["token_index"], batch["token_target"]
@@ -110,10 +112,32 @@ def completion_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
         pieces = [_logps(states[index[i : i + size]], targets[i : i + size]) for i in range(0, len(index), size)]
     logps = torch.cat(pieces) if pieces else states[:0, 0].float()  # no token scored: still a graph to backprop
     counts = batch["completion_tokens"]
+    aligned = None
+    if wpo:  # one more pass of the head over the scored positions, without gradients
+        with torch.no_grad():
+            squares = [_log_sum_squares(head(states[index[i : i + size]]) if chunk_size else states[index[i : i + size]])
+                       for i in range(0, len(index), size)]
+            aligned = logps.detach() - (torch.cat(squares) if squares else logps.detach())
     if token_weights is not None:
         logps = logps * token_weights.to(logps)
     sums = logps.new_zeros(len(counts)).index_add(0, batch["token_sequence"], logps)
-    return sums, counts.to(sums.dtype)
+    if aligned is None:
+        return sums, counts.to(sums.dtype)
+    means = aligned.new_zeros(len(counts)).index_add(0, batch["token_sequence"], aligned) / counts.clamp(min=1)
+    return sums, counts.to(sums.dtype), means
+
+
+def _log_sum_squares(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 of each row of logits (N, V) -> (N,), in fp32: logsumexp(2 z) - 2 logsumexp(z)."""
+    logits = logits.float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
+def wpo_weights(chosen_aligned: torch.Tensor, rejected_aligned: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2
+    with the aligned probabilities of TRL's use_weighting): exp of each completion's mean over its tokens of
+    log p - log sum_v p_v^2, the chosen's times the rejected's, (B,)."""
+    return torch.exp(chosen_aligned) * torch.exp(rejected_aligned)
 
 
 def length_desensitized(sequence: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -115,6 +115,8 @@ class LossConfig:
     # LD-DPO (TRL's ld_alpha): the log-prob of each completion's tail past the shorter one's length weighs this;
     # None: 1. The same for every term of a recipe (they share the log-probs)
     ld_alpha: float | None = None
+    # WPO (TRL's use_weighting): each pair's loss times its completions' aligned probabilities (on policy-ness)
+    use_weighting: bool = False
 
 
 @dataclass
@@ -203,7 +205,8 @@ class Recipe:
         out = dataclasses.asdict(self)
         terms = [{"name": t.name, **({"weight": t.weight} if t.weight != 1.0 else {}),
                   **({"allow_negative_weight": True} if t.allow_negative_weight else {}),
-                  **({"ld_alpha": t.ld_alpha} if t.ld_alpha is not None else {}), **t.params} for t in self.loss]
+                  **({"ld_alpha": t.ld_alpha} if t.ld_alpha is not None else {}),
+                  **({"use_weighting": True} if t.use_weighting else {}), **t.params} for t in self.loss]
         out["loss"] = terms[0] if len(terms) == 1 else terms
         return {key: value for key, value in out.items()
                 if key not in SECTIONS or key in METHODS[self.method].sections}
@@ -447,7 +450,9 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
         weight = _convert(value.pop("weight", 1.0), float, _join(key, "weight"), where)
         negative = _convert(value.pop("allow_negative_weight", False), bool, _join(key, "allow_negative_weight"), where)
         ld_alpha = _convert(value.pop("ld_alpha", None), float | None, _join(key, "ld_alpha"), where)
-        return LossConfig(name=name, weight=weight, params=value, allow_negative_weight=negative, ld_alpha=ld_alpha)
+        weighting = _convert(value.pop("use_weighting", False), bool, _join(key, "use_weighting"), where)
+        return LossConfig(name=name, weight=weight, params=value, allow_negative_weight=negative, ld_alpha=ld_alpha,
+                          use_weighting=weighting)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in value:

@@ -117,6 +117,10 @@ def _loss_specs(recipe: Recipe, where: str) -> dict[str, str]:
     if alpha is not None and (not 0 <= alpha <= 1 or set(kinds.values()) != {"paired"}):
         fail(where, "loss.ld_alpha", f"weighs the tail of the longer completion of a pair: in [0, 1], with pair "
               f"losses; got {alpha} with {kinds}")
+    weighting = {term.use_weighting for term in recipe.loss}
+    if True in weighting and (len(weighting) > 1 or set(kinds.values()) != {"paired"} or {"aot", "aot_unpaired"} & set(kinds)):
+        fail(where, "loss.use_weighting", f"weighs pairs (WPO): give it to every term, with pair losses other than "
+              f"aot (whose sort couples the pairs, as TRL refuses it); got {kinds}")
     if {"paired", "unpaired"} <= set(kinds.values()):
         fail(where, "loss", f"mixes losses on pairs and on unpaired rows ({kinds}); they need different batches")
     if any(spec.kl for spec in specs) and train.micro_batch_size < 2:
@@ -222,8 +226,8 @@ def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
     kinds = _loss_specs(recipe, where)
     _no_eval_rewards(recipe, where)
-    if recipe.loss[0].ld_alpha is not None:
-        fail(where, "loss.ld_alpha", "is for offline pairs (method preference); online pairs score whole samples")
+    if recipe.loss[0].ld_alpha is not None or recipe.loss[0].use_weighting:
+        fail(where, "loss", "ld_alpha and use_weighting are for offline pairs (method preference)")
     k = recipe.rollout.samples_per_prompt
     _check_rewards(recipe.rewards, where)
     wrong = {name: kind for name, kind in kinds.items() if kind not in ("paired", "group")}

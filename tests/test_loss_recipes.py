@@ -110,3 +110,21 @@ def test_ld_alpha_in_a_run_is_layout_free_and_one_is_plain_dpo(sort_task, tmp_pa
                           ({"name": "dpo", "ld_alpha": 1.5}, r"in \[0, 1\]")):
         with pytest.raises(RecipeError, match=message):
             recipe_lib.load(write_recipe(tmp_path / "bad.yaml", sort_task, tmp_path / "bad", loss=loss))
+
+
+def test_wpo_in_a_run_is_the_same_in_every_layout(sort_task, tmp_path):
+    """use_weighting through the trainer: the chunked LM head and full logits, packed and padded rows give the same
+    losses, and they differ from unweighted DPO."""
+    losses = {}
+    for name, loss, train in (("chunked", {"use_weighting": True}, {}),
+                              ("full", {"use_weighting": True}, {"logps_chunk_size": 0, "packing": False}),
+                              ("plain", {}, {})):
+        train_recipe(write_recipe(tmp_path / f"{name}.yaml", sort_task, tmp_path / name,
+                                  loss={"name": "dpo", "beta": 0.1, **loss}, optim={"lr": 1e-2},
+                                  train={"max_steps": 3, **train}))
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    assert losses["chunked"] == pytest.approx(losses["full"], abs=1e-5)
+    assert abs(losses["chunked"][0] - losses["plain"][0]) > 1e-4  # step 1: ln 2 per pair, times its weight
+    with pytest.raises(RecipeError, match="use_weighting"):
+        recipe_lib.load(write_recipe(tmp_path / "bad.yaml", sort_task, tmp_path / "bad",
+                                     loss={"name": "aot", "use_weighting": True}))

@@ -311,3 +311,29 @@ def test_ld_dpo_matches_trl(alpha):
         ours = LOSSES["dpo"].fn(policy, ref, beta=0.1).losses.mean()
         theirs = trl_dpo_loss(token_logps, completion_mask, reference[:b], reference[b:], beta=0.1, ld_alpha=alpha)
         assert ours.item() == pytest.approx(theirs.item(), abs=1e-9)
+
+
+def test_wpo_weighting_matches_trl():
+    """WPO: each pair's loss times exp(mean aligned log-prob) of its chosen and of its rejected completion, the
+    aligned log-prob log p - log sum_v p_v^2 per token (from the logits); TRL's DPOTrainer with use_weighting on
+    the same per-token log-probs and log sum p^2."""
+    from prefopt.logprobs import _log_sum_squares, wpo_weights
+
+    g = torch.Generator().manual_seed(3)
+    for loss_type, name in (("sigmoid", "dpo"), ("ipo", "ipo")):
+        token_logps, completion_mask, ref_chosen, ref_rejected = random_batch(seed=3)
+        logits = torch.randn(*token_logps.shape, 11, generator=g, dtype=torch.float64)
+        targets = torch.randint(0, 11, token_logps.shape, generator=g)
+        token_logps = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+        squares = _log_sum_squares(logits.flatten(0, 1)).view(token_logps.shape).double()
+        scored = completion_mask[:, 1:].to(token_logps.dtype)
+        counts = scored.sum(1)
+        aligned = ((token_logps - squares) * scored).sum(1) / counts.clamp(min=1)  # (2B,)
+        b = len(counts) // 2
+        policy, reference = as_pairs(token_logps, completion_mask, ref_chosen, ref_rejected)
+        ours = (LOSSES[name].fn(policy, reference, beta=0.1).losses * wpo_weights(aligned[:b], aligned[b:])).mean()
+        theirs = trl_dpo_loss(token_logps, completion_mask, ref_chosen, ref_rejected, loss_type=loss_type, beta=0.1,
+                              log_sum_sq_probs=squares)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-9)
+    p = torch.softmax(torch.tensor([[1.0, 2.0, 0.5]]), -1)
+    assert _log_sum_squares(torch.tensor([[1.0, 2.0, 0.5]])).item() == pytest.approx(torch.log((p**2).sum()).item())

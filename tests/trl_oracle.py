@@ -24,7 +24,7 @@ class _Accelerator:
 
 def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, *, loss_type="sigmoid",
                  beta=0.1, label_smoothing=0.0, loss_weights=None, f_divergence_type="reverse_kl",
-                 f_alpha_divergence_coef=1.0, ld_alpha=None, **args) -> torch.Tensor:
+                 f_alpha_divergence_coef=1.0, ld_alpha=None, log_sum_sq_probs=None, **args) -> torch.Tensor:
     """policy_token_logps: (2B, T-1), chosen rows first, log p of token t+1 at position t.
     completion_mask: (2B, T), 1 on completion tokens. Returns TRL's scalar loss."""
     from trl import DPOTrainer
@@ -36,13 +36,14 @@ def trl_dpo_loss(policy_token_logps, completion_mask, ref_chosen, ref_rejected, 
         entropy=torch.zeros_like(policy_token_logps),
         mean_logits=torch.zeros_like(policy_token_logps),
         is_top1=torch.zeros_like(policy_token_logps, dtype=torch.bool),
+        log_sum_sq_probs=log_sum_sq_probs,
     )
     stub = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        use_weighting=log_sum_sq_probs is not None, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         args=SimpleNamespace(**args),
     )
     n, t = completion_mask.shape

@@ -24,6 +24,8 @@ class PairLogps:
     # token-mean terms (an NLL of the chosen) divide each example's sum by this: the mean chosen tokens per pair of
     # the whole global batch, so that the batch's mean is its token mean however it is cut; None: this batch's
     token_normalizer: torch.Tensor | None = None
+    # WPO's per-pair weights (B,), detached: the trainer multiplies each pair's loss by them (use_weighting)
+    weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from prefopt.data import as_rows
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError
-from prefopt.logprobs import completion_logps, custom_masks, length_desensitized, plain_head
+from prefopt.logprobs import completion_logps, custom_masks, length_desensitized, plain_head, wpo_weights
 from prefopt.losses import PairLogps, UnpairedLogps, get_loss
 from prefopt.models import load_policy, load_reference_copy
 from prefopt.trainers.base import Trainer
@@ -214,17 +214,21 @@ class PreferenceTrainer(Trainer):
     def logps_function(self):
         if self.unpaired:
             return partial(unpaired_logps, chunk_size=self.chunk_size)
-        return partial(pair_logps, chunk_size=self.chunk_size, ld_alpha=self.recipe.loss[0].ld_alpha)
+        return partial(pair_logps, chunk_size=self.chunk_size, ld_alpha=self.recipe.loss[0].ld_alpha,
+                       use_weighting=self.recipe.loss[0].use_weighting)
 
     def compute_loss(self, batch):
         logps = self.logps_function()
         policy = logps(self.model, batch)
-        reference = self.reference_logps(batch, policy, logps)
+        # the reference's log-probs only (WPO weighs pairs by the policy's)
+        reference = self.reference_logps(batch, policy, logps if self.unpaired else partial(logps, use_weighting=False))
         for state in filter(None, self.states):
             state.frozen = not self.model.training  # evaluation reads the running state, never moves it
         outputs = [spec.fn(policy, reference, *([state] if state else []), **term.params)
                    for (spec, term), state in zip(self.terms, self.states)]
-        loss = sum(term.weight * out.losses.mean() for (_, term), out in zip(self.terms, outputs))
+        weights = getattr(policy, "weights", None)  # WPO's pair weights, or none
+        loss = sum(term.weight * (out.losses if weights is None else out.losses * weights).mean()
+                   for (_, term), out in zip(self.terms, outputs))
         metrics = {f"loss/{term.name}": out.losses.detach() for (_, term), out in zip(self.terms, outputs)
                    if len(outputs) > 1}
         chosen_rewards, rejected_rewards = outputs[0].chosen_rewards, outputs[0].rejected_rewards  # the first term's
@@ -252,16 +256,18 @@ class PreferenceTrainer(Trainer):
         return loss, metrics
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float | None = None
-               ) -> PairLogps:
+def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float | None = None,
+               use_weighting: bool = False) -> PairLogps:
     """Chosen and rejected through the model in one forward (the batch holds chosen first); with ld_alpha, each
-    completion's tail past the shorter one's length weighs ld_alpha (LD-DPO)."""
+    completion's tail past the shorter one's length weighs ld_alpha (LD-DPO); with use_weighting, WPO's pair
+    weights."""
     weights = None if ld_alpha is None else length_desensitized(batch["token_sequence"], batch["completion_tokens"],
                                                                 ld_alpha)
-    logps, counts = completion_logps(model, batch, chunk_size, weights)  # (2B,) each
+    logps, counts, *aligned = completion_logps(model, batch, chunk_size, weights, wpo=use_weighting)  # (2B,) each
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = counts.chunk(2)
-    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, batch.get("token_normalizer"))
+    pair_weights = wpo_weights(*aligned[0].chunk(2)) if aligned else None
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, batch.get("token_normalizer"), pair_weights)
 
 
 def unpaired_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> UnpairedLogps:
