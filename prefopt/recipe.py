@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +22,21 @@ import yaml
 from prefopt.errors import RecipeError
 from prefopt.methods import METHODS, SECTIONS, implied_method
 from prefopt.recipe_checks import check, fail
+from prefopt.recipe_identity import REMEDIES, RESUMABLE, fingerprint, flatten, identity  # noqa: F401 (re-exported)
 from prefopt.recipe_online import (  # noqa: F401 (re-exported)
     OverlongConfig,
     PairsConfig,
     PPOConfig,
     RewardTerm,
     RolloutConfig,
+)
+from prefopt.recipe_yaml import (  # noqa: F401
+    SHIPPED,
+    DuplicateKey,
+    UniqueKeyLoader,
+    apply_override,
+    drop_other_loss_arguments,
+    shipped,
 )
 
 
@@ -230,41 +237,11 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model:, data:, ...), got {type(data).__name__}")
     loss_before = data.get("loss", {}).get("name", "dpo") if isinstance(data.get("loss"), dict) else None
     for override in overrides:
-        _apply_override(data, override, where)
+        apply_override(data, override, where)
     if loss_before is not None and isinstance(data.get("loss"), dict) and data["loss"].get("name") != loss_before:
         given = {o.partition("=")[0].removeprefix("loss.") for o in overrides if o.startswith("loss.")}
-        _drop_other_loss_arguments(data["loss"], loss_before, given)
+        drop_other_loss_arguments(data["loss"], loss_before, given)
     return from_dict(data, where, name=path.stem)
-
-
-SHIPPED = Path(__file__).resolve().parent / "recipes"  # the example recipes, in the wheel too
-
-
-def shipped(path: Path) -> Path:
-    """A recipe path, or the shipped recipe it names (`quickstart`, `dpo/qwen2.5-0.5b`) when no such file exists."""
-    if path.is_file():
-        return path
-    for candidate in (SHIPPED / path, SHIPPED / f"{path}.yaml"):
-        if candidate.is_file() and SHIPPED in candidate.resolve().parents:
-            return candidate
-    return path
-
-
-def _drop_other_loss_arguments(loss: dict, before: str, given: set[str]) -> None:
-    """`loss.name=X` on a recipe written for another loss: its arguments that X does not take are dropped, and
-    said (one that an override names itself, in `given`, still gets the error)."""
-    from prefopt.losses import LOSSES
-
-    spec = LOSSES.get(loss.get("name"))
-    if spec is None:
-        return
-    keep = set(spec.hyperparameters()) | {"name", "weight", "allow_negative_weight"} | given
-    dropped = [key for key in loss if key not in keep]
-    for key in dropped:
-        del loss[key]
-    if dropped:
-        print(f"[prefopt] loss.name={loss['name']}: dropped {', '.join(dropped)} (arguments of {before} that "
-              f"{loss['name']} does not take)")
 
 
 def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe") -> Recipe:
@@ -290,41 +267,6 @@ def from_dict(data: dict[str, Any], where: str = "<recipe>", name: str = "recipe
     return recipe
 
 
-# ----- what makes a run what it is (prefopt.runs compares it on resume) -----
-
-RESUMABLE = (
-    "output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
-    "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "log.to", "log.project", "log.run_name",
-    "log.quiet", "eval.generate", "eval.max_new_tokens", "eval.rewards", "optim.lr", "train.max_grad_norm",
-)
-# the remedies of a non-finite stop: they may change on resume, and each change is recorded in run.json
-REMEDIES = ("optim.lr", "train.max_grad_norm")
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and scalars are leaves."""
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def identity(recipe: Recipe) -> dict[str, object]:
-    """The keys that make a run what it is: the flattened resolved recipe without RESUMABLE, as JSON values (what a
-    checkpoint stores, so that a saved identity and a new one compare as they are)."""
-    return json.loads(json.dumps({k: v for k, v in flatten(recipe.to_dict()).items() if k not in RESUMABLE},
-                                 default=str))
-
-
-def fingerprint(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()
-
-
 def save(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(dump(recipe))
 
@@ -332,49 +274,6 @@ def save(recipe: Recipe, path: str | Path) -> None:
 def dump(recipe: Recipe) -> str:
     """The resolved recipe as YAML text."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-
-
-def _apply_override(data: dict, override: str, where: str) -> None:
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"override {override!r}: expected key.sub=value, e.g. train.max_steps=10")
-    node = data
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {override!r}: {part!r} in {where} is not a section")
-        node = child
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
-        raise RecipeError(f"override {override!r}: the value is not plain YAML ({problem}); give a number, a word, "
-                          f"[a, list] or {{a: mapping}}, quoted for the shell, e.g. '{key}=\"text\"'") from None
-
-
-class DuplicateKey(Exception):
-    """A mapping of a recipe file names one key twice (YAML would keep the later one without a word)."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, refusing a key written twice in one mapping, with both lines named."""
-
-
-def _unique_mapping(loader: UniqueKeyLoader, node, deep: bool = False):
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise DuplicateKey(f"{key!r} is written twice in one section, on line {seen[key]} and line "
-                               f"{key_node.start_mark.line + 1}; YAML would keep only the later one. Keep one")
-        seen[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep)
-
-
-UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:

@@ -243,6 +243,24 @@ def resume(trainer) -> int:
     return 0
 
 
+def apply_remedies(trainer) -> dict[str, list]:
+    """The remedies (optim.lr, train.max_grad_norm) changed since the checkpoint resumed, {key: [old, new]},
+    said and applied: a new peak lr rescales the schedule from this step on."""
+    now = flatten(trainer.recipe.to_dict())
+    saved = getattr(trainer, "resumed_settings", {})
+    changed = {key: [saved[key], now[key]] for key in REMEDIES if key in saved and saved[key] != now[key]}
+    if "optim.lr" in changed:  # the scheduler's saved base lr is the old one
+        trainer.scheduler.base_lrs = [trainer.recipe.optim.lr for _ in trainer.scheduler.base_lrs]
+        factor = trainer._lr_factor(trainer.scheduler.last_epoch)
+        for group in trainer.scheduler.optimizer.param_groups:
+            group["lr"] = trainer.recipe.optim.lr * factor
+        trainer.scheduler._last_lr = [group["lr"] for group in trainer.scheduler.optimizer.param_groups]
+    if changed:
+        said = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        trainer.accelerator.print(f"[prefopt] changed on resume: {said} (recorded in run.json)")
+    return changed
+
+
 def _load(trainer, path: Path) -> None:
     from accelerate.utils import load
     from safetensors.torch import load_file

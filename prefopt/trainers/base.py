@@ -140,7 +140,7 @@ class Trainer:
             remove_leftovers(self.output_dir)
         acc.wait_for_everyone()
         start = self.global_step = self._resume() if train.resume else 0
-        changed = self._changed_on_resume() if start else {}
+        changed = checkpoints.apply_remedies(self) if start else {}
         if acc.is_main_process:
             info = self._run_info()
             old = self.output_dir / "run.json"
@@ -464,23 +464,6 @@ class Trainer:
 
     def _resume(self) -> int:
         return checkpoints.resume(self)
-
-    def _changed_on_resume(self) -> dict[str, list]:
-        """The remedies (optim.lr, train.max_grad_norm) changed since the checkpoint resumed, {key: [old, new]},
-        said and applied: a new peak lr rescales the schedule from this step on."""
-        now = recipe_lib.flatten(self.recipe.to_dict())
-        saved = getattr(self, "resumed_settings", {})
-        changed = {key: [saved[key], now[key]] for key in recipe_lib.REMEDIES if key in saved and saved[key] != now[key]}
-        if "optim.lr" in changed:  # the scheduler's saved base lr is the old one
-            self.scheduler.base_lrs = [self.recipe.optim.lr for _ in self.scheduler.base_lrs]
-            factor = self._lr_factor(self.scheduler.last_epoch)
-            for group in self.scheduler.optimizer.param_groups:
-                group["lr"] = self.recipe.optim.lr * factor
-            self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
-        if changed:
-            self.accelerator.print(f"[prefopt] changed on resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}"
-                                   " (recorded in run.json)")
-        return changed
 
 
 def _now() -> str:
