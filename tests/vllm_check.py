@@ -39,7 +39,9 @@ def train(config: dict, *overrides: str) -> list[dict]:
     from prefopt.cli import train_recipe
 
     path = Path(config["output_dir"] + ".yaml")
-    path.write_text(yaml.safe_dump(config))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # each process of a launch writes it: whole, never half
+    tmp.write_text(yaml.safe_dump(config))
+    os.replace(tmp, path)
     train_recipe(path, list(overrides))
     lines = (Path(config["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
