@@ -47,7 +47,7 @@ class PPOTrainer(Trainer):
         # unless the rollout needs them for a KL in the reward, the adaptive KL, a critic or an engine's gap
         self.fused_old_logps = self.cycle == 1 and not self.estimator.critic and ppo.target_kl is None and not (
             ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and self.sampler.engine.samples_from_trainer
-        self.buffer, self.buffer_cycle, self.stop_epoch, self.rollout_made_at = None, None, False, None
+        self.buffer, self.buffer_cycle, self.stop_epoch = None, None, False
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.cycle == 0  # between rollouts: a checkpoint holds no half-used rollout
@@ -92,12 +92,6 @@ class PPOTrainer(Trainer):
         self.sampler.engine.sleep()  # on a GPU the engine frees its memory while the trainer updates
         self.kl_controller.update(self.buffer.stats.get("rollout/kl", float("nan")), len(self.buffer))
         self.run_log.samples(samples, cycle * self.cycle + 1)
-        self.rollout_made_at = cycle * self.cycle + 1
-
-    def token_forward(self, model, input_ids, attention_mask, mask, entropy_grad: bool = False,
-                      temperature: float | None = None):
-        """Per-token log-probs, entropies and values of the completions (TokenForward)."""
-        return self.forward(model, input_ids, attention_mask, mask, entropy_grad, temperature)
 
     # ----- the two methods the loop calls ---------------------------------------------------------
 
@@ -127,7 +121,7 @@ class PPOTrainer(Trainer):
     def compute_loss(self, batch):
         ppo, rollout = self.recipe.ppo, self.recipe.rollout
         mask = batch["mask"]
-        logps, entropy, values = self.token_forward(self.model, batch["input_ids"], batch["attention_mask"], mask,
+        logps, entropy, values = self.forward(self.model, batch["input_ids"], batch["attention_mask"], mask,
                                                     entropy_grad=ppo.entropy_coef > 0)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         aggregation = {"aggregation": ppo.loss_aggregation, "max_new_tokens": rollout.max_new_tokens,
@@ -163,7 +157,8 @@ class PPOTrainer(Trainer):
             self.stop_epoch = True
         if record:  # the update's time: the step's, less the rollout it made
             rollout = sum(self.buffer.stats[f"timing/{key}"] for key in ("generate", "score", "logps"))
-            record["timing/update"] = record["step_seconds"] - (rollout if self.rollout_made_at == step else 0.0)
+            made_here = self.buffer_cycle * self.cycle + 1 == step  # the rollout was made at this step's start
+            record["timing/update"] = record["step_seconds"] - (rollout if made_here else 0.0)
 
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
