@@ -46,6 +46,18 @@ def cpu_threads(cpu: bool) -> str | None:
             "OMP_NUM_THREADS sets it)")
 
 
+def eval_chunks(examples: list, size: int, rank: int, world: int):
+    """Process `rank`'s share of `examples`, `size` at a time, with whether to count them: every process runs as
+    many chunks as the busiest one (sharded models gather in lockstep); one out of examples runs the first example
+    again and counts nothing."""
+    import math
+
+    mine = examples[rank::world]
+    for i in range(math.ceil(math.ceil(len(examples) / world) / size)):
+        chunk = mine[i * size : (i + 1) * size]
+        yield chunk or examples[:1], bool(chunk)
+
+
 def check_fsdp(accelerator) -> None:
     """Accelerate turns FSDP on for GPU-class devices only; on CPU an FSDP launch would silently run plain DDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.name != "FSDP":

@@ -8,7 +8,6 @@ process holds the whole rollout, laid out as one process would lay it out. Every
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -252,10 +251,7 @@ class Sampler:
         for key in keys:  # every process has every key, even one with no prompts
             means.add(key, torch.empty(0, device=acc.device))
         size = self.recipe.train.eval_batch_size or 64
-        mine = examples[acc.process_index :: world]
-        for i in range(math.ceil(math.ceil(len(examples) / world) / size)):  # every process runs as many chunks
-            chunk = mine[i * size : (i + 1) * size]
-            counts, chunk = bool(chunk), chunk or examples[:1]
+        for i, (chunk, counts) in enumerate(distributed.eval_chunks(examples, size, acc.process_index, world)):
             batch = self.generate(model, chunk)
             scored = self.score(batch, state)
             if kl:

@@ -321,11 +321,8 @@ class Trainer:
     def eval_chunks(self, examples: list[dict], size: int) -> Iterator[tuple[list[dict], bool]]:
         """This process's share of `examples`, `size` at a time, with whether to count them: every process runs as
         many chunks as the busiest one (sharded models gather in lockstep); one out of examples runs the first
-        example again and counts nothing."""
-        mine = examples[self.accelerator.process_index :: self.world_size]
-        for i in range(math.ceil(math.ceil(len(examples) / self.world_size) / size)):
-            chunk = mine[i * size : (i + 1) * size]
-            yield chunk or examples[:1], bool(chunk)
+        example again and counts nothing (distributed.eval_chunks)."""
+        return distributed.eval_chunks(examples, size, self.accelerator.process_index, self.world_size)
 
     # ----- set-up -----------------------------------------------------------------------------
 
