@@ -52,6 +52,10 @@ METHODS = {method.name: method for method in (
             ("log-prob change vs reference", ["diag/chosen_logp_change", "diag/rejected_logp_change"]),
             ("chosen log-prob fell (share)", ["diag/chosen_logp_fell"]), *LR_AND_SPEED],
            "offline preference optimisation", checks.resolve_losses, checks.check_preference, evaluation="losses"),
+    # supervised fine-tuning: the likelihood of `messages`, `text`, prompt/completion or chosen completions
+    Method("sft", ("loss",), "prefopt.trainers.preference:PreferenceTrainer", ("loss", "logps/"),
+           [("loss", ["loss"]), ("log-probs per token", ["logps/"]), *LR_AND_SPEED],
+           "supervised fine-tuning", checks.resolve_sft, checks.check_sft, evaluation="losses"),
     Method("reward", ("loss",), "prefopt.trainers.reward:RewardTrainer",
            ("loss", "rewards/accuracy", "rewards/margin", "rewards/std"),
            [("loss", ["loss"]), ("accuracy", ["rewards/accuracy"]), ("reward margin", ["rewards/margin"]),

@@ -30,7 +30,7 @@ def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -
         if METHODS[recipe.method].prompts_only:
             examples = load_prompts(sources, tokenizer, data, recipe.seed, f"data.{split}", log=lines.append)
         else:
-            examples = load_examples(sources, tokenizer, data, recipe.seed, f"data.{split}", pairs_only=False,
+            examples = load_examples(sources, tokenizer, data, recipe.seed, f"data.{split}", takes="any",
                                      log=lines.append)
         out += ["", *lines]
         lines.clear()
@@ -50,5 +50,9 @@ def show_example(tokenizer, example: dict) -> list[str]:
         return lines + [f"    {prompt}"]
     for key in keys:
         ids = example[f"{key}_ids"]
-        lines.append(f"  {key} ({len(ids)} tokens): {prompt}{BOUNDARY}{'|'.join(tokenizer.convert_ids_to_tokens(ids))}")
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        mask = example.get(f"{key}_mask") or [1] * len(ids)  # SFT's assistant turns: untrained ones in ⟦ ⟧
+        shown = "|".join(token if trains else f"⟦{token}⟧" for token, trains in zip(tokens, mask))
+        trained = f", {sum(mask)} trained, ⟦untrained⟧" if 0 in mask else ""
+        lines.append(f"  {key} ({len(ids)} tokens{trained}): {prompt}{BOUNDARY}{shown}")
     return lines

@@ -105,6 +105,12 @@ class DataConfig:
     # keyword arguments of every chat-template render (training data, rollouts, evaluation, inspect), e.g.
     # {enable_thinking: false}
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # SFT (the sft loss): train only the assistant turns of `messages` and conversational prompt/completion rows,
+    # as the chat template's {% generation %} markers say, or, without markers, the text each assistant message
+    # adds to the conversation before it (a prefix diff). false: every token, as TRL
+    assistant_only_loss: bool = False
+    # SFT on prompt/completion rows: train the completion only; false: the prompt too. None: true (as TRL)
+    completion_only_loss: bool | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ into it. prefopt.methods names each method's pair; prefopt.recipe calls them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
@@ -37,6 +38,17 @@ def check(recipe: Recipe, where: str) -> None:
     _check_log(recipe, where)
 
 
+def sft_options(recipe: Recipe, where: str | None = None) -> list[str]:
+    """The data.* switches of SFT that the recipe sets away from their defaults; with `where`, a method that
+    does not train on SFT data refuses them."""
+    data = recipe.data
+    keys = ["assistant_only_loss"] * data.assistant_only_loss + ["completion_only_loss"] * (
+        data.completion_only_loss is False)
+    if where and keys:
+        fail(where, f"data.{keys[0]}", f"shapes SFT data; method {recipe.method!r} does not train on it")
+    return keys
+
+
 # ----- resolution: what a recipe left to its defaults, from the registry entries that declare them -----------
 
 
@@ -51,6 +63,14 @@ def resolve_losses(recipe: Recipe, where: str) -> None:
         needs = any(get_loss(term.name, where=f"{where}: loss.name").needs_reference for term in recipe.loss)
         adapters = recipe.model.lora is not None or recipe.model.adapter is not None
         ref.kind = "none" if not needs else "adapter_off" if adapters else "copy"
+
+
+def resolve_sft(recipe: Recipe, where: str) -> None:
+    """method: sft trains with the sft loss unless the recipe names its loss (an SFT variant of its own)."""
+    default = type(recipe.loss[0])() if recipe.loss else None  # LossConfig (prefopt.recipe imports this module)
+    if recipe.loss == [default]:
+        recipe.loss = [dataclasses.replace(default, name="sft")]
+    resolve_losses(recipe, where)
 
 
 def resolve_online(recipe: Recipe, where: str) -> None:
@@ -135,9 +155,21 @@ def check_preference(recipe: Recipe, where: str) -> None:
         fail(where, "method", f"loss {kinds} trains a reward model: add the line `method: reward`")
     if "group" in kinds.values():
         fail(where, "loss", f"{kinds} takes groups of the policy's own samples: use method: online")
+    for key in sft_options(recipe):
+        if set(kinds.values()) != {"any"}:
+            fail(where, f"data.{key}", f"shapes what SFT trains; the loss {kinds} is not an SFT loss: use "
+                  "method: sft (loss sft), or leave it at its default")
+
+
+def check_sft(recipe: Recipe, where: str) -> None:
+    kinds = _loss_specs(recipe, where)
+    if set(kinds.values()) != {"any"}:
+        fail(where, "loss", f"method 'sft' trains the likelihood of the data (loss sft); {kinds} is a preference "
+              "loss: use method: preference for it")
 
 
 def check_reward(recipe: Recipe, where: str) -> None:
+    sft_options(recipe, where)
     kinds = _loss_specs(recipe, where)
     if set(kinds.values()) != {"rewards"}:
         fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
@@ -185,6 +217,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
 
 def check_rl(recipe: Recipe, where: str) -> None:
     """The cross-key rules of method rl (PPO and the GRPO family)."""
+    sft_options(recipe, where)
     from prefopt.losses.ppo import get_advantage
 
     ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
@@ -224,6 +257,7 @@ def check_rl(recipe: Recipe, where: str) -> None:
 
 def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
+    sft_options(recipe, where)
     kinds = _loss_specs(recipe, where)
     _no_eval_rewards(recipe, where)
     if recipe.loss[0].ld_alpha is not None or recipe.loss[0].use_weighting:

@@ -77,7 +77,7 @@ def cache_key(sources: list[str], examples: list[dict], precision: str) -> str:
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 24):
                         digest.update(chunk)
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "completion_mask")
     for ex in examples:
         digest.update(json.dumps([ex.get(k) for k in keys]).encode())
     digest.update(precision.encode())

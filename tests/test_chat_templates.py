@@ -24,7 +24,7 @@ def rendered(path, overrides=()) -> str:
     if METHODS[r.method].prompts_only:
         rows = load_prompts(r.data.train, tokenizer, r.data, 0, "data.train", log=lambda _: None)
     else:
-        rows = load_examples(r.data.train, tokenizer, r.data, 0, "data.train", pairs_only=False, log=lambda _: None)
+        rows = load_examples(r.data.train, tokenizer, r.data, 0, "data.train", takes="any", log=lambda _: None)
     return tokenizer.decode(rows[0]["prompt_ids"])
 
 THINKING = tokenizer_zoo.ZEPHYR_TEMPLATE.replace(  # Qwen3-style: a switch the template reads from its kwargs

@@ -50,7 +50,7 @@ def prefopt_ids(tokenizer, rows, tmp_path, **cfg):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = DataConfig(train=[], **cfg)
-    return load_examples([DataSource(str(path))], tokenizer, config, 0, "data.train", pairs_only=False,
+    return load_examples([DataSource(str(path))], tokenizer, config, 0, "data.train", takes="any",
                          log=lambda _: None)
 
 

@@ -61,3 +61,39 @@ def gpt2(out_dir: Path):
 
     build_tokenizer(CORPUS, vocab_size=500).save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
+
+
+def trl_template(name: str) -> str:
+    """A chat template TRL ships (trl/chat_templates/<name>.jinja): the real model's, or its training variant
+    with {% generation %} markers."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+def with_chat_tokens(tokenizer, out_dir: Path, template: str, tokens: list[str], **special):
+    """`tokenizer` with a model's chat tokens added as special tokens, its template, saved and loaded back."""
+    from transformers import AutoTokenizer
+
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens, **special})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def qwen25(out_dir: Path, template: str = "qwen2_5_training"):
+    """Byte-level BPE with ChatML turns and Qwen2.5's template (EOS <|im_end|>, as the instruct models)."""
+    return with_chat_tokens(gpt2(out_dir), out_dir, trl_template(template), ["<|im_start|>"],
+                            eos_token="<|im_end|>")
+
+
+def llama3(out_dir: Path, template: str = "llama3_training"):
+    """Byte-level BPE with Llama 3's header tokens and template (BOS <|begin_of_text|>, EOS <|eot_id|>)."""
+    return with_chat_tokens(gpt2(out_dir), out_dir, trl_template(template), ["<|start_header_id|>",
+                            "<|end_header_id|>"], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def phi3(out_dir: Path, template: str = "phi3_training"):
+    """The SentencePiece-style tokenizer with Phi-3's turn tokens and template."""
+    return with_chat_tokens(llama2(out_dir), out_dir, trl_template(template), ["<|system|>", "<|user|>",
+                            "<|assistant|>", "<|end|>"])

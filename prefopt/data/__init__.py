@@ -9,30 +9,39 @@ from __future__ import annotations
 
 import random
 
-from prefopt.data.formats import BadRow, canonical_pair, canonical_prompt, canonical_unpaired
+from prefopt.data.formats import (
+    BadRow,
+    as_chatml,
+    canonical_lm,
+    canonical_pair,
+    canonical_prompt,
+    canonical_unpaired,
+)
 from prefopt.data.sources import load_source, map_columns, not_utf8, row_format
 from prefopt.data.tokenize import TruncationReport, tokenize_examples
 from prefopt.errors import DataError
 from prefopt.recipe import DataConfig, DataSource
 
 SHOWN_BAD_ROWS = 5
-CANONICAL = {"paired": canonical_pair, "unpaired": canonical_unpaired, "prompts": canonical_prompt}
-COMPLETIONS = {"paired": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": ()}
+CANONICAL = {"paired": canonical_pair, "unpaired": canonical_unpaired, "prompts": canonical_prompt, "lm": canonical_lm}
+COMPLETIONS = {"paired": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": (), "lm": ("completion",)}
+SFT_FORMATS = ("unpaired", "lm")  # the formats data.assistant_only_loss and data.completion_only_loss shape
 REPORT = ("prompts_cut", "completions_cut", "boundary_merged")
 
 
 def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: int, max_prompt_length: int | None,
-                  truncation: str, extra_columns: tuple[str, ...] = (), chat_template_kwargs: dict | None = None
-                  ) -> dict[str, list]:
+                  truncation: str, extra_columns: tuple[str, ...] = (), chat_template_kwargs: dict | None = None,
+                  assistant_only: bool = False, completion_only: bool = True) -> dict[str, list]:
     """A batch of one source's rows (datasets.map, batched) -> token ids, with `bad` (why a row cannot be
     used, or "") and, per row, what truncation did (the REPORT counts). chat_template_kwargs travel as an
     argument, not only on the tokenizer, so that they are part of the map's cache key."""
     tokenizer.prefopt_chat_template_kwargs = dict(chat_template_kwargs or {})
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    rows = [as_chatml(dict(zip(batch, values))) for values in zip(*batch.values())]
+    options = {"assistant_only": assistant_only, "completion_only": completion_only} if fmt in SFT_FORMATS else {}
     examples, bad = [], []
     for row in rows:
         try:
-            example = CANONICAL[fmt](row, tokenizer)
+            example = CANONICAL[fmt](row, tokenizer, **options)
             for column in extra_columns:
                 value = row[column]
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -46,34 +55,39 @@ def prepare_batch(batch: dict[str, list], *, tokenizer, fmt: str, max_length: in
     tokenized, report = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, COMPLETIONS[fmt],
                                           truncation)
     good = iter(tokenized)
-    keys = ["prompt_ids", *(f"{k}_ids" for k in COMPLETIONS[fmt]), *{"paired": ["margin"], "unpaired": ["label"]}
-            .get(fmt, []), *extra_columns]
+    keys = ["prompt_ids", *(f"{k}_ids" for k in COMPLETIONS[fmt]), *{"paired": ["margin"]}.get(fmt, []),
+            *(["label", "completion_mask"] if fmt in SFT_FORMATS else []), *extra_columns]
     out: dict[str, list] = {"bad": bad, **{key: [] for key in keys}}
     for i, reason in enumerate(bad):
         row = next(good) if not reason else {}
         bad[i] = row.get("bad", reason)
         for key in keys:
-            out[key].append(row.get(key, [] if key.endswith("_ids") else None))
+            out[key].append(row.get(key, [] if key.endswith("_ids") else None))  # None: not there
     for name in REPORT:  # the batch's counts, on its first row: they are summed
         out[name] = [getattr(report, name)] + [0] * (len(bad) - 1)
     return out
 
 
 def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
-                  pairs_only: bool = True, log=print) -> list[dict]:
+                  takes: str = "paired", log=print) -> list[dict]:
     """Sources -> tokenized examples, with unusable rows reported (and dropped or fatal).
 
     Paired rows become {prompt_ids, chosen_ids, rejected_ids} (and `margin` where the data has one);
-    unpaired rows {prompt_ids, completion_ids, label}. With pairs_only, unpaired rows are an error.
+    unpaired and SFT rows {prompt_ids, completion_ids, label} (and `completion_mask` where only some completion
+    tokens train). `takes` is what the losses train on: "paired" refuses unpaired and SFT rows, "unpaired" (KTO,
+    BCO) refuses SFT rows (messages/text), "any" (SFT) takes every format.
     """
     loaded = _load(sources, tokenizer, cfg, seed, where, log)
     for origin, fmt, _ in loaded:
         if fmt == "prompts":
             raise DataError(f"{origin} holds prompts alone; offline methods need completions (prompt/chosen/"
                             "rejected or prompt/completion), online methods (a ppo: section) take prompts")
-        if pairs_only and fmt == "unpaired":
+        if takes == "paired" and fmt == "unpaired":
             raise DataError(f"{origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
                             "pairs (prompt/chosen/rejected): use an unpaired loss (kto, bco, sft) or paired data")
+        if takes != "any" and fmt == "lm":
+            raise DataError(f"{origin} holds SFT rows (`messages` or `text`), which train with the sft loss only "
+                            "(method: sft); preference losses need prompt/chosen/rejected or prompt/completion/label")
     return [row for _, _, rows in loaded for row in rows]
 
 
@@ -84,8 +98,12 @@ def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: in
     sets included), truncated by the same rules as offline prompts."""
     prompt_only = DataConfig(**{**vars(cfg), "columns": {**cfg.columns, "chosen": None, "rejected": None,
                                                             "completion": None}})
-    return [row for _, _, rows in _load(sources, tokenizer, prompt_only, seed, where, log, keep_columns=True)
-            for row in rows]
+    loaded = _load(sources, tokenizer, prompt_only, seed, where, log, keep_columns=True)
+    for origin, fmt, _ in loaded:
+        if fmt == "lm":
+            raise DataError(f"{origin} holds SFT rows (`messages` or `text`) and no `prompt` column; online methods "
+                            "sample completions of prompts: give a `prompt` column (text or messages)")
+    return [row for _, _, rows in loaded for row in rows]
 
 
 def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, log,
@@ -107,7 +125,8 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
                          ignore=dataset.column_names if keep_columns else cfg.extra_columns)
         settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
                     "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns),
-                    "chat_template_kwargs": dict(cfg.chat_template_kwargs)}
+                    "chat_template_kwargs": dict(cfg.chat_template_kwargs),
+                    "assistant_only": cfg.assistant_only_loss, "completion_only": cfg.completion_only_loss is not False}
         keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
         try:
             tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,

@@ -26,6 +26,10 @@ Every layout says which logits score which token, so one function reads them all
 
 and, from the examples: ref_logps (2B,), precomputed reference log-probs when the
 examples carry them; margin (B,), the data's per-pair margin when it has one.
+
+A sequence's `masks` entry (SFT's assistant-only loss: 1 on each completion
+token that trains) leaves its other completion tokens unscored: they are
+context, like the prompt.
 """
 
 from __future__ import annotations
@@ -49,14 +53,16 @@ def collate_pairs(examples: list[dict], pad_token_id: int, packing: bool = False
 
 
 def layout(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, packing: bool = False,
-           share_prompt: bool = False) -> dict[str, torch.Tensor]:
-    batch = (pack_sequences(prompts, completions, pad_token_id, share_prompt) if packing
-             else pad_sequences(prompts, completions, pad_token_id))
+           share_prompt: bool = False, masks: list[list[int] | None] | None = None) -> dict[str, torch.Tensor]:
+    batch = (pack_sequences(prompts, completions, pad_token_id, share_prompt, masks) if packing
+             else pad_sequences(prompts, completions, pad_token_id, masks))
     batch["num_tokens"] = torch.tensor(sum(len(p) + len(c) for p, c in zip(prompts, completions)))
     return batch
 
 
-def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                  masks: list[list[int] | None] | None = None) -> dict[str, torch.Tensor]:
+    masks = masks or [None] * len(prompts)
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     n, width = len(lengths), max(lengths)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
@@ -65,7 +71,7 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_to
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         input_ids[i, : lengths[i]] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[i, : lengths[i]] = 1
-        completion_mask[i, len(prompt) : lengths[i]] = 1
+        completion_mask[i, len(prompt) : lengths[i]] = 1 if masks[i] is None else torch.tensor(masks[i])
     rows, columns = completion_mask[:, 1:].nonzero(as_tuple=True)  # the logits at t predict token t + 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             "token_index": rows * width + columns, "token_target": input_ids[rows, columns + 1],
@@ -73,12 +79,14 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_to
 
 
 def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                   share_prompt: bool = False) -> dict[str, torch.Tensor]:
+                   share_prompt: bool = False, masks: list[list[int] | None] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Sequences end to end, no padding between them (see the module docstring); segments are placed
     longest first into the first row with room (first-fit decreasing), rows as wide as the longest."""
+    masks = masks or [None] * len(prompts)
     groups: dict[tuple, list[int]] = {}  # a segment: one prompt and the sequences that continue it
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(tuple(prompt) if share_prompt else (i,), []).append(i)
+    for i, prompt in enumerate(prompts):  # (a prompt of one token, a BOS, is not worth sharing)
+        groups.setdefault(tuple(prompt) if share_prompt and len(prompt) > 1 else (i,), []).append(i)
     segments = list(groups.values())
     sizes = [len(prompts[members[0]]) + sum(len(completions[i]) for i in members) for members in segments]
     width = max(sizes)
@@ -111,7 +119,8 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_t
                 # completion token j is predicted by the logits of the token before it: the prompt's last for j = 0
                 # (nothing, with no prompt: the first token of a sequence is not scored)
                 sources = [start + len(prompt) - 1 if prompt else None, *range(cursor, cursor + len(completion) - 1)]
-                scored = [(t, token) for t, token in zip(sources, completion) if t is not None]
+                trains = masks[i] or [1] * len(completion)
+                scored = [(t, token) for t, token, m in zip(sources, completion, trains) if t is not None and m]
                 index += [r * width + t for t, _ in scored]
                 target += [token for _, token in scored]
                 sequence += [i] * len(scored)
@@ -156,9 +165,11 @@ def collate_rows(examples: list[dict], pad_token_id: int, kl: bool, packing: boo
         extra = {}
     prompts = [ex["prompt_ids"] for ex in examples]
     completions = [ex["completion_ids"] for ex in examples]
+    masks = [ex.get("completion_mask") for ex in examples]
     if kl:
         prompts, completions = prompts + prompts, completions + completions[-1:] + completions[:-1]
-    batch = layout(prompts, completions, pad_token_id, packing, share_prompt)
+        masks = masks + masks[-1:] + masks[:-1]
+    batch = layout(prompts, completions, pad_token_id, packing, share_prompt, masks)
     batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
     for column in extra_columns:  # data.extra_columns, per row
         batch[column] = torch.tensor([ex[column] for ex in examples])  # (N,)

@@ -123,7 +123,7 @@ def not_utf8(path: str, where: str) -> None:
                                 "save the file as UTF-8") from None
 
 
-TEXT_ROLES = ("prompt", "chosen", "rejected", "completion", "label", "margin")
+TEXT_ROLES = ("prompt", "chosen", "rejected", "completion", "label", "margin", "text", "messages", "tools")
 
 
 def map_columns(dataset, columns: dict[str, str | None], origin: str):
@@ -143,6 +143,8 @@ def map_columns(dataset, columns: dict[str, str | None], origin: str):
             if role in dataset.column_names:
                 dataset = dataset.remove_columns(role)
             dataset = dataset.rename_column(column, role)
+    if "conversations" in dataset.column_names and "messages" not in dataset.column_names:  # ShareGPT's name
+        dataset = dataset.rename_column("conversations", "messages")
     return dataset
 
 
@@ -160,8 +162,9 @@ def text_columns(dataset) -> list[str]:
 
 
 def row_format(dataset, origin: str, columns: dict[str, str | None], log, ignore: list[str] = ()) -> str:
-    """"paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label) or "prompts" (prompt alone,
-    for online methods), from a source's columns; text columns nothing reads are named in the log."""
+    """"paired" (prompt/chosen/rejected), "unpaired" (prompt/completion/label), "prompts" (prompt alone, for
+    online methods) or "lm" (`messages` conversations or `text`, for SFT), from a source's columns; text columns
+    nothing reads are named in the log."""
     names = dataset.column_names
     if "chosen" in names or "rejected" in names:
         required = ("chosen", "rejected")
@@ -169,12 +172,15 @@ def row_format(dataset, origin: str, columns: dict[str, str | None], log, ignore
         required = ("prompt", "completion")
     elif "prompt" in names:
         required = ("prompt",)
+    elif "messages" in names or "text" in names:
+        required = ("messages",) if "messages" in names else ("text",)
     else:
         required = ("chosen", "rejected")
     missing = [c for c in required if c not in names]
     hint = ("Preference rows need prompt/chosen/rejected (strings or message lists), or chosen/rejected "
             "conversations sharing a prompt; unpaired rows need prompt/completion and an optional boolean label; "
-            "data.columns maps other names onto these, e.g. data.columns: {prompt: question}")
+            "SFT rows may also be `messages` conversations or `text`; data.columns maps other names onto these, "
+            "e.g. data.columns: {prompt: question}")
     if missing:
         raise DataError(f"{origin}: missing column {', '.join(map(repr, missing))}; its columns are "
                         f"{', '.join(names)}. {hint}")
@@ -187,4 +193,5 @@ def row_format(dataset, origin: str, columns: dict[str, str | None], log, ignore
     if unused:
         log(f"[prefopt] {origin}: column(s) {', '.join(map(repr, unused))} are not read (data.columns maps a "
             "column onto prompt/chosen/rejected/completion)")
-    return {"chosen": "paired", "prompt": "unpaired" if "completion" in names else "prompts"}[required[0]]
+    return {"chosen": "paired", "prompt": "unpaired" if "completion" in names else "prompts", "messages": "lm",
+            "text": "lm"}[required[0]]

@@ -20,6 +20,12 @@ one); chat-rendered text already holds the template's. Plain-text completions
 end with EOS (appended when missing); chat completions end as the template ends
 a turn.
 
+An example with `spans` (SFT's assistant-only loss) trains only the tokens that
+overlap those character ranges of its whole text (transformers' rule for
+{% generation %} masks): the tokens before the first become the prompt, and the
+completion gets `completion_mask`, 1 on each token that trains, where some do
+not.
+
 Truncation (`max_length` counts prompt + completion tokens):
 
 - `max_prompt_length` (optional): a longer prompt keeps its head (its leading
@@ -76,12 +82,44 @@ def tokenize_examples(examples: list[dict], tokenizer, max_length: int, max_prom
         if plain[i]:
             completions = {key: _with_eos(ids, eos) for key, ids in completions.items()}
         head = next((n for n, t in enumerate(prompt_ids) if t not in special), len(prompt_ids))
-        row = {k: v for k, v in ex.items() if k not in ("prompt", "chat", *completion_keys)
+        prompt_ids = prompt_ids[:keep]
+        mask = None
+        if ex.get("spans") is not None:  # SFT, assistant turns only: one completion
+            (key,) = completion_keys
+            joint = joints[key][i]
+            mask = span_mask(tokenizer, ex.get(f"full_{key}", ex["prompt"] + ex[key]), joint, ex["spans"])[keep:]
+            if 1 not in mask:
+                out.append({"bad": "has no assistant tokens to train (data.assistant_only_loss): no assistant "
+                                   "message, or a chat template whose {% generation %} marks nothing"})
+                continue
+            first = mask.index(1)  # the untrained tokens before the first trained one are context: the prompt
+            prompt_ids, completions[key], mask = prompt_ids + joint[keep:keep + first], joint[keep + first:], mask[first:]
+        row = {k: v for k, v in ex.items() if k not in ("prompt", "chat", "spans", *completion_keys)
                and not k.startswith("full_")}
-        bad = _truncate(prompt_ids[:keep], min(head, keep), completions, max_length, max_prompt_length, truncation,
+        bad = _truncate(prompt_ids, min(head, keep), completions, max_length, max_prompt_length, truncation,
                         report, row)
+        if not bad and mask is not None and 0 in mask[: len(row["completion_ids"])]:
+            row["completion_mask"] = mask[: len(row["completion_ids"])]
         out.append({"bad": bad} if bad else row)
     return out, report
+
+
+def span_mask(tokenizer, text: str, ids: list[int], spans: list[list[int]]) -> list[int]:
+    """1 on each token of `text` that overlaps a character span, as transformers builds assistant masks."""
+    if not tokenizer.is_fast:
+        raise DataError("data.assistant_only_loss needs a fast tokenizer (character offsets); "
+                        f"{tokenizer.name_or_path!r} loads a slow one")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != list(ids):
+        raise DataError(f"the tokenizer of {tokenizer.name_or_path!r} tokenizes the same text two ways")
+    mask, span = [0] * len(ids), 0
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        mask[t] = int(end > spans[span][0])
+    return mask
 
 
 def _truncate(prompt: list[int], head: int, completions: dict[str, list[int]], max_length: int,

@@ -326,15 +326,16 @@ class Trainer:
 
     # ----- set-up -----------------------------------------------------------------------------
 
-    def load_data(self, pairs_only: bool) -> None:
-        """data.train and data.eval (or a held-out data.eval_fraction) -> self.train_data, self.eval_data."""
+    def load_data(self, takes: str) -> None:
+        """data.train and data.eval (or a held-out data.eval_fraction) -> self.train_data, self.eval_data; `takes`:
+        what the losses train on (prefopt.data.load_examples)."""
         from prefopt.data import load_examples
 
         recipe, acc = self.recipe, self.accelerator
         data = recipe.data
 
         def load(sources, where):
-            return load_examples(sources, self.tokenizer, data, recipe.seed, where, pairs_only, acc.print)
+            return load_examples(sources, self.tokenizer, data, recipe.seed, where, takes, acc.print)
 
         with acc.main_process_first():  # the first process fills the datasets cache
             self.train_data = load(data.train, "data.train")

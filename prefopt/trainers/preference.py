@@ -32,7 +32,7 @@ class PreferenceTrainer(Trainer):
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         kinds = {spec.data for spec, _ in self.terms}
         acc = self.accelerator
-        self.load_data(pairs_only="paired" in kinds)
+        self.load_data("paired" if "paired" in kinds else "unpaired" if "unpaired" in kinds else "any")
         # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
         self.unpaired = "unpaired" in kinds or any("completion_ids" in ex for ex in self.train_data)
         if self.unpaired:
@@ -110,7 +110,7 @@ class PreferenceTrainer(Trainer):
                               f"sliding window (model.attn_implementation is {model_cfg.attn_implementation}); "
                               "set train.share_prompt: false")
         acc.print(f"[prefopt] layout: {'packed' if train.packing else 'padded'}"
-                  f"{', prompt shared by chosen and rejected' if self.share_prompt else ''}; log-probs "
+                  f"{', a prompt shared by the sequences continuing it' if self.share_prompt else ''}; log-probs "
                   + (f"through the LM head {self.chunk_size} tokens at a time" if self.chunk_size else "from full logits"))
 
     def _precompute_reference(self) -> None:
@@ -200,13 +200,14 @@ class PreferenceTrainer(Trainer):
     def global_batch_values(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """token_normalizer: the chosen (unpaired: desirable) tokens scored per example of these examples, what
         token-mean losses divide by (PairLogps.token_normalizer). A completion's first token is scored only
-        after a prompt."""
-        def scored(ids: list[int], prompt: list[int]) -> int:
-            return len(ids) - (not prompt)
+        after a prompt; with a completion_mask (SFT's assistant turns), only the tokens it marks."""
+        def scored(ids: list[int], prompt: list[int], mask: list[int] | None = None) -> int:
+            return (len(ids) if mask is None else sum(mask)) - (not prompt)
 
         if self.unpaired:  # rows, or pairs that collate_rows makes two rows each
             counts = [c for ex in examples for c in ((scored(ex["chosen_ids"], ex["prompt_ids"]), 0)
-                      if "chosen_ids" in ex else (scored(ex["completion_ids"], ex["prompt_ids"]) * ex["label"],))]
+                      if "chosen_ids" in ex else
+                      (scored(ex["completion_ids"], ex["prompt_ids"], ex.get("completion_mask")) * ex["label"],))]
         else:
             counts = [scored(ex["chosen_ids"], ex["prompt_ids"]) for ex in examples]
         return {"token_normalizer": torch.tensor(sum(counts) / len(counts))}

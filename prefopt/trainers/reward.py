@@ -22,7 +22,7 @@ class RewardTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
-        self.load_data(pairs_only=True)
+        self.load_data("paired")
         self.model = load_policy(recipe.model, reward_head=True)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # where each sequence's reward is read
 
