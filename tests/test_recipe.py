@@ -74,3 +74,12 @@ def test_resolved_recipe_round_trips(tmp_path):
     data = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert data["loss"] == {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0} and data["seed"] == 3
     assert recipe_lib.from_dict(data) == r
+
+
+def test_every_shipped_recipe_loads():
+    """Each recipe in recipes/ (the package's prefopt/recipes) resolves and passes its method's checks."""
+    root = QUICKSTART.parent
+    recipes = [p for p in sorted(root.rglob("*.yaml")) if "accelerate" not in p.parts]
+    assert len(recipes) > 40
+    for path in recipes:
+        recipe_lib.load(path)

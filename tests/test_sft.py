@@ -167,6 +167,7 @@ def chat_model(tmp_path_factory, tokenizers):
     build_tiny_model(tokenizers["qwen25"], root / "model")
     rows = [{"messages": c} for c in CONVERSATIONS] * 6
     (root / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tokenizer_zoo.CORPUS[:18]))
     return root
 
 
@@ -206,3 +207,23 @@ def test_method_sft_trains_conversations_and_packing_equals_padding(chat_model, 
             total += model(input_ids=torch.tensor([ids]), labels=labels).loss.item() * len(positions)
         tokens += len(positions)
     assert packed[0] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_text_documents_pack_with_attention_inside_each(chat_model, tmp_path):
+    """`text` rows: documents end to end in a row, position ids restarting at each (so attention stays inside
+    it): the same losses as one padded document per row."""
+    data = {"train": str(chat_model / "text.jsonl"), "assistant_only_loss": False}
+    packed = run_sft(chat_model, tmp_path / "packed", data=data)
+    assert packed == pytest.approx(run_sft(chat_model, tmp_path / "padded", data=data, train={"packing": False}),
+                                   abs=1e-5, rel=1e-5)
+
+
+def test_inspect_shows_the_untrained_turns(chat_model, tmp_path):
+    from prefopt.preview import inspect_recipe
+
+    run_recipe = tmp_path / "r.yaml"
+    run_recipe.write_text(yaml.safe_dump({"method": "sft", "model": {"name_or_path": str(chat_model / "model")},
+                                          "data": {"train": str(chat_model / "messages.jsonl"),
+                                                   "assistant_only_loss": True}}))
+    shown = inspect_recipe(str(run_recipe), rows=1)
+    assert "trained, ⟦untrained⟧" in shown and "⟦<|im_start|>⟧" in shown and "|Paris|" not in shown.split("‖")[0]
