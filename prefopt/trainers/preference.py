@@ -59,13 +59,14 @@ class PreferenceTrainer(Trainer):
     @torch.no_grad()
     def generate_samples(self) -> list[dict]:
         """Greedy completions of the first eval.generate held-out prompts, with each eval.rewards term's score and
-        the data's chosen completion beside them."""
+        the data's chosen completion beside them. Rows without a prompt (SFT's `text`) have nothing to continue."""
         from accelerate.utils import gather_object
 
         from prefopt.generation import generate
         from prefopt.rewards import RewardTerms
 
-        examples, acc, decode = self.eval_data[: self.recipe.eval.generate], self.accelerator, self.tokenizer.decode
+        examples = [ex for ex in self.eval_data if ex["prompt_ids"]][: self.recipe.eval.generate]
+        acc, decode = self.accelerator, self.tokenizer.decode
         if self.sample_scorer is None:
             self.sample_scorer = RewardTerms(self.recipe.eval.rewards, "eval.rewards", device=str(acc.device))
         rows = []
