@@ -33,6 +33,15 @@ class RolloutConfig:
     filter_max_rounds: int = 4
     # hf: Hugging Face generate on the policy; vllm: a vLLM engine colocated in each process, synced after updates
     engine: Literal["hf", "vllm"] = "hf"
+    # multi-turn, tool-using rollouts with TRL's contracts (prefopt/online/agent.py, docs/agents.md): tool
+    # functions "module:function" (type hints and Google-style docstrings, sync or async), and an environment
+    # factory "module:Class" (reset(**row), public methods as tools, optional get_reward) or {name: factory}
+    # chosen by each row's `environment` column. max_new_tokens then bounds the whole trajectory after the prompt
+    tools: list[str] = field(default_factory=list)
+    environment: str | dict[str, str] | None = None
+    max_turns: int | None = None  # assistant turns per trajectory (TRL's max_tool_calling_iterations + 1); None: no limit
+    max_tool_calls: int | None = None  # tool calls per trajectory; None: no limit
+    tool_timeout: float | None = 30.0  # seconds per tool call; past it the model gets {"error": ...}
     gpu_memory_utilization: float = 0.3  # vllm: the share of GPU memory the engine may take
     tensor_parallel_size: int = 1  # vllm
 

@@ -39,7 +39,8 @@ from prefopt.errors import PrefoptError, RecipeError, import_object
 from prefopt.isolated import IsolatedFunction, TrainerState, WorkerDied
 
 INTERNAL_COLUMNS = ("prompt", "prompt_ids")  # what a prompt row carries besides its dataset columns
-TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                 "environments")
 TRL_FORM = "def reward(prompts, completions, **kwargs) -> list[float | None]  (dataset columns by name, e.g. answer)"
 
 __all__ = ["RewardTerms", "Scores", "TrainerState", "conversational_completions"]
@@ -68,10 +69,10 @@ def _is_messages(value) -> bool:
 class FunctionTerm:
     """One function term: how it is called (the arguments it takes, sync or async, in this process or isolated)."""
 
-    def __init__(self, term, name: str, where: str):
+    def __init__(self, term, name: str, where: str, fn=None):
         self.name, self.reference, self.timeout, self.skip = name, term.function, term.timeout, \
             term.on_timeout == "skip"
-        self.fn = import_object(term.function, f"{where}.function")
+        self.fn = fn if fn is not None else import_object(term.function, f"{where}.function")
         if not callable(self.fn):
             raise RecipeError(f"{where}.function: {term.function} is not callable; it should be {TRL_FORM}")
         self.is_async = inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(
@@ -131,6 +132,12 @@ class RewardTerms:
                 self.terms.append((name, term.weight, scorer))
         self._loop: asyncio.AbstractEventLoop | None = None  # async terms run here, in a thread of their own
 
+    def add_function(self, name: str, fn, weight: float = 1.0) -> None:
+        """A term made in code (an environment's get_reward), called as the recipe's function terms are."""
+        from prefopt.recipe_online import RewardTerm
+
+        self.terms.append((name, weight, FunctionTerm(RewardTerm(name=name, function=name), name, name, fn)))
+
     @property
     def names(self) -> list[str]:
         return [name for name, *_ in self.terms]
@@ -155,13 +162,18 @@ class RewardTerms:
                         f" besides the prompt. Add the column to the data, or give the parameter a default")
 
     def __call__(self, prompts: list, completions: list[str], rows: list[dict],
-                 completion_ids: list[list[int]] | None = None, state: TrainerState | None = None) -> Scores:
-        """Score N completions (texts) of `prompts`, with their dataset `rows` and sampled token ids."""
+                 completion_ids: list[list[int]] | None = None, state: TrainerState | None = None,
+                 messages: list[list[dict]] | None = None, environments: list | None = None) -> Scores:
+        """Score N completions (texts) of `prompts`, with their dataset `rows` and sampled token ids. A multi-turn
+        rollout gives its completions as `messages` (assistant and tool messages) and its `environments`."""
         metrics: dict[str, list[float]] = {}
         extra: dict[str, list] = {}
         columns = sorted(set().union(*(row.keys() for row in rows)) - set(INTERNAL_COLUMNS)) if rows else []
         available = {key: [row.get(key) for row in rows] for key in columns}
-        available.update(prompts=prompts, completions=conversational_completions(prompts, completions),
+        if environments is not None:
+            available["environments"] = environments
+        available.update(prompts=prompts, completions=messages if messages is not None else
+                         conversational_completions(prompts, completions),
                          completion_ids=completion_ids if completion_ids is not None else [[] for _ in completions],
                          trainer_state=state or TrainerState(0, 1),  # outside a run (prefopt label)
                          log_extra=lambda column, values: extra.setdefault(column, []).extend(values),

@@ -116,9 +116,15 @@ def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator):
     def kl(batch: dict) -> torch.Tensor:
         input_ids, attention_mask = sequences(batch)
         tokens = token_logps(forward, model, reference, kind, accelerator, input_ids, attention_mask, batch["mask"])
-        return (tokens["old_logps"] - tokens["ref_logps"]).sum(1)
+        return ((tokens["old_logps"] - tokens["ref_logps"]) * model_tokens(batch)).sum(1)
 
     return kl
+
+
+def model_tokens(rows: dict) -> torch.Tensor:
+    """(B, R) 1 on the completion tokens the model sampled: all of them, or, in a multi-turn rollout, not the
+    tool replies and template glue inserted between its turns (tool_mask 0)."""
+    return rows["mask"] * rows["tool_mask"] if "tool_mask" in rows else rows["mask"]
 
 
 @torch.no_grad()
@@ -129,7 +135,7 @@ def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: fl
     rollout.mask_truncated)."""
     ppo, rollout = recipe.ppo, recipe.rollout
     estimator = ppo_math.get_advantage(ppo.advantage)
-    mask, ended, penalised = buffer["mask"], buffer["ended"], buffer["penalised"]
+    mask, ended, penalised = model_tokens(buffer), buffer["ended"], buffer["penalised"]
     old_logps = tokens.get("old_logps")
     stats = {**stats, "rollout/kl_coef": kl_coef}
     kl = torch.zeros_like(mask)

@@ -39,6 +39,13 @@ class Sampler:
             def lockstep(batches: int) -> int:
                 return int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).max())
         self.rewards = RewardTerms(recipe.rewards, device=str(accelerator.device), place=place, lockstep=lockstep)
+        self.agent = None  # multi-turn, tool-using rollouts (rollout.tools, rollout.environment)
+        if recipe.rollout.tools or recipe.rollout.environment:
+            from prefopt.online.agent import Agent
+
+            self.agent = Agent(recipe.rollout, tokenizer, data.chat_template_kwargs)
+            for name, fn in self.agent.reward_functions():
+                self.rewards.add_function(name, fn)
         for rows, where in ((self.train_data, "data.train"), (self.eval_data, "data.eval")):
             self.rewards.check_columns(rows, where)
         self.engine = None
@@ -68,6 +75,8 @@ class Sampler:
 
     def close(self, placed: list) -> None:
         self.rewards.close()
+        if self.agent is not None:
+            self.agent.close()
         if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
             distributed.release_gathers(self.accelerator, placed)
             self.engine.close()
@@ -99,9 +108,15 @@ class Sampler:
             start = time.perf_counter()
             self.engine.sync(model, self.accelerator)
             self.stale, self.sync_seconds = False, time.perf_counter() - start
-        tokens, logps = self.engine.generate([row["prompt_ids"] for row in rows], draw,
-                                             max_new_tokens or self.recipe.rollout.max_new_tokens)
-        prompt_ids, prompt_mask = pad_prompts([row["prompt_ids"] for row in rows], pad, device)
+        max_new_tokens = max_new_tokens or self.recipe.rollout.max_new_tokens
+        prompts, trajectories = [row["prompt_ids"] for row in rows], None
+        if self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
+            start = time.perf_counter()
+            trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens)
+            tokens, logps, prompts = trajectories.completion_ids, trajectories.logps, trajectories.prompt_ids
+        else:
+            tokens, logps = self.engine.generate(prompts, draw, max_new_tokens)
+        prompt_ids, prompt_mask = pad_prompts(prompts, pad, device)
         width = max(1, max(map(len, tokens)))
         responses = torch.full((len(rows), width), pad, dtype=torch.long)
         for i, ids in enumerate(tokens):
@@ -112,6 +127,8 @@ class Sampler:
                  "mask": mask.float().to(device), "completion_ids": tokens, "rows": rows,
                  "ended": torch.tensor([bool(ids) and ids[-1] == eos for ids in tokens], device=device),
                  "texts": self.tokenizer.batch_decode(tokens, skip_special_tokens=True)}
+        if trajectories is not None:
+            batch.update(self._agent_fields(trajectories, environments, batch, time.perf_counter() - start))
         if logps is not None:
             engine_logps = torch.zeros(len(rows), width)
             for i, values in enumerate(logps):
@@ -119,12 +136,29 @@ class Sampler:
             batch["engine_logps"] = engine_logps.to(device)
         return batch
 
+    def _agent_fields(self, trajectories, environments: list, batch: dict, seconds: float) -> dict:
+        """A multi-turn batch's tool_mask (1 on sampled tokens: the loss counts those), its completions as TRL's
+        message lists, its environments and its counts; the trained ids are checked against the sampled ones."""
+        from prefopt.online.agent import check_drift, drift
+
+        responses = batch["response_ids"]
+        tool_mask = torch.zeros(responses.shape, device=responses.device)
+        for i, values in enumerate(trajectories.tool_mask):
+            tool_mask[i, : len(values)] = torch.tensor(values, dtype=torch.float)
+        drifted = drift(trajectories, responses.cpu())
+        check_drift(drifted, self.tokenizer)
+        n = len(trajectories.turns)
+        return {"tool_mask": tool_mask, "messages": trajectories.messages, "environments": environments,
+                "agent": {"rollout/turns": sum(trajectories.turns) / n, "rollout/tool_calls": sum(trajectories.tool_calls) / n,
+                          "rollout/tool_errors": sum(trajectories.tool_errors) / n, "rollout/token_drift": drifted,
+                          "timing/tools": trajectories.tool_seconds}}
+
     # ----- 3. scores ----------------------------------------------------------------------------
 
     def score(self, batch: dict, state: TrainerState | None = None) -> Scores:
         """The reward terms on a generated batch: the weighted total (N,) and each term's values (terms, N)."""
         scores = self.rewards([row["prompt"] for row in batch["rows"]], batch["texts"], batch["rows"],
-                              batch["completion_ids"], state)
+                              batch["completion_ids"], state, batch.get("messages"), batch.get("environments"))
         device = batch["mask"].device
         scores.total, scores.terms = scores.total.to(device).float(), scores.terms.to(device).float()
         return scores
@@ -183,12 +217,12 @@ class Sampler:
             penalised = self.penalise(scored.total, batch["ended"], batch["mask"])
             extra = local(batch, penalised) if local else {}
             timing["score"] += time.perf_counter() - start
-            for key, value in scored.metrics.items():  # the reward terms' timing and log_metric values
-                metrics.setdefault(key, []).append(value)
+            for key, value in {**scored.metrics, **batch.get("agent", {})}.items():  # reward terms' timing and
+                metrics.setdefault(key, []).append(value)  # log_metric values; tool use
             samples = samples or [{"cycle": cycle, **row} for row in self.sample_rows(batch, scored)][
                 : recipe.eval.generate or 3]  # the first round's
             local_rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask",
-                                                      "engine_logps") if key in batch}
+                                                      "engine_logps", "tool_mask") if key in batch}
             gathered = self.gather({**local_rows, "ended": batch["ended"].float(), "scores": scored.total,
                                     "penalised": penalised, "terms": scored.terms.T, **extra})
             gathered["ended"] = gathered["ended"].bool()
