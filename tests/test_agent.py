@@ -297,3 +297,82 @@ def test_a_template_without_tool_support_is_named(tmp_path):
     with pytest.raises(RecipeError, match="zephyr' cannot render tool calls: .* lacks the call's name and its "
                                           "arguments and the tool's reply. Give a template with tool support"):
         agent_for(tokenizer)
+
+
+def correct(completions, answer, **kwargs) -> list[float]:
+    """A TRL reward function: the last assistant message holds the answer (completions are message lists)."""
+    return [float(answer_ in turns[-1]["content"]) for turns, answer_ in zip(completions, answer)]
+
+
+class CalculatorEngine:
+    """The rollout engine of a run, scripted: a prompt without a tool reply yet gets a multiply call, then the
+    answer (a tiny random model would rarely call a tool)."""
+
+    samples_from_trainer = True
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, draw, max_new_tokens):
+        out = []
+        for ids in prompts:
+            replied = "<tool_response>" in self.tokenizer.decode(ids)
+            text = "It is 42." if replied else call("multiply", "qwen", a=6, b=7)
+            out.append((self.tokenizer(text, add_special_tokens=False)["input_ids"] +
+                        [self.tokenizer.eos_token_id])[:max_new_tokens])
+        return out, None
+
+    def sync(self, model, accelerator):
+        pass
+
+    def sleep(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_tokenizers, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from conftest import read_metrics
+
+    from prefopt.api import train
+    from prefopt.data.synthetic import build_tiny_model
+    from prefopt.online import engines
+
+    tokenizer = tool_tokenizers["qwen2_5"]
+    build_tiny_model(tokenizer, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())  # the tool schemas take ~600 tokens
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    rows = [{"prompt": PROMPTS[0], "answer": "42"}, {"prompt": PROMPTS[2], "answer": "hi"}] * 4
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(engines, "make_engine", lambda recipe, tok: CalculatorEngine(tok))
+    recipe = {"method": "rl", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path / "model")},
+              "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 700},
+              "rewards": [{"function": f"{__name__}:correct"}],
+              "rollout": {"samples_per_prompt": 2, "max_new_tokens": 160, "tools": [f"{__name__}:multiply"]},
+              "ppo": {"advantage": "grpo"}, "optim": {"lr": 1.0e-3},
+              "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "eval_every": 0, "save_every": 0,
+                        "progress_bar": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    from prefopt.trainers.ppo import PPOTrainer
+
+    loss_tokens = []
+
+    class Recording(PPOTrainer):
+        def _rollout(self, cycle):
+            super()._rollout(cycle)
+            loss_tokens.append(self.buffer.mask.sum(1).tolist())
+
+    train(str(tmp_path / "r.yaml"), trainer=Recording)
+    first = read_metrics(tmp_path / "run", timing=True)[0]
+    assert first["rollout/turns"] == 2 and first["rollout/tool_calls"] == 1 and first["rollout/tool_errors"] == 0
+    assert first["rollout/token_drift"] == 0 and first["timing/tools"] >= 0
+    sampled = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1
+                  for t in (call("multiply", "qwen", a=6, b=7), "It is 42."))
+    assert first["rollout/length"] == sampled  # the model's tokens only, not the tool reply
+    assert loss_tokens == [[sampled] * 4] * 2  # and the loss counts those only
+    for sample in map(json.loads, (tmp_path / "run" / "samples.jsonl").read_text().splitlines()):
+        assert sample["correct"] == float("6 times 7" in sample["prompt"][0]["content"])

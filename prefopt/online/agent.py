@@ -184,13 +184,20 @@ class Agent:
             prompts.append(prompt)
         return environments, toolboxes, prompts
 
-    def run(self, engine, rows: list[dict], draw: Draw | None, max_new_tokens: int) -> tuple[Trajectories, list]:
-        """Multi-turn trajectories of `rows` (see the module docstring); returns them and the environments."""
+    def run(self, engine, rows: list[dict], draw: Draw | None, max_new_tokens: int, max_prompt: int | None = None
+            ) -> tuple[Trajectories, list]:
+        """Multi-turn trajectories of `rows` (see the module docstring); returns them and the environments. A
+        prompt rendered with its tools and observation longer than `max_prompt` tokens is an error."""
         import time
 
         environments, toolboxes, prompts = self.begin(rows)
         schemas = [list(box.values()) or None for box in toolboxes]
         out = Trajectories([self._ids(p, True, s) for p, s in zip(prompts, schemas)])
+        longest = max(map(len, out.prompt_ids))
+        if max_prompt is not None and longest > max_prompt:
+            raise RecipeError(f"a prompt rendered with its tools (and its environment's observation) is {longest} "
+                              f"tokens, over data.max_length ({max_prompt}); the tool schemas count: raise "
+                              "data.max_length")
         n = len(rows)
         out.completion_ids, out.tool_mask = [[] for _ in range(n)], [[] for _ in range(n)]
         out.sampled, out.messages = [[] for _ in range(n)], [[] for _ in range(n)]

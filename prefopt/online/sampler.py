@@ -19,6 +19,7 @@ from prefopt.degenerate import RolloutWatch
 from prefopt.errors import RecipeError
 from prefopt.generation import Draw, pad_prompts
 from prefopt.losses import ppo as ppo_math
+from prefopt.online.experience import model_tokens
 from prefopt.rewards import RewardTerms, Scores, TrainerState
 
 
@@ -112,7 +113,8 @@ class Sampler:
         prompts, trajectories = [row["prompt_ids"] for row in rows], None
         if self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
             start = time.perf_counter()
-            trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens)
+            trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens,
+                                                        self.recipe.data.max_length)
             tokens, logps, prompts = trajectories.completion_ids, trajectories.logps, trajectories.prompt_ids
         else:
             tokens, logps = self.engine.generate(prompts, draw, max_new_tokens)
@@ -236,7 +238,7 @@ class Sampler:
             for group in groups:
                 (kept if group["penalised"].max() > group["penalised"].min() else dropped).append(group)
         buffer = _concat((kept + dropped)[:prompts], self.tokenizer.pad_token_id)
-        mask, scores = buffer["mask"], buffer["scores"]
+        mask, scores = model_tokens(buffer), buffer["scores"]
         self.watch.check(self.rewards.names, buffer["terms"], buffer["penalised"], k)
         stats = {"rollout/score": scores.mean(), "rollout/length": mask.sum(1).mean(),
                  "rollout/eos": buffer["ended"].float().mean()}
@@ -298,7 +300,7 @@ class Sampler:
                 continue
             means.add("score", scored.total)
             means.add("eos", batch["ended"].float())
-            means.add("length", batch["mask"].sum(1))
+            means.add("length", model_tokens(batch).sum(1))
             if kl:
                 means.add("kl", divergence)
             for name, values in zip(self.rewards.names, scored.terms):
