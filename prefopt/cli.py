@@ -4,7 +4,7 @@
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
     prefopt recipes                             list the example recipes shipped with prefopt
     prefopt inspect RECIPE [--rows N] [key.sub=value ...]   rows as the model sees them, boundary marked
-    prefopt synth sort|arithmetic OUT_DIR       write a tiny model and a synthetic task's data
+    prefopt synth sort|arithmetic|calculator OUT_DIR   write a tiny model and a synthetic task's data
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a run (policy or reward model) on a preference set
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     quick = commands.add_parser("quickstart", help="train DPO on a tiny sorting task on this machine")
     quick.add_argument("overrides", nargs="*")
     synth = commands.add_parser("synth", help="write a synthetic task with its tiny model")
-    synth.add_argument("task", choices=["sort", "arithmetic"])
+    synth.add_argument("task", choices=["sort", "arithmetic", "calculator"])
     synth.add_argument("out_dir")
     synth.add_argument("--train", type=int, default=2000, help="training rows")
     synth.add_argument("--eval", type=int, default=200, help="held-out rows")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--hidden-size", type=int, default=64, help="the tiny model's width (vLLM needs 128+: head_dim 32+)")
-    synth.add_argument("--layers", type=int, default=2)
+    synth.add_argument("--hidden-size", type=int, help="the tiny model's width (the task's default: 64, calculator "
+                       "128; vLLM needs 128+: head_dim 32+)")
+    synth.add_argument("--layers", type=int, help="the tiny model's layers (the task's default: 2, calculator 4)")
     merge = commands.add_parser("merge", help="merge a LoRA run's adapter into its base model")
     merge.add_argument("run_dir")
     merge.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
@@ -147,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             from prefopt.data import synthetic
 
-            write = synthetic.write_sort_task if args.task == "sort" else synthetic.write_arithmetic_task
-            print(f"wrote {write(args.out_dir, args.train, args.eval, args.seed, args.hidden_size, args.layers)}")
+            write = getattr(synthetic, f"write_{args.task}_task")
+            size = {key: value for key, value in (("hidden_size", args.hidden_size), ("num_layers", args.layers))
+                    if value is not None}
+            print(f"wrote {write(args.out_dir, args.train, args.eval, args.seed, **size)}")
     except Stopped as exc:
         print(f"prefopt: {exc}", file=sys.stderr)
         return exc.exit_code

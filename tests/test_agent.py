@@ -315,9 +315,11 @@ class CalculatorEngine:
 
     def generate(self, prompts, draw, max_new_tokens):
         out = []
-        for ids in prompts:
+        for j, ids in enumerate(prompts):
             replied = "<tool_response>" in self.tokenizer.decode(ids)
-            text = "It is 42." if replied else call("multiply", "qwen", a=6, b=7)
+            # a seeded "sample": the answer depends on the draw (seed, rollout, turn) and the row, as a real one
+            wrong = draw is not None and hash((draw.seed, int(draw.rows[j]))) % 3 == 0
+            text = ("It is 41." if wrong else "It is 42.") if replied else call("multiply", "qwen", a=6, b=7)
             out.append((self.tokenizer(text, add_special_tokens=False)["input_ids"] +
                         [self.tokenizer.eos_token_id])[:max_new_tokens])
         return out, None
@@ -332,13 +334,14 @@ class CalculatorEngine:
         pass
 
 
-def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_tokenizers, tmp_path, monkeypatch):
+@pytest.fixture
+def tool_run(tool_tokenizers, tmp_path, monkeypatch):
+    """A tiny model on the Qwen2.5-template tokenizer, prompts with an `answer`, the scripted engine, and a GRPO
+    recipe with the multiply tool (`overrides` update its sections)."""
     import json
 
     import yaml
-    from conftest import read_metrics
 
-    from prefopt.api import train
     from prefopt.data.synthetic import build_tiny_model
     from prefopt.online import engines
 
@@ -349,14 +352,49 @@ def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_tokenizer
     rows = [{"prompt": PROMPTS[0], "answer": "42"}, {"prompt": PROMPTS[2], "answer": "hi"}] * 4
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(engines, "make_engine", lambda recipe, tok: CalculatorEngine(tok))
-    recipe = {"method": "rl", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path / "model")},
-              "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 700},
-              "rewards": [{"function": f"{__name__}:correct"}],
-              "rollout": {"samples_per_prompt": 2, "max_new_tokens": 160, "tools": [f"{__name__}:multiply"]},
-              "ppo": {"advantage": "grpo"}, "optim": {"lr": 1.0e-3},
-              "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "eval_every": 0, "save_every": 0,
-                        "progress_bar": False}}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def write(name, **overrides):
+        recipe = {"method": "rl", "output_dir": str(tmp_path / name), "model": {"name_or_path": str(tmp_path / "model")},
+                  "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 700},
+                  "rewards": [{"function": f"{__name__}:correct"}],
+                  "rollout": {"samples_per_prompt": 2, "max_new_tokens": 160, "tools": [f"{__name__}:multiply"]},
+                  "ppo": {"advantage": "grpo"}, "optim": {"lr": 1.0e-3, "schedule": "constant"},
+                  "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "eval_every": 0,
+                            "save_every": 0, "progress_bar": False}}
+        for key, value in overrides.items():
+            recipe[key] = {**recipe[key], **value}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        return tmp_path / f"{name}.yaml"
+
+    return tokenizer, write
+
+
+def test_a_tool_run_resumes_exactly(tool_run, tmp_path):
+    from conftest import read_metrics
+
+    from prefopt.cli import train_recipe
+
+    _, write = tool_run
+    train = {"max_steps": 4, "save_every": 2}
+    train_recipe(write("whole", train=train))
+    path = write("resumed", train=train)
+    train_recipe(path, ["train.max_steps=2"])
+    train_recipe(path)
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), a["step"]
+    assert all(r["grad_norm"] > 0 for r in whole) and {r["rollout/turns"] for r in whole} == {2}
+
+
+def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_run, tmp_path):
+    import json
+
+    from prefopt.api import train
+
+    tokenizer, write = tool_run
+    from conftest import read_metrics
+
     from prefopt.trainers.ppo import PPOTrainer
 
     loss_tokens = []
@@ -366,7 +404,7 @@ def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_tokenizer
             super()._rollout(cycle)
             loss_tokens.append(self.buffer.mask.sum(1).tolist())
 
-    train(str(tmp_path / "r.yaml"), trainer=Recording)
+    train(str(write("run")), trainer=Recording)
     first = read_metrics(tmp_path / "run", timing=True)[0]
     assert first["rollout/turns"] == 2 and first["rollout/tool_calls"] == 1 and first["rollout/tool_errors"] == 0
     assert first["rollout/token_drift"] == 0 and first["timing/tools"] >= 0
@@ -375,4 +413,5 @@ def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_tokenizer
     assert first["rollout/length"] == sampled  # the model's tokens only, not the tool reply
     assert loss_tokens == [[sampled] * 4] * 2  # and the loss counts those only
     for sample in map(json.loads, (tmp_path / "run" / "samples.jsonl").read_text().splitlines()):
-        assert sample["correct"] == float("6 times 7" in sample["prompt"][0]["content"])
+        assert sample["correct"] == float("6 times 7" in sample["prompt"][0]["content"] and
+                                          sample["completion"].endswith("It is 42."))

@@ -15,6 +15,14 @@
     out_dir/eval.jsonl    which a reward function reads (arithmetic_correct, number_format)
     out_dir/sft.jsonl     the prompts with " 7" as `completion` (a starting policy by SFT)
 
+`write_calculator_task(out_dir)` writes a tool task (multi-turn rollouts, rollout.tools):
+
+    out_dir/model/        the tiny model, its tokenizer ending turns with <|im_end|> and a compact
+                          tool-calling chat template (CALCULATOR_TEMPLATE)
+    out_dir/train.jsonl   prompts "add 347 + 589" (messages) with `answer` "936", which the tiny
+    out_dir/eval.jsonl    model cannot compute alone but can with `calculator(expression)`
+    out_dir/sft.jsonl     tool-using transcripts (`messages`, `tools`): the call, the reply, the answer
+
 The model starts from random weights: the task checks that the trainer learns,
 not what a pretrained model already knows.
 """
@@ -88,6 +96,73 @@ def arithmetic_correct(completions: list, answer: list, **kwargs) -> list[float]
 def number_format(completions: list, **kwargs) -> list[float]:
     """Format: 1.0 where the completion is one number and nothing else."""
     return [float(re.fullmatch(r"\s*-?\d+\s*", content(c)) is not None) for c in completions]
+
+
+# a compact tool-calling template (the tools by name, calls as <tool_call>{json}</tool_call>): short sequences for
+# a tiny model; the same shapes as Qwen2.5's
+CALCULATOR_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools:{% for tool in tools %} {{ (tool.function or tool).name }}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for message in messages %}<|im_start|>{{ message.role }}\n"
+    "{% if message.content %}{{ message.content }}{% endif %}{% for call in message.tool_calls or [] %}"
+    "<tool_call>{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression of integers with + - and *.
+
+    Args:
+        expression: The expression, for example "347 + 589".
+    """
+    if not re.fullmatch(r"[\d\s+*-]+", expression):
+        raise ValueError(f"not an expression of integers with + - *: {expression!r}")
+    return str(eval(expression, {"__builtins__": {}}))  # digits and + - * only, checked above
+
+
+def calculator_row(rng: random.Random, digits: int = 3) -> dict:
+    a, b = rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 1), 10**digits - 1)
+    return {"prompt": [{"role": "user", "content": f"add {a} + {b}"}], "answer": str(a + b)}
+
+
+def calculator_transcript(row: dict) -> dict:
+    """An SFT row: the prompt, the call, the tool's reply and the answer, with the tool's schema."""
+    from transformers.utils import get_json_schema
+
+    expression = row["prompt"][0]["content"].removeprefix("add ")
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+    return {"messages": row["prompt"] + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                         {"role": "tool", "name": "calculator", "content": calculator(expression)},
+                                         {"role": "assistant", "content": row["answer"]}],
+            "tools": json.dumps([get_json_schema(calculator)])}
+
+
+def answer_correct(completions: list, answer: list, **kwargs) -> list[float]:
+    """Correctness of a (multi-turn) completion: its last message is the row's `answer`, as a number."""
+    return [float(content(c).strip() == str(truth).strip()) for c, truth in zip(completions, answer)]
+
+
+def write_calculator_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                          hidden_size: int = 128, num_layers: int = 4) -> Path:
+    """Write model/, train.jsonl, eval.jsonl and sft.jsonl for the calculator tool task under out_dir (a model
+    large enough to copy numbers: 64 wide and 2 deep stays near 0 held-out accuracy after 600 SFT steps)."""
+    rng = random.Random(seed)
+    splits = {"train": [calculator_row(rng) for _ in range(n_train)],
+              "eval": [calculator_row(rng) for _ in range(n_eval)]}
+    splits["sft"] = [calculator_transcript(row) for row in splits["train"]]
+    tokenizer = build_tokenizer(ENGLISH)  # renders the transcripts: the tokenizer then learns them whole
+    tokenizer.chat_template = CALCULATOR_TEMPLATE
+    corpus = [tokenizer.apply_chat_template(r["messages"], tools=[calculator], tokenize=False)
+              for r in splits["sft"][:500]]
+    tokenizer = build_tokenizer(corpus + ENGLISH * 20)
+    tokenizer.chat_template, tokenizer.eos_token = CALCULATOR_TEMPLATE, "<|im_end|>"  # a turn ends the reply
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    build_tiny_model(tokenizer, out_dir / "model", hidden_size, num_layers, seed)
+    return out_dir
 
 
 def write_arithmetic_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
