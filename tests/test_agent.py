@@ -415,3 +415,28 @@ def test_grpo_trains_on_tool_trajectories_without_the_tool_tokens(tool_run, tmp_
     for sample in map(json.loads, (tmp_path / "run" / "samples.jsonl").read_text().splitlines()):
         assert sample["correct"] == float("6 times 7" in sample["prompt"][0]["content"] and
                                           sample["completion"].endswith("It is 42."))
+
+
+def test_environments_chosen_by_the_rows_environment_column(tool_tokenizers):
+    from prefopt.data.synthetic import SelfCheck, first_submission_correct
+
+    tokenizer = tool_tokenizers["qwen2_5"]
+    agent = Agent(RolloutConfig(environment={"count": f"{__name__}:Counter",
+                                             "check": "prefopt.data.synthetic:SelfCheck"}), tokenizer)
+    rows = [{"prompt": PROMPTS[2], "target": 1, "answer": "5", "environment": "count"},
+            {"prompt": PROMPTS[2], "target": 1, "answer": "5", "environment": "check"}]
+    environments, toolboxes, prompts = agent.begin(rows)
+    assert [type(e) for e in environments] == [Counter, SelfCheck]
+    assert [list(box) for box in toolboxes] == [["increment"], ["submit"]]
+    prompt_ids = [agent._ids(p, True, list(box.values())) for p, box in zip(prompts, toolboxes)]
+    script = [[call("increment", "qwen", step=1), "Done."],
+              [call("submit", "qwen", answer="4"), call("submit", "qwen", answer="5"), "5"]]
+    out, environments = agent.run(ScriptedEngine(tokenizer, script, prompt_ids), rows, None, 512)
+    assert out.turns == [2, 3] and out.messages[1][1]["content"] == "Check your answer and submit it again."
+    rewards = dict(agent.reward_functions())
+    assert rewards["Counter"](environments=environments) == [1.0, None]
+    assert rewards["SelfCheck"](environments=environments) == [None, 1.0]  # the second submission
+    assert first_submission_correct(environments[1:]) == [0.0]
+    with pytest.raises(Exception, match="environment is 'nope', not one of"):
+        agent.begin([{**rows[0], "environment": "nope"}])
+    agent.close()

@@ -23,6 +23,9 @@
     out_dir/eval.jsonl    model cannot compute alone but can with `calculator(expression)`
     out_dir/sft.jsonl     tool-using transcripts (`messages`, `tools`): the call, the reply, the answer
 
+`write_selfcheck_task(out_dir)`: two-turn self-correction with an environment (SelfCheck: submit, "check your
+answer", submit again; the reward is the second answer's correctness), in the same layout.
+
 The model starts from random weights: the task checks that the trainer learns,
 not what a pretrained model already knows.
 """
@@ -150,10 +153,76 @@ def write_calculator_task(out_dir: str | Path, n_train: int = 2000, n_eval: int 
     splits = {"train": [calculator_row(rng) for _ in range(n_train)],
               "eval": [calculator_row(rng) for _ in range(n_eval)]}
     splits["sft"] = [calculator_transcript(row) for row in splits["train"]]
+    return _write_tool_task(out_dir, splits, [calculator], hidden_size, num_layers, seed)
+
+
+class SelfCheck:
+    """A two-turn self-correction environment (Kumar et al. 2024, "Training Language Models to Self-Correct via
+    Reinforcement Learning"), in TRL's form: the model answers with submit(answer); the first submission is
+    answered "Check your answer and submit it again.", the second ends the episode. get_reward: the second
+    submission's correctness (first_submission_correct reports the first's)."""
+
+    def reset(self, **row):
+        self.answer, self.submissions = str(row["answer"]), []
+
+    def submit(self, answer: str) -> str:
+        """Submit your answer.
+
+        Args:
+            answer: The answer, a number.
+        """
+        self.submissions.append(str(answer).strip())
+        return "Check your answer and submit it again." if len(self.submissions) == 1 else "Submitted."
+
+    def get_reward(self) -> float:
+        return float(len(self.submissions) >= 2 and self.submissions[1] == self.answer)
+
+
+def first_submission_correct(environments: list, **kwargs) -> list[float]:
+    """The first turn's correctness in the self-correction task (a reward term of weight 0: a metric)."""
+    return [float(bool(env.submissions) and env.submissions[0] == env.answer) for env in environments]
+
+
+def selfcheck_transcript(row: dict, rng: random.Random) -> dict:
+    """An SFT row: a first answer that is right half the time, the check, the right answer, its confirmation."""
+    from transformers.utils import get_json_schema
+
+    first = row["answer"] if rng.random() < 0.5 else str(int(row["answer"]) + rng.choice([-2, -1, 1, 2]))
+
+    def submit(answer):
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "submit", "arguments": {"answer": answer}}}]}
+
+    return {"messages": row["prompt"] + [submit(first), {"role": "tool", "name": "submit", "content":
+                                                         "Check your answer and submit it again."},
+                                         submit(row["answer"]), {"role": "tool", "name": "submit",
+                                                                 "content": "Submitted."},
+                                         {"role": "assistant", "content": row["answer"]}],
+            "tools": json.dumps([get_json_schema(SelfCheck.submit)])}
+
+
+def write_selfcheck_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                         hidden_size: int = 128, num_layers: int = 4) -> Path:
+    """Write model/, train.jsonl, eval.jsonl and sft.jsonl for the two-turn self-correction task under out_dir:
+    additions of numbers up to 12, answered through SelfCheck's submit tool."""
+    rng = random.Random(seed)
+
+    def row():
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
+        return {"prompt": [{"role": "user", "content": f"add {a} + {b}"}], "answer": str(a + b)}
+
+    splits = {"train": [row() for _ in range(n_train)], "eval": [row() for _ in range(n_eval)]}
+    splits["sft"] = [selfcheck_transcript(r, rng) for r in splits["train"]]
+    return _write_tool_task(out_dir, splits, [SelfCheck.submit], hidden_size, num_layers, seed)
+
+
+def _write_tool_task(out_dir: str | Path, splits: dict[str, list[dict]], tools: list, hidden_size: int,
+                     num_layers: int, seed: int) -> Path:
+    """The splits as jsonl, and a tiny model whose tokenizer learned the rendered transcripts, ends a turn with
+    <|im_end|> and renders tools with CALCULATOR_TEMPLATE."""
     tokenizer = build_tokenizer(ENGLISH)  # renders the transcripts: the tokenizer then learns them whole
     tokenizer.chat_template = CALCULATOR_TEMPLATE
-    corpus = [tokenizer.apply_chat_template(r["messages"], tools=[calculator], tokenize=False)
-              for r in splits["sft"][:500]]
+    corpus = [tokenizer.apply_chat_template(r["messages"], tools=tools, tokenize=False) for r in splits["sft"][:500]]
     tokenizer = build_tokenizer(corpus + ENGLISH * 20)
     tokenizer.chat_template, tokenizer.eos_token = CALCULATOR_TEMPLATE, "<|im_end|>"  # a turn ends the reply
     out_dir = Path(out_dir)
