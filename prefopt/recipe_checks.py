@@ -32,6 +32,8 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
     if train.share_prompt and not train.packing:
         fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
+    if recipe.rollout.engine not in ("hf", "vllm") and ":" not in recipe.rollout.engine:
+        fail(where, "rollout.engine", f"unknown engine {recipe.rollout.engine!r}; use hf, vllm or module:Class")
     if train.batch_size % train.micro_batch_size:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
@@ -94,7 +96,7 @@ def resolve_rl(recipe: Recipe, where: str) -> None:
     ppo.advantage_scale = ppo.advantage_scale or estimator.scale
     ppo.loss_aggregation = ppo.loss_aggregation or estimator.aggregation
     if ppo.engine_is is None:
-        ppo.engine_is = "none" if rollout.engine == "hf" else "truncate"
+        ppo.engine_is = "truncate" if rollout.engine == "vllm" else "none"
     ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
     ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
     if ref.kind == "auto":

@@ -31,8 +31,9 @@ class RolloutConfig:
     # prompts until the rollout is full, for at most filter_max_rounds rounds (then the dropped fill the rest)
     filter_groups: bool = False
     filter_max_rounds: int = 4
-    # hf: Hugging Face generate on the policy; vllm: a vLLM engine colocated in each process, synced after updates
-    engine: Literal["hf", "vllm"] = "hf"
+    # hf: Hugging Face generate on the policy; vllm: a vLLM engine colocated in each process, synced after updates;
+    # module:Class: an engine of your own (prefopt.online.engines.Engine), made as Class(recipe, tokenizer)
+    engine: str = "hf"
     # multi-turn, tool-using rollouts with TRL's contracts (prefopt/online/agent.py, docs/agents.md): tool
     # functions "module:function" (type hints and Google-style docstrings, sync or async), and an environment
     # factory "module:Class" (reset(**row), public methods as tools, optional get_reward) or {name: factory}

@@ -11,7 +11,8 @@ Engines:
 
 - `hf` (HFEngine): Hugging Face `generate` on the trained policy itself (prefopt.generation), whose sync is free;
 - `vllm` (VLLMEngine): a vLLM engine colocated in each training process (TRL's colocate design: each process
-  generates its share of the prompts), holding its own copy of the policy's weights, loaded at each sync.
+  generates its share of the prompts), holding its own copy of the policy's weights, loaded at each sync;
+- `module:Class`: an engine of the user's, made as `Class(recipe, tokenizer)`.
 
 Determinism: each completion is drawn with its own seed, derived from (seed, rollout, round, global row), so a
 resumed or re-sharded run asks vLLM for the same draws. vLLM then promises the same tokens for the same seed and
@@ -92,7 +93,11 @@ def make_engine(recipe, tokenizer) -> Engine:
                           gpu_memory_utilization=rollout.gpu_memory_utilization,
                           tensor_parallel_size=rollout.tensor_parallel_size,
                           trust_remote_code=model.trust_remote_code)
-    raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf or vllm")
+    if ":" in rollout.engine:  # an engine of the user's: module:Class, made as Class(recipe, tokenizer)
+        from prefopt.errors import import_object
+
+        return import_object(rollout.engine, "rollout.engine")(recipe, tokenizer)
+    raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf, vllm or module:Class")
 
 
 def vllm_available() -> str | None:
