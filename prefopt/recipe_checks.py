@@ -260,9 +260,6 @@ def check_rl(recipe: Recipe, where: str) -> None:
 def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
     sft_options(recipe, where)
-    if recipe.rollout.tools or recipe.rollout.environment:
-        fail(where, "rollout.tools", "multi-turn, tool-using rollouts train with method rl (GRPO, RLOO, PPO...); "
-             "method online does not pair trajectories yet")
     kinds = _loss_specs(recipe, where)
     _no_eval_rewards(recipe, where)
     if recipe.loss[0].ld_alpha is not None or recipe.loss[0].use_weighting:

@@ -455,3 +455,32 @@ def test_environments_chosen_by_the_rows_environment_column(tool_tokenizers):
     with pytest.raises(Exception, match="environment is 'nope', not one of"):
         agent.begin([{**rows[0], "environment": "nope"}])
     agent.close()
+
+
+@pytest.mark.parametrize("method", ["ppo-gae", "online-dpo", "sppo"])
+def test_every_online_method_trains_on_trajectories(tool_run, tmp_path, method):
+    """PPO with a critic (GAE over the model's tokens, stepping over the tool's), online DPO (pairs of whole
+    trajectories) and SPPO: two steps, the tool called in every trajectory, the loss finite and moving."""
+    from conftest import read_metrics
+
+    from prefopt.cli import train_recipe
+
+    _, write = tool_run
+    sections = {"ppo-gae": {"ppo": {"advantage": "gae"}},
+                "online-dpo": {"method": "online", "loss": {"name": "dpo", "beta": 0.1},
+                               "pairs": {"select": "best_worst"}, "train": {"batch_size": 2}},
+                "sppo": {"method": "online", "loss": {"name": "sppo", "beta": 0.1}, "train": {"batch_size": 4}}}[method]
+    path = write("run", **{k: v for k, v in sections.items() if k in ("train", "ppo")})
+    if sections.get("method") == "online":
+        import yaml
+
+        recipe = yaml.safe_load(path.read_text())
+        recipe.pop("ppo")
+        recipe.update(method="online", loss=sections["loss"], **({"pairs": sections["pairs"]} if "pairs" in sections
+                                                                 else {}))
+        path.write_text(yaml.safe_dump(recipe))
+    train_recipe(path)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["rollout/turns"] == 2 and r["rollout/token_drift"] == 0 for r in records)
+    assert all(r["loss"] == r["loss"] for r in records) and any(r["grad_norm"] > 0 for r in records)

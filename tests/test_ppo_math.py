@@ -57,6 +57,26 @@ def test_gae_by_hand():
     assert advantages[1].tolist() == pytest.approx([0.3, 0.4, 0.0])
 
 
+def test_the_score_lands_on_the_last_sampled_token_after_tool_tokens():
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0]])  # a tool reply, then padding
+    rewards = shape_rewards(torch.tensor([3.0, 4.0]), torch.zeros(2, 5), mask, 0.1)
+    assert rewards.tolist() == [[0, 0, 0, 3.0, 0], [0, 4.0, 0, 0, 0]]
+
+
+def test_gae_steps_over_inserted_tool_tokens():
+    """A multi-turn completion: tokens the tool inserted (mask 0) are not steps; GAE on the model's tokens with
+    the tool's in between equals GAE on those tokens alone, and is 0 on the tool's."""
+    rewards = torch.tensor([[0.0, 0.0, 5.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 9.9, 9.9, 0.7]])  # the tool tokens' values are ignored
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    alone, alone_returns = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3),
+                               gamma=0.9, lam=0.5)
+    assert advantages[0, [0, 1, 4]].tolist() == pytest.approx(alone[0].tolist())
+    assert returns[0, [0, 1, 4]].tolist() == pytest.approx(alone_returns[0].tolist())
+    assert advantages[0, 2:4].tolist() == [0.0, 0.0] and returns[0, 2:4].tolist() == [0.0, 0.0]
+
+
 def test_group_advantages_by_hand():
     """Two prompts, k = 3: returns [1, 2, 3 | 0, 0, 3] (the score at each completion's last token).
     rloo: 1 - 2.5, 2 - 2, 3 - 1.5 | 0 - 1.5, 0 - 1.5, 3 - 0 = [-1.5, 0, 1.5, -1.5, -1.5, 3];

@@ -45,23 +45,27 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     """Per-token rewards (B, T): -kl_coef * KL on every completion token, plus the sequence's score at its
     last token (Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2)."""
     rewards = -kl_coef * kl * mask
-    last = mask.sum(1).long().clamp(min=1) - 1  # (B,) index of each completion's last token
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.bool(), positions, -1).max(1).values.clamp(min=0)  # (B,) each one's last token
     return rewards.index_put((torch.arange(len(scores)), last), scores, accumulate=True)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, Eq. 16): delta_t = r_t + gamma V_{t+1} - V_t,
-    A_t = sum_l (gamma lam)^l delta_{t+l}; the value after the last token is 0. Returns (advantages,
-    returns = advantages + values), both (B, T), 0 past each completion's end."""
+    A_t = sum_l (gamma lam)^l delta_{t+l}; the value after the last token is 0. The steps are the tokens where
+    mask is 1: a multi-turn completion's inserted tool tokens (mask 0) are skipped, so t + 1 is the model's next
+    token after them. Returns (advantages, returns = advantages + values), both (B, T), 0 where mask is 0."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
+    next_values = torch.zeros_like(running)  # the value of the next step (0 after the last)
     for t in reversed(range(rewards.shape[1])):
-        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        step = mask[:, t].bool()
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
+        running = torch.where(step, delta + gamma * lam * running, running)
+        next_values = torch.where(step, values[:, t], next_values)
+        advantages[:, t] = running * mask[:, t]
     return advantages, (advantages + values) * mask
 
 

@@ -32,7 +32,7 @@ from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError, import_object
 from prefopt.losses import GroupLogps, PairLogps, get_loss
 from prefopt.models import PolicyWithValueHead, load_policy, load_reference_copy
-from prefopt.online.experience import TokenForward, sample_kl, sequences
+from prefopt.online.experience import TokenForward, model_tokens, sample_kl, sequences
 from prefopt.online.pairs import bradley_terry, judge_preferences, make_pairs, win_rates
 from prefopt.online.sampler import Sampler
 from prefopt.rewards import TrainerState
@@ -97,7 +97,7 @@ class OnlinePreferenceTrainer(Trainer):
     def batches(self, step: int):
         recipe, k = self.recipe, self.recipe.rollout.samples_per_prompt
         rollout, stats = self.sample(step)
-        scores, mask = rollout["penalised"], rollout["mask"]  # missing EOS, overlong
+        scores, mask = rollout["penalised"], model_tokens(rollout)  # missing EOS, overlong; the sampled tokens
         order = rollout["wins"] if self.judge is not None else scores  # what ranks a group's samples
         if self.group:  # every sample a slot
             index = torch.arange(len(scores))[:, None]

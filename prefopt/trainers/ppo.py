@@ -18,7 +18,14 @@ from torch import nn
 
 from prefopt.losses import ppo as ppo_math
 from prefopt.models import PolicyWithValueHead, load_causal_lm, load_policy, load_reference_copy
-from prefopt.online.experience import TokenForward, make_experience, sample_kl, sequences, token_logps
+from prefopt.online.experience import (
+    TokenForward,
+    make_experience,
+    model_tokens,
+    sample_kl,
+    sequences,
+    token_logps,
+)
 from prefopt.online.sampler import Sampler
 from prefopt.rewards import TrainerState
 from prefopt.trainers.base import Trainer
@@ -77,7 +84,7 @@ class PPOTrainer(Trainer):
                                                       filter_groups=recipe.rollout.filter_groups)
         start = time.perf_counter()
         input_ids, attention_mask = sequences(buffer)
-        mask = buffer["mask"]
+        mask = model_tokens(buffer)  # a multi-turn rollout's inserted tool tokens are not scored
         block = slice(acc.process_index * len(mask) // world, (acc.process_index + 1) * len(mask) // world)
         tokens = token_logps(self.forward, self.model, self.reference, recipe.reference.kind, acc, input_ids[block],
                              attention_mask[block], mask[block], old=not self.fused_old_logps,
