@@ -60,6 +60,15 @@ def test_online_dpo_samples_through_the_engine(checks):
     assert online["resumed"] == pytest.approx(online["whole"], abs=1e-6)  # steps 1-2, then 3-4 after the resume
 
 
+def test_multi_turn_tool_rollouts_through_the_engine(tmp_path):
+    """A tool-calling policy's trajectories through vLLM: several turns, no drift, the engine's log-probs of the
+    sampled tokens beside the trainer's, and greedy trajectories equal to HF generate's."""
+    tools = run(tmp_path, "tools")
+    assert all(turns > 1 for turns in tools["turns"]) and tools["drift"] == [0, 0]  # sampled: some calls malformed
+    assert tools["gap_max"] < 1e-4
+    assert tools["equal"], (tools["engine"], tools["hf"])
+
+
 def test_labelling_samples_through_the_engine(checks):
     label = checks["label"]
     assert label["repeated"] and label["shape"] == [3, 3] and label["distinct"] > 1

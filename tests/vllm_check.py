@@ -1,7 +1,7 @@
 """Runs in the vLLM environment (.venv-vllm; tests/test_vllm.py calls it): GRPO with rollout.engine vllm on a
 head_dim-64 model, and what the engine promises. Writes results.json into the directory it is given.
 
-    python tests/vllm_check.py OUT_DIR engine|RUN_NAME    (RUN_NAME fsdp2: FSDP2 allowed on CPU processes)
+    python tests/vllm_check.py OUT_DIR engine|tools|RUN_NAME    (RUN_NAME fsdp2: FSDP2 allowed on CPU processes)
 """
 
 import json
@@ -122,6 +122,28 @@ def engine_checks(out: Path, task: Path) -> dict:
     return results
 
 
+def tool_checks(out: Path) -> dict:
+    """Multi-turn rollouts through vLLM: a policy SFT'd on the calculator task's transcripts calls the tool; GRPO
+    trains on its trajectories, and the engine's greedy trajectories equal HF generate's."""
+    from prefopt.data.synthetic import write_calculator_task
+
+    task = out / "calculator"
+    write_calculator_task(task, n_train=400, n_eval=16)  # 128 wide, 4 heads: head_dim 32
+    train({"method": "sft", "seed": 0, "output_dir": str(out / "sft"), "model": {"name_or_path": str(task / "model")},
+           "data": {"train": str(task / "sft.jsonl"), "max_length": 96, "assistant_only_loss": True},
+           "optim": {"lr": 1e-3, "schedule": "constant"},
+           "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 200, "eval_every": 0, "save_every": 0,
+                     "progress_bar": False}})
+    config = recipe(task, out / "tools", model={"name_or_path": str(out / "sft" / "final")},
+                    data={"max_length": 64, "max_prompt_length": None},
+                    rewards={"function": "prefopt.data.synthetic:answer_correct"},
+                    rollout={"max_new_tokens": 64, "tools": ["prefopt.data.synthetic:calculator"], "max_turns": 3},
+                    train={"max_steps": 2, "save_every": 0})
+    records = train(config)
+    return {"turns": [r["rollout/turns"] for r in records], "drift": [r["rollout/token_drift"] for r in records],
+            "gap_max": max(r["rollout/engine_logp_gap_max"] for r in records), **greedy_matches_hf(config)}
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     from prefopt.data.synthetic import write_arithmetic_task
@@ -131,6 +153,8 @@ def main() -> None:
         write_arithmetic_task(task, n_train=64, n_eval=16, hidden_size=256, num_layers=2)
     if mode == "engine":
         results = engine_checks(out, task)
+    elif mode == "tools":
+        results = tool_checks(out)
     else:  # one run (of a multi-process launch, perhaps): `mode` names it
         if mode == "fsdp2":
             import fsdp_on_cpu  # noqa: F401  (Accelerate's FSDP allowed on CPU processes, as test_distributed)
