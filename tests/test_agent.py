@@ -48,6 +48,17 @@ async def add(a: int, b: int) -> int:
     return a + b
 
 
+def odd(kind: str):
+    """A tool that misbehaves.
+
+    Args:
+        kind: exit, none or dict.
+    """
+    if kind == "exit":
+        raise SystemExit(3)
+    return None if kind == "none" else {"a": [1, 2]}
+
+
 def wait(seconds: float) -> str:
     """Wait.
 
@@ -78,7 +89,7 @@ class Counter:
         return float(self.count == self.target)
 
 
-TOOLS = f"{__name__}:multiply", f"{__name__}:divide", f"{__name__}:add", f"{__name__}:wait"
+TOOLS = f"{__name__}:multiply", f"{__name__}:divide", f"{__name__}:add", f"{__name__}:wait", f"{__name__}:odd"
 
 
 def call(name: str, style: str, **arguments) -> str:
@@ -156,7 +167,7 @@ def trl_loop(tokenizer, script, prompts, max_completion_length=256):
     from trl import GRPOTrainer
     from trl.chat_template_utils import parse_response
 
-    tools = [multiply, divide, add, wait]
+    tools = [multiply, divide, add, wait, odd]
     prompt_ids = [tokenizer.apply_chat_template(p, tools=tools, add_generation_prompt=True, tokenize=True,
                                                 return_dict=False) for p in prompts]
     engine = ScriptedEngine(tokenizer, script, prompt_ids)
@@ -185,7 +196,7 @@ def ours(tokenizer, script, prompts, **rollout):
     agent = agent_for(tokenizer, **rollout)
     rows = [{"prompt": p} for p in prompts]
     _, _, rendered = agent.begin(rows)
-    prompt_ids = [agent._ids(p, True, [multiply, divide, add, wait]) for p in rendered]
+    prompt_ids = [agent._ids(p, True, [multiply, divide, add, wait, odd]) for p in rendered]
     engine = ScriptedEngine(tokenizer, script, prompt_ids)
     out, _ = agent.run(engine, rows, None, rollout.get("max_new_tokens", 256))
     agent.close()
@@ -248,7 +259,7 @@ def test_no_token_drift_where_rerendering_would(tool_tokenizers, template):
     assert drift(out, response) == 2  # a changed token counts where it trains and where it was sampled
     with pytest.raises(Exception, match="token_drift is 2"):
         check_drift(2, tokenizer)
-    rerendered = tokenizer.apply_chat_template(PROMPTS[0] + out.messages[0], tools=[multiply, divide, add, wait],
+    rerendered = tokenizer.apply_chat_template(PROMPTS[0] + out.messages[0], tools=[multiply, divide, add, wait, odd],
                                                tokenize=True, return_dict=False)
     naive = rerendered[len(out.prompt_ids[0]):]
     if template == "qwen3":  # re-rendered, the last turn gains an empty thought block the model never wrote
@@ -264,6 +275,11 @@ def test_limits_timeouts_and_budget(tool_tokenizers):
     out, _ = ours(tokenizer, slow, PROMPTS[:1], tool_timeout=0.2)
     assert time.perf_counter() - start < 3 and out.tool_errors == [1]
     assert "timed out after 0.2 s" in out.messages[0][1]["content"]
+    out, _ = ours(tokenizer, [[call("odd", "qwen", kind=k) for k in ("exit", "none", "dict")] + ["ok"]], PROMPTS[:1],
+                  max_new_tokens=1024)
+    assert [m["content"] for m in out.messages[0] if m["role"] == "tool"] == ["{'error': '3'}", "None",
+                                                                             "{'a': [1, 2]}"]
+    assert out.tool_errors == [1] and out.turns == [4]  # a tool that exits, or returns no string: the run goes on
     looping = [[call("multiply", "qwen", a=1, b=1)] * 6]
     out, _ = ours(tokenizer, looping, PROMPTS[:1], max_turns=3)
     assert out.turns == [3] and out.tool_calls == [2]  # the third turn's call is not run

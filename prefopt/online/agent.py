@@ -257,7 +257,7 @@ class Agent:
             if name not in toolbox:
                 raise ValueError(f"Tool {name} not found.")
             result = self.execute(toolbox[name], arguments)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a tool that exits is an error for the model, not the run's end
             out.tool_errors[i] += 1
             result = {"error": str(exc) or type(exc).__name__}
         return {"role": "tool", "name": name, "content": result if isinstance(result, str) else str(result)}
