@@ -500,3 +500,47 @@ def test_every_online_method_trains_on_trajectories(tool_run, tmp_path, method):
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["rollout/turns"] == 2 and r["rollout/token_drift"] == 0 for r in records)
     assert all(r["loss"] == r["loss"] for r in records) and any(r["grad_norm"] > 0 for r in records)
+
+
+def test_hf_trajectories_depend_on_seed_rollout_and_row_only(tool_tokenizers, tmp_path, monkeypatch):
+    """Real sampling (the HF engine's seeded Gumbel draw), each turn 8 tokens and then a tool call: a row's
+    trajectory is the same whichever rows share its batch (so N processes sample what one does) and on a rerun
+    (a resumed run), and differs between rows and seeds."""
+    import json
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.data.synthetic import build_tiny_model
+    from prefopt.generation import Draw
+    from prefopt.online import agent as agent_module
+    from prefopt.online.engines import HFEngine
+
+    tokenizer = tool_tokenizers["qwen2_5"]
+    build_tiny_model(tokenizer, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+
+    class EightAtATime(HFEngine):
+        def generate(self, prompts, draw, max_new_tokens):
+            return super().generate(prompts, draw, min(max_new_tokens, 8))
+
+    engine = EightAtATime(tokenizer, temperature=1.0, top_p=1.0)
+    engine.sync(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), Accelerator(cpu=True))
+    calls = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "multiply", "arguments": {"a": 2, "b": 3}}}]}
+    monkeypatch.setattr(agent_module, "parse_reply", lambda tok, ids, prefix, tools: calls if
+                        tok.decode(prefix).count("<tool_response>") < 2 else {"role": "assistant", "content": "x"})
+    agent = agent_for(tokenizer)
+    rows = [{"prompt": p} for p in PROMPTS]
+
+    def run(index, seed):
+        out, _ = agent.run(engine, [rows[i] for i in index], Draw(seed, torch.tensor(index), len(rows)), 200)
+        return out.completion_ids, out.turns
+
+    whole, turns = run([0, 1, 2, 3], seed=7)
+    assert turns == [3, 3, 3, 3] and len({tuple(ids) for ids in whole}) == 4
+    assert run([2, 3], seed=7)[0] == whole[2:] and run([0, 1, 2, 3], seed=7)[0] == whole
+    assert run([0, 1, 2, 3], seed=8)[0] != whole
+    agent.close()
