@@ -85,7 +85,8 @@ class Counter:
         self.count += step
         return str(self.count)
 
-    def get_reward(self) -> float:
+    async def get_reward(self) -> float:  # TRL allows an async get_reward (an LLM judge)
+        await asyncio.sleep(0)
         return float(self.count == self.target)
 
 
@@ -275,6 +276,10 @@ def test_limits_timeouts_and_budget(tool_tokenizers):
     out, _ = ours(tokenizer, slow, PROMPTS[:1], tool_timeout=0.2)
     assert time.perf_counter() - start < 3 and out.tool_errors == [1]
     assert "timed out after 0.2 s" in out.messages[0][1]["content"]
+    hung = [[call("wait", "qwen", seconds=5)] * 10 + ["ok"]]  # more hung calls than the pool's threads
+    start = time.perf_counter()
+    out, _ = ours(tokenizer, hung, PROMPTS[:1], tool_timeout=0.1, max_new_tokens=4096)
+    assert out.tool_errors == [10] and time.perf_counter() - start < 4
     out, _ = ours(tokenizer, [[call("odd", "qwen", kind=k) for k in ("exit", "none", "dict")] + ["ok"]], PROMPTS[:1],
                   max_new_tokens=1024)
     assert [m["content"] for m in out.messages[0] if m["role"] == "tool"] == ["{'error': '3'}", "None",
@@ -300,7 +305,7 @@ def test_an_environment_as_trl_defines_it(tool_tokenizers):
     engine = ScriptedEngine(tokenizer, [[call("increment", "qwen", step=3), "Done."]] * 2, prompt_ids)
     out, environments = agent.run(engine, rows, None, 256)
     (name, reward), = agent.reward_functions()
-    assert name == "Counter" and reward(environments=environments) == [1.0, 0.0]
+    assert name == "Counter" and asyncio.run(reward(environments=environments)) == [1.0, 0.0]
     again, _, _ = agent.begin(rows)
     assert again == environments and again[0].count == 0  # pooled, reset
     agent.close()
@@ -465,7 +470,7 @@ def test_environments_chosen_by_the_rows_environment_column(tool_tokenizers):
     out, environments = agent.run(ScriptedEngine(tokenizer, script, prompt_ids), rows, None, 512)
     assert out.turns == [2, 3] and out.messages[1][1]["content"] == "Check your answer and submit it again."
     rewards = dict(agent.reward_functions())
-    assert rewards["Counter"](environments=environments) == [1.0, None]
+    assert asyncio.run(rewards["Counter"](environments=environments)) == [1.0, None]
     assert rewards["SelfCheck"](environments=environments) == [None, 1.0]  # the second submission
     assert first_submission_correct(environments[1:]) == [0.0]
     with pytest.raises(Exception, match="environment is 'nope', not one of"):

@@ -30,6 +30,7 @@ import concurrent.futures
 import inspect
 import json
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -188,8 +189,6 @@ class Agent:
             ) -> tuple[Trajectories, list]:
         """Multi-turn trajectories of `rows` (see the module docstring); returns them and the environments. A
         prompt rendered with its tools and observation longer than `max_prompt` tokens is an error."""
-        import time
-
         environments, toolboxes, prompts = self.begin(rows)
         schemas = [list(box.values()) or None for box in toolboxes]
         out = Trajectories([self._ids(p, True, s) for p, s in zip(prompts, schemas)])
@@ -274,14 +273,23 @@ class Agent:
         try:
             return self.executor.submit(run).result(timeout=timeout)
         except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
+            # the hung call keeps its thread; later calls get a fresh pool, not a queue behind it
+            self.executor.shutdown(wait=False)
+            self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefopt-tool")
             raise TimeoutError(f"Tool {getattr(tool, '__name__', tool)} timed out after {timeout} s") from None
 
     def reward_functions(self) -> list[tuple[str, object]]:
-        """(class name, reward function) of each environment class with get_reward, called as TRL calls it."""
-        def reward(environments, cls, **kwargs):
-            return [env.get_reward() if type(env) is cls else None for env in environments]
-        return [(cls.__name__, lambda environments, cls=cls, **kwargs: reward(environments, cls))
-                for cls in self.reward_classes]
+        """(class name, reward function) of each environment class with get_reward (sync or async), called as TRL
+        calls it: a rollout scores where its environment is exactly that class, None elsewhere."""
+        def make(cls):
+            if inspect.iscoroutinefunction(cls.get_reward):
+                async def reward(environments, **kwargs):
+                    return [await env.get_reward() if type(env) is cls else None for env in environments]
+            else:
+                def reward(environments, **kwargs):
+                    return [env.get_reward() if type(env) is cls else None for env in environments]
+            return reward
+        return [(cls.__name__, make(cls)) for cls in self.reward_classes]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
