@@ -62,11 +62,13 @@ def test_online_dpo_samples_through_the_engine(checks):
 
 def test_multi_turn_tool_rollouts_through_the_engine(tmp_path):
     """A tool-calling policy's trajectories through vLLM: several turns, no drift, the engine's log-probs of the
-    sampled tokens beside the trainer's, and greedy trajectories equal to HF generate's."""
+    sampled tokens beside the trainer's, greedy trajectories equal to HF generate's, and the same seed's sampled
+    trajectories (lengths, updates) again on a second run."""
     tools = run(tmp_path, "tools")
     assert all(turns > 1 for turns in tools["turns"]) and tools["drift"] == [0, 0]  # sampled: some calls malformed
     assert tools["gap_max"] < 1e-4
     assert tools["equal"], (tools["engine"], tools["hf"])
+    assert tools["repeated"][:2] == tools["repeated"][2:]  # a second run of the same seed samples the same
 
 
 def test_labelling_samples_through_the_engine(checks):

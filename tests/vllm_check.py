@@ -140,8 +140,12 @@ def tool_checks(out: Path) -> dict:
                     rollout={"max_new_tokens": 64, "tools": ["prefopt.data.synthetic:calculator"], "max_turns": 3},
                     train={"max_steps": 2, "save_every": 0})
     records = train(config)
+    again = train({**config, "output_dir": str(out / "tools-again")})  # the same seed: the same trajectories
     return {"turns": [r["rollout/turns"] for r in records], "drift": [r["rollout/token_drift"] for r in records],
-            "gap_max": max(r["rollout/engine_logp_gap_max"] for r in records), **greedy_matches_hf(config)}
+            "gap_max": max(r["rollout/engine_logp_gap_max"] for r in records),
+            "repeated": [[r[key] for r in runs] for runs in (records, again) for key in ("grad_norm",
+                                                                                        "rollout/length")],
+            **greedy_matches_hf(config)}
 
 
 def main() -> None:

@@ -112,7 +112,6 @@ class Sampler:
         max_new_tokens = max_new_tokens or self.recipe.rollout.max_new_tokens
         prompts, trajectories = [row["prompt_ids"] for row in rows], None
         if self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
-            start = time.perf_counter()
             trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens,
                                                         self.recipe.data.max_length)
             tokens, logps, prompts = trajectories.completion_ids, trajectories.logps, trajectories.prompt_ids
@@ -130,7 +129,7 @@ class Sampler:
                  "ended": torch.tensor([bool(ids) and ids[-1] == eos for ids in tokens], device=device),
                  "texts": self.tokenizer.batch_decode(tokens, skip_special_tokens=True)}
         if trajectories is not None:
-            batch.update(self._agent_fields(trajectories, environments, batch, time.perf_counter() - start))
+            batch.update(self._agent_fields(trajectories, environments, batch))
         if logps is not None:
             engine_logps = torch.zeros(len(rows), width)
             for i, values in enumerate(logps):
@@ -138,7 +137,7 @@ class Sampler:
             batch["engine_logps"] = engine_logps.to(device)
         return batch
 
-    def _agent_fields(self, trajectories, environments: list, batch: dict, seconds: float) -> dict:
+    def _agent_fields(self, trajectories, environments: list, batch: dict) -> dict:
         """A multi-turn batch's tool_mask (1 on sampled tokens: the loss counts those), its completions as TRL's
         message lists, its environments and its counts; the trained ids are checked against the sampled ones."""
         from prefopt.online.agent import check_drift, drift
@@ -151,7 +150,8 @@ class Sampler:
         check_drift(drifted, self.tokenizer)
         n = len(trajectories.turns)
         return {"tool_mask": tool_mask, "messages": trajectories.messages, "environments": environments,
-                "agent": {"rollout/turns": sum(trajectories.turns) / n, "rollout/tool_calls": sum(trajectories.tool_calls) / n,
+                "agent": {"rollout/turns": sum(trajectories.turns) / n,
+                          "rollout/tool_calls": sum(trajectories.tool_calls) / n,
                           "rollout/tool_errors": sum(trajectories.tool_errors) / n, "rollout/token_drift": drifted,
                           "timing/tools": trajectories.tool_seconds}}
 
