@@ -36,14 +36,14 @@ from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.methods import METHODS
-from prefopt.models import check_positions, decoder_layers, load_tokenizer
+from prefopt.models import check_positions, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
 from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic, writing
 from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
-from prefopt.version import __version__
+from prefopt.trainers import setup
 
 
 class Trainer:
@@ -69,7 +69,7 @@ class Trainer:
                 f"({train.micro_batch_size}) x processes ({self.world_size}) = {per_step}; change one of them")
         self.accumulation_steps = train.batch_size // per_step
         self.accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=self.accumulation_steps,
-                                       mixed_precision=self._mixed_precision(train.mixed_precision), **trackers)
+                                       mixed_precision=setup.mixed_precision(train.mixed_precision), **trackers)
         distributed.check_fsdp(self.accelerator)
         distributed.configure_deepspeed(self.accelerator, train, self.accumulation_steps)
         set_seed(recipe.seed)
@@ -142,7 +142,7 @@ class Trainer:
         start = self.global_step = self._resume() if train.resume else 0
         changed = checkpoints.apply_remedies(self) if start else {}
         if acc.is_main_process:
-            info = self._run_info()
+            info = setup.run_info(self)
             old = self.output_dir / "run.json"
             history = json.loads(old.read_text()).get("changed_on_resume", []) if start and old.exists() else []
             info["changed_on_resume"] = history + ([{"step": start, **changed}] if changed else [])
@@ -351,55 +351,12 @@ class Trainer:
         degenerate.check_examples(self.train_data, "data.train", recipe, acc.print, labels=contrast)
 
     def _prepare(self) -> None:
-        optim = self.recipe.optim
-        if self.recipe.train.compile:  # each decoder layer on its own: one graph, reused by every layer
-            for layer in decoder_layers(getattr(self.model, "policy", self.model)):
-                layer.compile(dynamic=True)
-        if self.recipe.train.gradient_checkpointing:  # recompute activations in backward: less memory, more time
-            policy = getattr(self.model, "policy", self.model)
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(policy, "enable_input_require_grads"):  # LoRA: frozen embeddings still pass gradients on
-                policy.enable_input_require_grads()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # fused: one kernel per step, without the per-tensor (or, with foreach, model-sized) temporaries
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                      weight_decay=optim.weight_decay, fused=True)
-        # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step. Made on the
-        # torch optimizer, whose parameter groups DeepSpeed's ZeRO optimizer keeps using.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        # parameter elements this process holds at rest (before a forward gathers any): its shards, if sharded
-        self.held_parameters = {name: distributed.local_numel(model) for name, model in self.placed_models().items()}
-        # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        self.partial_checkpoints = len(trainable) < len(dict(self.model.named_parameters()))
-        if self.partial_checkpoints:
-            def keep_trainable(models, weights, output_dir):
-                for state in weights:
-                    for key in [k for k in state if k not in trainable]:
-                        del state[key]
-
-            self.accelerator.register_save_state_pre_hook(keep_trainable)
-        self.checkpointed["scheduler"] = self.scheduler
+        """The optimizer and schedule, compiled layers and activation checkpointing (prefopt.trainers.setup)."""
+        setup.prepare(self)
 
     def _lr_factor(self, step: int) -> float:
-        """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
-        optim, total = self.recipe.optim, self.recipe.train.max_steps
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        if optim.schedule == "constant":
-            return 1.0
-        progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
-        decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * max(0.0, decay)
-
-    @staticmethod
-    def _mixed_precision(setting: str) -> str:
-        if setting == "auto":
-            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        if setting != "no" and not torch.cuda.is_available():
-            raise RecipeError(f"train.mixed_precision={setting} needs a GPU; use auto or no on a CPU")
-        return setting
+        """Multiplier of optim.lr after `step` optimizer steps."""
+        return setup.lr_factor(self.recipe.optim, self.recipe.train.max_steps, step)
 
     def _check_data(self) -> None:
         needed = self.recipe.train.batch_size
@@ -423,21 +380,6 @@ class Trainer:
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
-
-    def _run_info(self) -> dict:
-        import transformers
-
-        return {"world_size": self.world_size, "accumulation_steps": self.accumulation_steps,
-                "micro_batch_size": self.recipe.train.micro_batch_size, "batch_size": self.recipe.train.batch_size,
-                "train_examples": len(self.train_data), "eval_examples": len(self.eval_data),
-                "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                "parameters_on_process_0": self.held_parameters,
-                "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
-                "torch_threads": torch.get_num_threads(),
-                "distributed_type": str(self.accelerator.distributed_type),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "prefopt": __version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
-                runs.fingerprint(self.recipe), "started": self.started, "ended": None}
 
     # ----- logging ----------------------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""What the Trainer sets up before its loop, apart from the loop itself: the optimizer and the learning-rate
+schedule, compiled layers and activation checkpointing, the mixed precision a recipe asks for, and the run's
+facts written to run.json."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prefopt import distributed
+from prefopt.errors import RecipeError
+from prefopt.models import decoder_layers
+from prefopt.run import directory as runs
+from prefopt.version import __version__
+
+
+def prepare(trainer) -> None:
+    """The trainer's optimizer (fused AdamW on the trainable parameters) and schedule, prepared with its model;
+    train.compile and train.gradient_checkpointing; checkpoints of the trainable weights only where some are
+    frozen (LoRA)."""
+    recipe, accelerator = trainer.recipe, trainer.accelerator
+    optim = recipe.optim
+    policy = getattr(trainer.model, "policy", trainer.model)
+    if recipe.train.compile:  # each decoder layer on its own: one graph, reused by every layer
+        for layer in decoder_layers(policy):
+            layer.compile(dynamic=True)
+    if recipe.train.gradient_checkpointing:  # recompute activations in backward: less memory, more time
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "enable_input_require_grads"):  # LoRA: frozen embeddings still pass gradients on
+            policy.enable_input_require_grads()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    # fused: one kernel per step, without the per-tensor (or, with foreach, model-sized) temporaries
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  weight_decay=optim.weight_decay, fused=True)
+    # Not prepared: Accelerate's wrapper steps the schedule once per process, not once per step. Made on the
+    # torch optimizer, whose parameter groups DeepSpeed's ZeRO optimizer keeps using.
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer._lr_factor)
+    trainer.model, trainer.optimizer = accelerator.prepare(trainer.model, optimizer)
+    # parameter elements this process holds at rest (before a forward gathers any): its shards, if sharded
+    trainer.held_parameters = {name: distributed.local_numel(model) for name, model in trainer.placed_models().items()}
+    # With frozen weights (LoRA), checkpoints hold only the trained ones: the rest reload from the recipe.
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.partial_checkpoints = len(trainable) < len(dict(trainer.model.named_parameters()))
+    if trainer.partial_checkpoints:
+        def keep_trainable(models, weights, output_dir):
+            for state in weights:
+                for key in [k for k in state if k not in trainable]:
+                    del state[key]
+
+        accelerator.register_save_state_pre_hook(keep_trainable)
+    trainer.checkpointed["scheduler"] = trainer.scheduler
+
+
+def lr_factor(optim, max_steps: int, step: int) -> float:
+    """Multiplier of optim.lr after `step` optimizer steps: linear warmup, then the schedule."""
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * max(0.0, decay)
+
+
+def mixed_precision(setting: str) -> str:
+    """train.mixed_precision as Accelerate takes it: auto is bf16 on a GPU that has it, else no."""
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if setting != "no" and not torch.cuda.is_available():
+        raise RecipeError(f"train.mixed_precision={setting} needs a GPU; use auto or no on a CPU")
+    return setting
+
+
+def run_info(trainer) -> dict:
+    """run.json's facts of a starting run: the layout, sizes, versions and where the code came from."""
+    import transformers
+
+    recipe, accelerator = trainer.recipe, trainer.accelerator
+    return {"world_size": trainer.world_size, "accumulation_steps": trainer.accumulation_steps,
+            "micro_batch_size": recipe.train.micro_batch_size, "batch_size": recipe.train.batch_size,
+            "train_examples": len(trainer.train_data), "eval_examples": len(trainer.eval_data),
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "parameters_on_process_0": trainer.held_parameters,
+            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+            "torch_threads": torch.get_num_threads(), "distributed_type": str(accelerator.distributed_type),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "prefopt": __version__, "prefopt_commit": runs.source_commit(), "recipe_fingerprint":
+            runs.fingerprint(recipe), "started": trainer.started, "ended": None}
