@@ -55,13 +55,21 @@ def final_model(recipe: dict, final: Path) -> tuple[dict, dict]:
     return model, reference
 
 
+def final_sections(recipe: dict, final: Path) -> dict:
+    """The run's model section with its final weights, and its reference section where its method has one
+    (method sft has none)."""
+    from prefopt.methods import method_of
+
+    model, reference = final_model(recipe, final)
+    return {"model": model, **({"reference": reference} if "reference" in method_of(recipe).sections else {})}
+
+
 def evaluate_online(recipe: dict, final: Path, data: str) -> dict:
     """The online trainer's evaluation (its Sampler's) of `final` on the prompts of `data`."""
     from prefopt import recipe as recipe_lib
     from prefopt.trainers import trainer_for
 
-    model, reference = final_model(recipe, final)
-    recipe = {**recipe, "model": model, "reference": reference, "output_dir": str(final.parent), "trainer": None,
+    recipe = {**recipe, **final_sections(recipe, final), "output_dir": str(final.parent), "trainer": None,
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0}}
     trainer = trainer_for(recipe_lib.from_dict(recipe, "prefopt eval"))
     try:
@@ -75,8 +83,7 @@ def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
     from prefopt import recipe as recipe_lib
     from prefopt.trainers import PreferenceTrainer
 
-    model, reference = final_model(recipe, final)
-    recipe = {**recipe, "model": model, "reference": reference, "output_dir": str(final.parent),
+    recipe = {**recipe, **final_sections(recipe, final), "output_dir": str(final.parent),
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0, "on_bad_row": "drop"},
               "train": {**recipe["train"], "batch_size": recipe["train"]["micro_batch_size"]}}
     trainer = PreferenceTrainer(recipe_lib.from_dict(recipe, "prefopt eval"))

@@ -212,10 +212,14 @@ def test_method_sft_trains_conversations_and_packing_equals_padding(chat_model, 
 def test_text_documents_pack_with_attention_inside_each(chat_model, tmp_path):
     """`text` rows: documents end to end in a row, position ids restarting at each (so attention stays inside
     it): the same losses as one padded document per row."""
+    from prefopt.evaluation import evaluate_run
+
     data = {"train": str(chat_model / "text.jsonl"), "assistant_only_loss": False}
     packed = run_sft(chat_model, tmp_path / "packed", data=data)
     assert packed == pytest.approx(run_sft(chat_model, tmp_path / "padded", data=data, train={"packing": False}),
                                    abs=1e-5, rel=1e-5)
+    report = evaluate_run(tmp_path / "packed", str(chat_model / "text.jsonl"))  # prefopt eval on an SFT run
+    assert report["pairs"] == 18 and 0 < report["loss"] < packed[0]
 
 
 def test_inspect_shows_the_untrained_turns(chat_model, tmp_path):
