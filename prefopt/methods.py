@@ -54,7 +54,7 @@ METHODS = {method.name: method for method in (
            "offline preference optimisation", checks.resolve_losses, checks.check_preference, evaluation="losses"),
     # supervised fine-tuning: the likelihood of `messages`, `text`, prompt/completion or chosen completions
     Method("sft", ("loss",), "prefopt.trainers.preference:PreferenceTrainer", ("loss", "logps/"),
-           [("loss", ["loss"]), ("log-probs per token", ["logps/"]), *LR_AND_SPEED],
+           [("loss", ["loss"]), ("log-prob of each sequence's trained tokens", ["logps/"]), *LR_AND_SPEED],
            "supervised fine-tuning", checks.resolve_sft, checks.check_sft, evaluation="losses"),
     Method("reward", ("loss",), "prefopt.trainers.reward:RewardTrainer",
            ("loss", "rewards/accuracy", "rewards/margin", "rewards/std"),

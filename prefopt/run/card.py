@@ -73,7 +73,8 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
     data = [f"- train: {', '.join(src.path + (f' ({src.split})' if src.split != 'train' else '') for src in recipe.data.train)}"]
     if recipe.data.eval:
         data.append(f"- eval: {', '.join(src.path for src in recipe.data.eval)}")
-    tags = ["prefopt", recipe.method, *(term.name for term in recipe.loss if "loss" in record.sections)]
+    tags = list(dict.fromkeys(["prefopt", recipe.method, *(term.name for term in recipe.loss
+                                                            if "loss" in record.sections)]))  # sft: once
     front = {"library_name": library, "base_model": recipe.model.name_or_path, "tags": tags}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(recipe.output_dir).name}", "",
