@@ -238,9 +238,13 @@ def check_rl(recipe: Recipe, where: str) -> None:
         fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
               f"sequence-level advantage ({ppo.advantage} is {estimator.level}-level) and "
               f"rollout.samples_per_prompt >= 2 (got {k})")
-    if ppo.engine_is == "truncate" and rollout.engine == "hf":
-        fail(where, "ppo.engine_is", "truncate corrects samples drawn by another engine; rollout.engine hf samples "
-              "from the trained policy itself: set ppo.engine_is: none")
+    if ppo.engine_is != "none" and rollout.engine == "hf":
+        fail(where, "ppo.engine_is", f"{ppo.engine_is} corrects samples drawn by another engine; rollout.engine hf "
+              "samples from the trained policy itself: set ppo.engine_is: none")
+    if not 0 < ppo.engine_is_low <= 1 <= ppo.engine_is_cap:
+        fail(where, "ppo.engine_is_low", f"the mask modes keep rho in [engine_is_low, engine_is_cap], which must "
+              f"hold 1 (samples the engine and the trainer agree on): 0 < low <= 1 <= cap; got "
+              f"[{ppo.engine_is_low}, {ppo.engine_is_cap}]")
     if ppo.clip_low >= 1:
         fail(where, "ppo.clip_low", f"must be below 1 (the ratio's lower bound is 1 - clip_low), got {ppo.clip_low}")
     if rollout.overlong and rollout.overlong.buffer > rollout.max_new_tokens:

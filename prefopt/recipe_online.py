@@ -117,7 +117,12 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     approx_kl_stop: float | None = None  # skip the rest of an epoch once the approximate KL passes this
-    # correct for the gap between the engine's sampling distribution and the trainer's (TIS): each token's loss
-    # times min(pi_trainer / pi_engine, engine_is_cap); None: truncate with rollout.engine vllm, else none
-    engine_is: Literal["none", "truncate"] | None = None
+    # correct for the gap between the engine's sampling distribution and the trainer's, rho = pi_trainer /
+    # pi_engine (prefopt.losses.ppo.importance_weights): token_truncate (TIS; `truncate`) weighs each token's loss
+    # by min(rho, engine_is_cap); sequence_truncate by the capped product over the sequence; token_mask,
+    # sequence_mask, geometric_mask drop tokens / sequences whose rho (product, geometric mean) leaves
+    # [engine_is_low, engine_is_cap]. None: truncate with rollout.engine vllm, else none
+    engine_is: Literal["none", "truncate", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask",
+                       "geometric_mask"] | None = None
     engine_is_cap: float = 2.0
+    engine_is_low: float = 0.5  # the mask modes' lower bound

@@ -217,3 +217,45 @@ def test_gspo_clipfrac_is_the_share_of_sequence_ratios_clipped():
     advantages = torch.tensor([1.0])
     assert clip_stats(logps, old, advantages, mask, ratio="sequence")["clipfrac"].item() == 0.0
     assert clip_stats(logps, old, advantages, mask, ratio="token")["clipfrac"].item() == 0.5
+
+
+def test_importance_weight_modes_by_hand():
+    """rho = pi_proximal / pi_behaviour = [0.5, 3, 1.2] on one sequence (a fourth position is padding): the
+    sequence's product is 1.8, its geometric mean 1.8^(1/3) = 1.2164."""
+    from prefopt.losses.ppo import importance_weights
+
+    log_rho = torch.log(torch.tensor([[0.5, 3.0, 1.2, 7.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+
+    def weights(mode, low=0.6, high=2.0):
+        w, stats = importance_weights(mode, log_rho, mask, low, high)
+        return w[0].tolist(), {k.split("/")[1]: round(v.item(), 4) for k, v in stats.items()}
+
+    assert importance_weights("none", log_rho, mask, 0.6, 2.0) == (None, {})
+    w, stats = weights("token_truncate")
+    assert w == pytest.approx([0.5, 2.0, 1.2, 0.0]) and weights("truncate")[0] == w
+    assert stats == {"is_weight_mean": 1.2333, "is_weight_max": 2.0, "is_corrected_fraction": 0.3333}
+    assert weights("sequence_truncate")[0] == pytest.approx([1.8, 1.8, 1.8, 0.0])
+    assert weights("sequence_truncate", high=1.5)[0] == pytest.approx([1.5, 1.5, 1.5, 0.0])
+    assert weights("token_mask") == ([0.0, 0.0, 1.0, 0.0], {"is_weight_mean": 0.3333, "is_weight_max": 1.0,
+                                                            "is_corrected_fraction": 0.6667})
+    assert weights("sequence_mask")[0] == [1.0, 1.0, 1.0, 0.0] and weights("sequence_mask", high=1.5)[0] == [0.0] * 4
+    assert weights("geometric_mask", high=1.25)[0] == [1.0, 1.0, 1.0, 0.0]
+    assert weights("geometric_mask", high=1.2)[0] == [0.0] * 4
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_truncate", "token_mask", "sequence_mask",
+                                  "geometric_mask"])
+def test_every_mode_is_the_plain_loss_where_the_policies_agree(mode):
+    """rho = 1 (the engine samples what the trainer computes, lag 0): every mode weighs each token 1, and the
+    loss is the uncorrected one."""
+    from prefopt.losses.ppo import importance_weights, policy_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logps, old = torch.randn(2, 3), torch.randn(2, 3)
+    advantages = torch.randn(2, 3)
+    weights, stats = importance_weights(mode, torch.zeros(2, 3), mask, 0.5, 2.0)
+    assert torch.equal(weights, mask) and stats["rollout/is_corrected_fraction"] == 0
+    plain = policy_loss(logps, old, advantages, mask, clip_low=0.2, clip_high=0.2)
+    assert policy_loss(logps, old, advantages, mask, clip_low=0.2, clip_high=0.2, weights=weights) == plain

@@ -69,6 +69,46 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+# ----- off-policy correction --------------------------------------------------------------------------
+# The samples come from a behaviour policy (the engine's weights and kernels) that is not the proximal one the
+# update clips against (the trainer's log-probs at the rollout): the decoupled PPO objective (Hilton et al. 2022;
+# AReaL, Fu et al. 2025) keeps the clip against the proximal policy and weighs each token's loss by
+# rho = pi_proximal / pi_behaviour, corrected by one of these modes (verl's rollout correction; Liu, Li et al.
+# 2025, "When Speed Kills Stability"): truncated importance sampling (the weight capped at `high`) or rejection
+# (tokens or sequences whose weight leaves [low, high] leave the loss; the others weigh 1), per token, per
+# sequence (the product of its tokens' rho) or per sequence's geometric mean.
+IS_MODES = ("none", "truncate", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask",
+            "geometric_mask")
+
+
+def importance_weights(mode: str, log_rho: torch.Tensor, mask: torch.Tensor, low: float, high: float
+                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(B, T) weights of each token's loss from log rho = log pi_proximal - log pi_behaviour (0 where mask is 0),
+    and their stats: mean and max over the masked tokens, and the share of tokens truncated or rejected.
+    `truncate` is `token_truncate` (prefopt's engine_is before the other modes)."""
+    if mode == "none":
+        return None, {}
+    log_rho = log_rho * mask
+    level, action = ("token", "truncate") if mode == "truncate" else mode.split("_")
+    if level == "token":
+        rho = torch.exp(log_rho)
+    else:  # one weight per sequence, on each of its tokens: the product of rho, or its geometric mean
+        total = log_rho.sum(1, keepdim=True)
+        if level == "geometric":
+            total = total / mask.sum(1, keepdim=True).clamp(min=1)
+        rho = torch.exp(total).expand_as(log_rho)
+    if action == "truncate":
+        weights, changed = rho.clamp(max=high), rho > high
+    else:
+        kept = (rho >= low) & (rho <= high)
+        weights, changed = kept.to(log_rho.dtype), ~kept
+    weights = weights * mask
+    on = mask.bool()
+    stats = {"rollout/is_weight_mean": weights[on].mean(), "rollout/is_weight_max": weights[on].max(),
+             "rollout/is_corrected_fraction": changed[on].float().mean()}
+    return weights, stats
+
+
 # ----- advantage estimators ------------------------------------------------------------------------
 # An estimator maps the rollout's per-token rewards (B, T) (the score at each completion's last token, minus
 # beta x KL per token where the KL is in the reward) to advantages: a sequence-level one (B,) per completion, a

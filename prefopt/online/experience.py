@@ -30,7 +30,7 @@ class Rollout:
     old_values: torch.Tensor  # (B, R) the value head's (0 without one)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R) value targets (0 without a critic)
-    is_weights: torch.Tensor | None  # (B, R) truncated importance weights trainer / engine (ppo.engine_is)
+    is_weights: torch.Tensor | None  # (B, R) importance weights trainer / engine (ppo.engine_is)
     stats: dict[str, float] = field(default_factory=dict)  # rollout/*, rewards/*, timing/* metrics
 
     def __len__(self) -> int:
@@ -156,8 +156,10 @@ def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: fl
     if "engine_logps" in buffer:  # the engine's and the trainer's log-probs of the same tokens
         gap = (buffer["engine_logps"] - old_logps).abs() * mask
         stats.update({"rollout/engine_logp_gap_mean": gap.sum() / mask.sum(), "rollout/engine_logp_gap_max": gap.max()})
-        if ppo.engine_is == "truncate":  # truncated importance sampling (TIS): pi_trainer / pi_engine, capped
-            is_weights = torch.exp(old_logps - buffer["engine_logps"]).clamp(max=ppo.engine_is_cap) * mask
+        # the behaviour policy is the engine's, the proximal one the trainer's (ppo_math.importance_weights)
+        is_weights, is_stats = ppo_math.importance_weights(ppo.engine_is, old_logps - buffer["engine_logps"], mask,
+                                                           ppo.engine_is_low, ppo.engine_is_cap)
+        stats.update(is_stats)
     loss_mask = mask * ended[:, None] if rollout.mask_truncated else mask
     input_ids, attention_mask = sequences(buffer)
     return Rollout(input_ids, attention_mask, loss_mask, tokens["ref_logps"], old_logps,
