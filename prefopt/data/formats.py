@@ -11,7 +11,7 @@ Accepted rows, as in the wider ecosystem:
   (thumbs up; missing means true, as for SFT data), strings or messages;
 - language modelling (SFT): `messages` (a conversation; ShareGPT's
   `conversations` of {from, value} too) or `text`. Every token trains, or with
-  data.assistant_only_loss only the assistant turns'.
+  data.assistant_only_loss only the assistant turns.
 
 A canonical example is `{"prompt": str, "chosen": str, "rejected": str,
 "chat": bool}` (or `"completion": str, "label": bool` for unpaired rows): text
