@@ -96,7 +96,7 @@ def resolve_rl(recipe: Recipe, where: str) -> None:
     ppo.advantage_scale = ppo.advantage_scale or estimator.scale
     ppo.loss_aggregation = ppo.loss_aggregation or estimator.aggregation
     if ppo.engine_is is None:
-        ppo.engine_is = "truncate" if rollout.engine == "vllm" else "none"
+        ppo.engine_is = "truncate" if rollout.engine == "vllm" or rollout.lag else "none"
     ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
     ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
     if ref.kind == "auto":
@@ -191,7 +191,7 @@ RANGES = {
     "train.logps_chunk_size": NON_NEGATIVE, "train.max_skipped_steps": NON_NEGATIVE,
     "model.lora.r": AT_LEAST_ONE, "model.lora.alpha": POSITIVE, "model.lora.dropout": UNIT_OPEN,
     "reference.sync_every": NON_NEGATIVE, "reference.sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "rollout.samples_per_prompt": AT_LEAST_ONE, "rollout.max_new_tokens": AT_LEAST_ONE,
+    "rollout.samples_per_prompt": AT_LEAST_ONE, "rollout.lag": NON_NEGATIVE, "rollout.max_new_tokens": AT_LEAST_ONE,
     "rollout.temperature": POSITIVE, "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "rollout.filter_max_rounds": AT_LEAST_ONE, "rollout.overlong.buffer": AT_LEAST_ONE,
     "rollout.overlong.penalty": NON_NEGATIVE, "rollout.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -238,9 +238,9 @@ def check_rl(recipe: Recipe, where: str) -> None:
         fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
               f"sequence-level advantage ({ppo.advantage} is {estimator.level}-level) and "
               f"rollout.samples_per_prompt >= 2 (got {k})")
-    if ppo.engine_is != "none" and rollout.engine == "hf":
-        fail(where, "ppo.engine_is", f"{ppo.engine_is} corrects samples drawn by another engine; rollout.engine hf "
-              "samples from the trained policy itself: set ppo.engine_is: none")
+    if ppo.engine_is != "none" and rollout.engine == "hf" and not rollout.lag:
+        fail(where, "ppo.engine_is", f"{ppo.engine_is} corrects samples drawn by another engine or an older policy "
+              "(rollout.lag); rollout.engine hf samples from the trained policy itself: set ppo.engine_is: none")
     if not 0 < ppo.engine_is_low <= 1 <= ppo.engine_is_cap:
         fail(where, "ppo.engine_is_low", f"the mask modes keep rho in [engine_is_low, engine_is_cap], which must "
               f"hold 1 (samples the engine and the trainer agree on): 0 < low <= 1 <= cap; got "
@@ -264,6 +264,8 @@ def check_rl(recipe: Recipe, where: str) -> None:
 def check_online(recipe: Recipe, where: str) -> None:
     """method online: pair losses, or one group loss; reward terms; samples to pair."""
     sft_options(recipe, where)
+    if recipe.rollout.lag:
+        fail(where, "rollout.lag", "generates rollouts ahead for method rl; method online samples on-policy")
     kinds = _loss_specs(recipe, where)
     _no_eval_rewards(recipe, where)
     if recipe.loss[0].ld_alpha is not None or recipe.loss[0].use_weighting:

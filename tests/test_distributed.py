@@ -50,9 +50,12 @@ PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every
     # PPO: samples drawn by (seed, step, global row), whitening and mini-batches over the gathered rollout
     {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN},
     {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN},
+    # a fixed lag: the queue of rollouts generated ahead is the gathered one, the same on every process
+    {**ppo_sections(advantage="grpo"), "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1},
+     "train": PPO_TRAIN},
     # online DPO: samples drawn by (seed, step, global row), pairs formed over the gathered samples
     {**online_sections(select="all", min_gap=0.05), "train": {**PPO_TRAIN, "batch_size": 12, "micro_batch_size": 6}},
-], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "online-dpo"])
+], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "grpo-lag", "online-dpo"])
 def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, sections):
     if "ppo" in sections or sections.get("method") == "online":  # greedy evaluation split over the processes
         sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}

@@ -119,3 +119,31 @@ def test_separate_critic_trains_beside_the_policy(sort_task, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trainer.accelerator.unwrap_model(trainer.model)
                .critic.named_parameters())
     assert (tmp_path / "run" / "final" / "critic" / "config.json").exists()
+
+
+def test_a_fixed_lag_is_off_policy_corrected_and_resumes_exactly(sort_task, tmp_path):
+    """rollout.lag 1: the rollout of each update is generated one update earlier (the first two by the starting
+    policy), weighed by ppo.engine_is (truncate by default) against the current policy; a run stopped after 2
+    steps and continued repeats the uninterrupted one, rollouts generated ahead included (they are in the
+    checkpoint); lag 0 is the on-policy loop."""
+    sections = ppo_sections(advantage="grpo")
+    sections["rollout"] = {**sections["rollout"], "lag": 1}
+    sections["ppo"] = {**sections["ppo"], "num_mini_batches": 1}
+    sections["train"] = {**sections["train"], "batch_size": 8, "max_steps": 4, "save_every": 2}
+    sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-2}
+    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
+    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
+    train_recipe(path, ["train.max_steps=2"])
+    train_recipe(path)
+    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), a["step"]
+    assert [r["rollout/staleness"] for r in whole] == [0, 1, 1, 1]
+    assert whole[0]["rollout/is_weight_mean"] == pytest.approx(1.0)  # generated and updated by the same policy
+    assert any(abs(r["rollout/is_weight_mean"] - 1) > 1e-6 for r in whole[1:])  # one update apart
+    sync = {**sections, "rollout": {**sections["rollout"], "lag": 0}}
+    train_recipe(write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c", **sync))
+    on_policy = read_metrics(tmp_path / "c")
+    assert "rollout/staleness" not in on_policy[0] and on_policy[0]["loss"] == pytest.approx(whole[0]["loss"])
+    assert on_policy[1]["rollout/score"] != whole[1]["rollout/score"] or on_policy[1]["loss"] != whole[1]["loss"]

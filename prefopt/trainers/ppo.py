@@ -53,8 +53,11 @@ class PPOTrainer(Trainer):
         # one update per rollout: its old log-probs are the update's own, detached (no forward at the rollout),
         # unless the rollout needs them for a KL in the reward, the adaptive KL, a critic or an engine's gap
         self.fused_old_logps = self.cycle == 1 and not self.estimator.critic and ppo.target_kl is None and not (
-            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and self.sampler.engine.samples_from_trainer
+            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and self.sampler.engine.samples_from_trainer and not (
+            recipe.rollout.lag)
         self.buffer, self.buffer_cycle, self.stop_epoch = None, None, False
+        self.queue = RolloutQueue()  # rollout.lag: the rollouts generated ahead, saved with checkpoints
+        self.checkpointed["rollout_queue"] = self.queue
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.cycle == 0  # between rollouts: a checkpoint holds no half-used rollout
@@ -75,26 +78,54 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def make_rollout(self, cycle: int):
-        """Rollout `cycle`: the sampler's gathered rows (steps 1-3), each process's block of their log-probs,
-        gathered (step 4), then rewards, advantages and the loss mask (steps 5-7)."""
-        recipe, acc, world = self.recipe, self.accelerator, self.world_size
+        """Rollout `cycle` (steps 1-7) and the samples of the rollouts generated now. With rollout.lag s, rollout c
+        was generated s rollouts earlier, by the policy before update c - s (the first s + 1 by the starting
+        policy): each cycle generates rollout c + s and takes rollout c from the queue, whose log-probs at
+        generation are its behaviour policy's (ppo.engine_is corrects for them against the current policy's)."""
+        lag, samples = self.recipe.rollout.lag, []
+        if not lag:
+            buffer, stats, samples = self.collect(cycle)
+        else:
+            for ahead in range(cycle, cycle + lag + 1):
+                if ahead not in self.queue.rollouts:
+                    *self.queue.rollouts[ahead], drawn = self.collect(ahead, behaviour=True)
+                    samples += drawn
+            buffer, stats = self.queue.rollouts.pop(cycle)
+            stats = {**stats, "rollout/staleness": float(min(lag, cycle))}  # updates between generation and use
+        return self.experience(buffer, stats), samples
+
+    def collect(self, cycle: int, behaviour: bool = False) -> tuple[dict, dict, list]:
+        """Steps 1-3 of rollout `cycle` with the current policy; with `behaviour`, its log-probs of the sampled
+        tokens too (as `engine_logps`, unless the engine gave its own)."""
+        recipe = self.recipe
         prompts = recipe.train.batch_size * recipe.ppo.num_mini_batches // recipe.rollout.samples_per_prompt
         state = TrainerState(global_step=cycle * self.cycle, max_steps=recipe.train.max_steps)  # steps done
         buffer, stats, samples = self.sampler.collect(self.model, cycle, prompts, state,
                                                       filter_groups=recipe.rollout.filter_groups)
+        if behaviour and "engine_logps" not in buffer:
+            buffer["engine_logps"] = self.token_logps(buffer, old=True, reference=False)["old_logps"]
+        return buffer, stats, samples
+
+    def experience(self, buffer: dict, stats: dict):
+        """Steps 4-7: each process's block of the current policy's (and the reference's) log-probs, gathered, then
+        rewards, advantages and the loss mask."""
         start = time.perf_counter()
+        tokens = self.token_logps(buffer, old=not self.fused_old_logps)
+        stats = {**stats, "timing/logps": time.perf_counter() - start}
+        return make_experience(buffer, tokens, stats, self.recipe, self.kl_controller.value)
+
+    def token_logps(self, buffer: dict, old: bool, reference: bool = True) -> dict:
+        acc, world = self.accelerator, self.world_size
         input_ids, attention_mask = sequences(buffer)
         mask = model_tokens(buffer)  # a multi-turn rollout's inserted tool tokens are not scored
         block = slice(acc.process_index * len(mask) // world, (acc.process_index + 1) * len(mask) // world)
-        tokens = token_logps(self.forward, self.model, self.reference, recipe.reference.kind, acc, input_ids[block],
-                             attention_mask[block], mask[block], old=not self.fused_old_logps,
-                             critic=self.estimator.critic)
-        tokens = self.sampler.gather(tokens) if world > 1 else tokens
-        stats["timing/logps"] = time.perf_counter() - start
-        return make_experience(buffer, tokens, stats, recipe, self.kl_controller.value), samples
+        tokens = token_logps(self.forward, self.model, self.reference, self.recipe.reference.kind if reference
+                             else "none", acc, input_ids[block], attention_mask[block], mask[block], old=old,
+                             critic=self.estimator.critic and reference)
+        return self.sampler.gather(tokens) if world > 1 else tokens
 
     def _rollout(self, cycle: int) -> None:
-        """Rollout `cycle`, made at the first step of its update (its samples are logged at that step)."""
+        """Rollout `cycle`, made at the first step of its update (the samples drawn now are logged at that step)."""
         (self.buffer, samples), self.buffer_cycle = self.make_rollout(cycle), cycle
         self.sampler.engine.sleep()  # on a GPU the engine frees its memory while the trainer updates
         self.kl_controller.update(self.buffer.stats.get("rollout/kl", float("nan")), len(self.buffer))
@@ -174,3 +205,29 @@ class PPOTrainer(Trainer):
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()
+
+
+class RolloutQueue:
+    """The rollouts generated ahead of their update (rollout.lag): {cycle: (gathered rows, stats)}, the same on
+    every process. A checkpoint holds them, so a resumed run updates on exactly the rollouts the uninterrupted
+    one would have."""
+
+    def __init__(self):
+        self.rollouts: dict[int, tuple[dict, dict]] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for cycle, (rows, stats) in self.rollouts.items():
+            out.update({f"{cycle}/rows/{key}": value for key, value in rows.items()})
+            out.update({f"{cycle}/stats/{key}": torch.tensor(float(value)) for key, value in stats.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rollouts = {}
+        for name, value in state.items():
+            cycle, part, key = name.split("/", 2)
+            rows, stats = self.rollouts.setdefault(int(cycle), ({}, {}))
+            if part == "rows":
+                rows[key] = value
+            else:
+                stats[key] = value.item()
