@@ -43,16 +43,28 @@ def test_gradient_accumulation_matches_one_big_micro_batch(sort_task, tmp_path):
     assert runs[8][-1]["loss"] < runs[8][0]["loss"]  # and it learns
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "grpo-lag"])
+def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path, method):
+    """kill -9 at a random point and the same command again: the metrics of the uninterrupted run, for DPO and for
+    GRPO with rollout.lag 1 (the rollouts generated ahead come back from the checkpoint)."""
     steps = 40
     sections = dict(train={"max_steps": steps, "save_every": 2, "eval_every": 10})
+    if method == "grpo-lag":
+        from test_ppo import ppo_sections
+
+        sections = ppo_sections(advantage="grpo", num_mini_batches=1)
+        sections["rollout"] = {**sections["rollout"], "lag": 1}
+        sections["train"] = {**sections["train"], "max_steps": steps, "save_every": 2, "eval_every": 10}
+        sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
     train_recipe(write_recipe(tmp_path / "whole.yaml", sort_task, tmp_path / "whole", **sections))
     whole = read_metrics(tmp_path / "whole") + read_metrics(tmp_path / "whole", "eval")
 
     out = tmp_path / "killed"
     path = write_recipe(tmp_path / "killed.yaml", sort_task, out, **sections)
     command = [sys.executable, "-m", "prefopt", "train", str(path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    tests = os.path.dirname(os.path.abspath(__file__))  # for test_ppo:length_score
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])})
     deadline = time.time() + 120
     while not any(step >= 4 for step, _ in complete_checkpoints(out / "checkpoints")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
