@@ -74,19 +74,31 @@ def read_metrics(output_dir: Path, split: str = "train", timing: bool = False) -
             for r in map(json.loads, lines) if r["split"] == split]
 
 
+def stop_and_continue(whole: Path, resumed: Path) -> tuple[list[dict], list[dict]]:
+    """The recipe `whole` (4 steps, a checkpoint every 2) straight, and `resumed` (the same run in another
+    output_dir) stopped after 2 steps and continued to 4: both runs' train records."""
+    from prefopt.cli import train_recipe
+
+    train_recipe(whole)
+    train_recipe(resumed, ["train.max_steps=2"])
+    train_recipe(resumed)
+    a, b = (read_metrics(Path(yaml.safe_load(path.read_text())["output_dir"])) for path in (whole, resumed))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    return a, b
+
+
+def assert_same_records(a: list[dict], b: list[dict], tolerance: float = 1e-6) -> None:
+    """Every metric of every record equal (timing aside)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], abs=tolerance) for k in x), x["step"]
+
+
 def assert_resume_matches(sort_task: Path, tmp_path: Path, **sections) -> None:
     """4 steps straight, against 2 steps then the same recipe continued to 4 from the step-2 checkpoint:
     the same losses (constant schedule, so that stopping at 2 changes nothing before the resume)."""
-    import pytest
-
-    from prefopt.cli import train_recipe
-
     sections = {"optim": {"schedule": "constant", "warmup_steps": 0, "lr": 1e-2}, **sections}
     sections["train"] = {"max_steps": 4, "save_every": 2, **sections.get("train", {})}
-    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
-    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
-    train_recipe(path, ["train.max_steps=2"])
-    train_recipe(path)
-    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    whole, resumed = stop_and_continue(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections),
+                                       write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], abs=1e-6)

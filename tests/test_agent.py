@@ -389,21 +389,13 @@ def tool_run(tool_tokenizers, tmp_path):
     return tokenizer, write
 
 
-def test_a_tool_run_resumes_exactly(tool_run, tmp_path):
-    from conftest import read_metrics
-
-    from prefopt.cli import train_recipe
+def test_a_tool_run_resumes_exactly(tool_run):
+    from conftest import assert_same_records, stop_and_continue
 
     _, write = tool_run
     train = {"max_steps": 4, "save_every": 2}
-    train_recipe(write("whole", train=train))
-    path = write("resumed", train=train)
-    train_recipe(path, ["train.max_steps=2"])
-    train_recipe(path)
-    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(whole, resumed):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), a["step"]
+    whole, resumed = stop_and_continue(write("whole", train=train), write("resumed", train=train))
+    assert_same_records(whole, resumed)
     assert any(r["grad_norm"] > 0 for r in whole) and {r["rollout/turns"] for r in whole} == {2}
 
 

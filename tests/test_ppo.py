@@ -4,7 +4,7 @@ stops an epoch on approximate KL, and trains a LoRA policy with its value head."
 
 import pytest
 import torch
-from conftest import assert_resume_matches, read_metrics, write_recipe
+from conftest import assert_resume_matches, assert_same_records, read_metrics, stop_and_continue, write_recipe
 
 from prefopt import recipe as recipe_lib
 from prefopt.cli import train_recipe
@@ -131,14 +131,9 @@ def test_a_fixed_lag_is_off_policy_corrected_and_resumes_exactly(sort_task, tmp_
     sections["ppo"] = {**sections["ppo"], "num_mini_batches": 1}
     sections["train"] = {**sections["train"], "batch_size": 8, "max_steps": 4, "save_every": 2}
     sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-2}
-    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
-    path = write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections)
-    train_recipe(path, ["train.max_steps=2"])
-    train_recipe(path)
-    whole, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(whole, resumed):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), a["step"]
+    whole, resumed = stop_and_continue(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections),
+                                       write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections))
+    assert_same_records(whole, resumed)
     assert [r["rollout/staleness"] for r in whole] == [0, 1, 1, 1]
     assert whole[0]["rollout/is_weight_mean"] == pytest.approx(1.0)  # generated and updated by the same policy
     assert any(abs(r["rollout/is_weight_mean"] - 1) > 1e-6 for r in whole[1:])  # one update apart
