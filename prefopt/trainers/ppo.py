@@ -88,7 +88,8 @@ class PPOTrainer(Trainer):
         else:
             for ahead in range(cycle, cycle + lag + 1):
                 if ahead not in self.queue.rollouts:
-                    *self.queue.rollouts[ahead], drawn = self.collect(ahead, behaviour=True)
+                    buffer, stats, drawn = self.collect(ahead, behaviour=True)
+                    self.queue.rollouts[ahead] = buffer, stats
                     samples += drawn
             buffer, stats = self.queue.rollouts.pop(cycle)
             stats = {**stats, "rollout/staleness": float(min(lag, cycle))}  # updates between generation and use
