@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from collections import defaultdict
@@ -329,26 +328,7 @@ class Trainer:
     def load_data(self, takes: str) -> None:
         """data.train and data.eval (or a held-out data.eval_fraction) -> self.train_data, self.eval_data; `takes`:
         what the losses train on (prefopt.data.load_examples)."""
-        from prefopt.data import load_examples
-
-        recipe, acc = self.recipe, self.accelerator
-        data = recipe.data
-
-        def load(sources, where):
-            return load_examples(sources, self.tokenizer, data, recipe.seed, where, takes, acc.print)
-
-        with acc.main_process_first():  # the first process fills the datasets cache
-            self.train_data = load(data.train, "data.train")
-            if data.eval:
-                self.eval_data = load(data.eval, "data.eval")
-        if data.eval_fraction:
-            random.Random(recipe.seed).shuffle(self.train_data)
-            held_out = max(1, round(data.eval_fraction * len(self.train_data)))
-            self.eval_data, self.train_data = self.train_data[:held_out], self.train_data[held_out:]
-        from prefopt.losses import get_loss
-
-        contrast = any(get_loss(term.name).data == "unpaired" for term in recipe.loss)  # KTO, BCO
-        degenerate.check_examples(self.train_data, "data.train", recipe, acc.print, labels=contrast)
+        self.train_data, self.eval_data = setup.load_data(self, takes)
 
     def _prepare(self) -> None:
         """The optimizer and schedule, compiled layers and activation checkpointing (prefopt.trainers.setup)."""

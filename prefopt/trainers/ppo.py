@@ -104,7 +104,7 @@ class PPOTrainer(Trainer):
         buffer, stats, samples = self.sampler.collect(self.model, cycle, prompts, state,
                                                       filter_groups=recipe.rollout.filter_groups)
         if behaviour and "engine_logps" not in buffer:
-            buffer["engine_logps"] = self.token_logps(buffer, old=True, reference=False)["old_logps"]
+            buffer["engine_logps"] = self.token_logps(buffer, old=True, policy_only=True)["old_logps"]
         return buffer, stats, samples
 
     def experience(self, buffer: dict, stats: dict):
@@ -115,14 +115,17 @@ class PPOTrainer(Trainer):
         stats = {**stats, "timing/logps": time.perf_counter() - start}
         return make_experience(buffer, tokens, stats, self.recipe, self.kl_controller.value)
 
-    def token_logps(self, buffer: dict, old: bool, reference: bool = True) -> dict:
+    def token_logps(self, buffer: dict, old: bool, policy_only: bool = False) -> dict:
+        """Step 4 over the gathered rows, each process its block, gathered: the policy's log-probs (`old`), the
+        values and the reference's; with `policy_only`, the policy's alone (a behaviour policy's, rollout.lag)."""
         acc, world = self.accelerator, self.world_size
         input_ids, attention_mask = sequences(buffer)
         mask = model_tokens(buffer)  # a multi-turn rollout's inserted tool tokens are not scored
         block = slice(acc.process_index * len(mask) // world, (acc.process_index + 1) * len(mask) // world)
-        tokens = token_logps(self.forward, self.model, self.reference, self.recipe.reference.kind if reference
-                             else "none", acc, input_ids[block], attention_mask[block], mask[block], old=old,
-                             critic=self.estimator.critic and reference)
+        kind = "none" if policy_only else self.recipe.reference.kind
+        tokens = token_logps(self.forward, self.model, self.reference, kind, acc, input_ids[block],
+                             attention_mask[block], mask[block], old=old,
+                             critic=self.estimator.critic and not policy_only)
         return self.sampler.gather(tokens) if world > 1 else tokens
 
     def _rollout(self, cycle: int) -> None:

@@ -1,18 +1,45 @@
-"""What the Trainer sets up before its loop, apart from the loop itself: the optimizer and the learning-rate
-schedule, compiled layers and activation checkpointing, the mixed precision a recipe asks for, and the run's
-facts written to run.json."""
+"""What the Trainer sets up before its loop, apart from the loop itself: the offline data, the optimizer and the
+learning-rate schedule, compiled layers and activation checkpointing, the mixed precision a recipe asks for, and
+the run's facts written to run.json."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
-from prefopt import distributed
+from prefopt import degenerate, distributed
 from prefopt.errors import RecipeError
 from prefopt.models import decoder_layers
 from prefopt.run import directory as runs
 from prefopt.version import __version__
+
+
+def load_data(trainer, takes: str) -> tuple[list[dict], list[dict]]:
+    """The trainer's (train, eval) examples from data.train and data.eval, or a held-out data.eval_fraction;
+    `takes`: what the losses train on (prefopt.data.load_examples). Degenerate training data is said (or stops)."""
+    from prefopt.data import load_examples
+    from prefopt.losses import get_loss
+
+    recipe, acc = trainer.recipe, trainer.accelerator
+    data = recipe.data
+
+    def load(sources, where):
+        return load_examples(sources, trainer.tokenizer, data, recipe.seed, where, takes, acc.print)
+
+    eval_data = trainer.eval_data
+    with acc.main_process_first():  # the first process fills the datasets cache
+        train_data = load(data.train, "data.train")
+        if data.eval:
+            eval_data = load(data.eval, "data.eval")
+    if data.eval_fraction:
+        random.Random(recipe.seed).shuffle(train_data)
+        held_out = max(1, round(data.eval_fraction * len(train_data)))
+        eval_data, train_data = train_data[:held_out], train_data[held_out:]
+    contrast = any(get_loss(term.name).data == "unpaired" for term in recipe.loss)  # KTO, BCO
+    degenerate.check_examples(train_data, "data.train", recipe, acc.print, labels=contrast)
+    return train_data, eval_data
 
 
 def prepare(trainer) -> None:
