@@ -11,6 +11,7 @@
     prefopt plot RUN [RUN ...] [--metric KEY ...] [-o FILE.png]   a run's curves, several runs overlaid
     prefopt push RUN REPO_ID [--private]        upload RUN/final with its model card to the Hugging Face Hub
     prefopt verify RUN                          check every checkpoint's and final/'s files against their checksums
+    prefopt serve MODEL [--engine hf|vllm] [--port P]   a rollout engine server (rollout.server: HOST:PORT)
     prefopt env                                 versions, devices and thread settings, for a bug report
     accelerate launch -m prefopt train RECIPE   (or: torchrun --nproc_per_node N -m prefopt train RECIPE)
 """
@@ -85,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("run_dir")
     push.add_argument("repo_id", help="e.g. your-name/my-dpo-model")
     push.add_argument("--private", action="store_true")
+    serve = commands.add_parser("serve", help="a rollout engine server on a copy of the policy (rollout.server)")
+    serve.add_argument("model", nargs="?", help="the policy's starting checkpoint: hub id or directory")
+    serve.add_argument("--recipe", help="take the model and engine from a recipe instead (as rollout.server: spawn)")
+    serve.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    serve.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--max-model-len", type=int, default=4096, help="vllm: prompt and completion tokens")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # exit with this process (rollout.server: spawn)
     commands.add_parser("env", help="print versions, devices and thread settings (for a bug report)")
     verify = commands.add_parser("verify", help="check a run's checkpoints and final/ against their checksums")
     verify.add_argument("run_dir")
@@ -135,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"uploaded {Path(args.run_dir) / 'final'} to {push(args.run_dir, args.repo_id, args.private)}")
         elif args.command == "env":
             print(environment())
+        elif args.command == "serve":
+            from prefopt.online.server import serve_command
+
+            serve_command(args)
         elif args.command == "verify":
             from prefopt.run.directory import verify_run
 

@@ -43,6 +43,27 @@ class GumbelSampler:
         return scores - torch.log(-torch.log(uniform))
 
 
+class LogpRecorder:
+    """A logits processor, first in line, that keeps each sampled token's log-prob under softmax(logits /
+    temperature) (the distribution the update's log-probs are taken under): a step's token is read at the next
+    step, the last one by `finish`. Holds one step's log-probs, not the whole generation's logits."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.logps = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.logps.append(self.last.gather(1, input_ids[:, -1:].to(self.last.device))[:, 0])
+        self.last = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, responses: torch.Tensor) -> list[list[float]]:
+        """(N, R) sampled ids -> each row's log-probs (N, R) as lists."""
+        if self.last is not None:
+            self.logps.append(self.last.gather(1, responses[:, len(self.logps) : len(self.logps) + 1])[:, 0])
+        return torch.stack(self.logps, 1).tolist() if self.logps else [[] for _ in range(len(responses))]
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (N, P) ids and mask."""
     width = max(map(len, prompts))
@@ -55,16 +76,18 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 @torch.no_grad()
 def generate(model, accelerator, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-             draw: Draw | None = None, temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+             draw: Draw | None = None, temperature: float = 1.0, top_p: float = 1.0, logps: bool = False):
     """Each prompt's completion ids, cut after its first EOS: drawn by `draw` from the whole temperature-scaled
     (top-p) distribution the update's log-probs are taken under (not the top 50 or the repetition penalty of a
     model's own generation config), or greedy without one. `model` is the trained one, prepared (a policy with a
-    value head generates with its policy); sharded weights are gathered for it."""
+    value head generates with its policy); sharded weights are gathered for it. With `logps`, also each sampled
+    token's log-prob under softmax(logits / temperature): (ids, logps)."""
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     prompt_ids, prompt_mask = pad_prompts(prompts, tokenizer.pad_token_id, accelerator.device)
-    processors = LogitsProcessorList()
+    recorder = LogpRecorder(temperature) if logps else None
+    processors = LogitsProcessorList([recorder] if recorder else [])
     if draw is not None:
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1:
@@ -80,6 +103,9 @@ def generate(model, accelerator, tokenizer, prompts: list[list[int]], *, max_new
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                               logits_processor=processors)
     policy.train(was_training)
-    responses = out[:, prompt_ids.shape[1] :].tolist()  # (N, R)
+    responses = out[:, prompt_ids.shape[1] :]  # (N, R)
     eos = tokenizer.eos_token_id
-    return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in responses]
+    ids = [row[: row.index(eos) + 1] if eos in row else row for row in responses.tolist()]
+    if recorder is None:
+        return ids
+    return ids, [values[: len(row)] for row, values in zip(ids, recorder.finish(responses))]

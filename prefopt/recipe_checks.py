@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 from prefopt.errors import RecipeError
@@ -34,6 +35,12 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
     if recipe.rollout.engine not in ("hf", "vllm") and ":" not in recipe.rollout.engine:
         fail(where, "rollout.engine", f"unknown engine {recipe.rollout.engine!r}; use hf, vllm or module:Class")
+    server = recipe.rollout.server
+    if server is not None and server != "spawn" and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", server):
+        fail(where, "rollout.server", f"{server!r} is neither spawn nor HOST:PORT (e.g. 127.0.0.1:8123, where "
+             "`prefopt serve MODEL --port 8123` runs)")
+    if server is not None and recipe.rollout.engine not in ("hf", "vllm"):
+        fail(where, "rollout.server", f"a server runs engine hf or vllm, not {recipe.rollout.engine!r}")
     if train.batch_size % train.micro_batch_size:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
@@ -96,7 +103,7 @@ def resolve_rl(recipe: Recipe, where: str) -> None:
     ppo.advantage_scale = ppo.advantage_scale or estimator.scale
     ppo.loss_aggregation = ppo.loss_aggregation or estimator.aggregation
     if ppo.engine_is is None:
-        ppo.engine_is = "truncate" if rollout.engine == "vllm" or rollout.lag else "none"
+        ppo.engine_is = "truncate" if rollout.engine == "vllm" or rollout.lag or rollout.server else "none"
     ppo.clip_low = ppo.clip if ppo.clip_low is None else ppo.clip_low
     ppo.clip_high = ppo.clip if ppo.clip_high is None else ppo.clip_high
     if ref.kind == "auto":
@@ -238,7 +245,7 @@ def check_rl(recipe: Recipe, where: str) -> None:
         fail(where, "ppo.advantage_scale", f"group divides by the std of a prompt's completions: it needs a "
               f"sequence-level advantage ({ppo.advantage} is {estimator.level}-level) and "
               f"rollout.samples_per_prompt >= 2 (got {k})")
-    if ppo.engine_is != "none" and rollout.engine == "hf" and not rollout.lag:
+    if ppo.engine_is != "none" and rollout.engine == "hf" and not (rollout.lag or rollout.server):
         fail(where, "ppo.engine_is", f"{ppo.engine_is} corrects samples drawn by another engine or an older policy "
               "(rollout.lag); rollout.engine hf samples from the trained policy itself: set ppo.engine_is: none")
     if not 0 < ppo.engine_is_low <= 1 <= ppo.engine_is_cap:

@@ -42,6 +42,14 @@ class RolloutConfig:
     # (0: on-policy, today's loop; 1: one step off-policy), so the run stays a function of the seed and resumes
     # exactly (the rollouts generated ahead are in the checkpoints); ppo.engine_is corrects for the lag
     lag: int = 0
+    # where the engine runs: null, in each training process; spawn, an engine server (`prefopt serve`) started by
+    # each training process on its machine; HOST:PORT, one running `prefopt serve` shared by every process (the
+    # first sends it the weights). A server holds its own copy of the policy, so with a lag the next rollout is
+    # generated while the trainer updates (rollout.overlap)
+    server: str | None = None
+    # with a lag, generate the next rollout in the background while the trainer updates, where the engine holds its
+    # own weights and gives its log-probs (rollout.server, or vllm); the same rollouts as without: only faster
+    overlap: bool = True
     tools: list[str] = field(default_factory=list)
     environment: str | dict[str, str] | None = None
     max_turns: int | None = None  # assistant turns per trajectory (TRL's max_tool_calling_iterations + 1); None: no limit

@@ -50,9 +50,10 @@ PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every
     # PPO: samples drawn by (seed, step, global row), whitening and mini-batches over the gathered rollout
     {**ppo_sections(advantage="gae", target_kl=0.01), "train": PPO_TRAIN},
     {**ppo_sections(advantage="rloo", epochs=2), "train": PPO_TRAIN},
-    # a fixed lag: the queue of rollouts generated ahead is the gathered one, the same on every process
-    {**ppo_sections(advantage="grpo"), "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1},
-     "train": PPO_TRAIN},
+    # a fixed lag: the queue of rollouts generated ahead is the gathered one, the same on every process; each
+    # process generates on an engine server of its own, during its updates
+    {**ppo_sections(advantage="grpo"), "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1,
+                                                   "server": "spawn"}, "train": PPO_TRAIN},
     # online DPO: samples drawn by (seed, step, global row), pairs formed over the gathered samples
     {**online_sections(select="all", min_gap=0.05), "train": {**PPO_TRAIN, "batch_size": 12, "micro_batch_size": 6}},
 ], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "grpo-lag", "online-dpo"])
@@ -68,6 +69,26 @@ def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_pat
     assert info["one"]["world_size"] == 1 and info["one"]["accumulation_steps"] == 2
     assert len(list((two / "tensorboard" / "prefopt").glob("events.out.tfevents.*"))) == ("log" in sections)
     compare(one, two)
+
+
+def test_two_processes_on_one_engine_server_match_one(sort_task, tmp_path):
+    """rollout.server HOST:PORT: both processes generate on one `prefopt serve` (the first sends it the weights,
+    between barriers), with a lag of 1 and the overlap; the run equals one process on that server."""
+    from test_async import start_server
+
+    process, address = start_server(sort_task / "model")
+    try:
+        sections = {**ppo_sections(advantage="grpo"), "train": PPO_TRAIN, "data": {"eval": str(sort_task / "eval.jsonl")},
+                    "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1, "server": address}}
+        one, two = tmp_path / "one", tmp_path / "two"
+        train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
+        run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+        assert json.loads((two / "run.json").read_text())["world_size"] == 2
+        compare(one, two)
+        assert process.poll() is None  # a server started apart outlives its runs
+    finally:
+        process.kill()
 
 
 def test_token_means_do_not_depend_on_the_world_size(sort_task, tmp_path):

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import read_metrics, write_recipe
 
 from prefopt import recipe as recipe_lib
@@ -43,17 +45,18 @@ def test_gradient_accumulation_matches_one_big_micro_batch(sort_task, tmp_path):
     assert runs[8][-1]["loss"] < runs[8][0]["loss"]  # and it learns
 
 
-@pytest.mark.parametrize("method", ["dpo", "grpo-lag"])
+@pytest.mark.parametrize("method", ["dpo", "grpo-lag", "grpo-lag-server"])
 def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path, method):
-    """kill -9 at a random point and the same command again: the metrics of the uninterrupted run, for DPO and for
-    GRPO with rollout.lag 1 (the rollouts generated ahead come back from the checkpoint)."""
+    """kill -9 at a random point and the same command again: the metrics and weights of the uninterrupted run,
+    for DPO and for GRPO with rollout.lag 1 (the rollouts generated ahead come back from the checkpoint), also
+    with the engine in a server process of its own generating during the updates (which dies with its trainer)."""
     steps = 40
     sections = dict(train={"max_steps": steps, "save_every": 2, "eval_every": 10})
-    if method == "grpo-lag":
+    if method.startswith("grpo-lag"):
         from test_ppo import ppo_sections
 
         sections = ppo_sections(advantage="grpo", num_mini_batches=1)
-        sections["rollout"] = {**sections["rollout"], "lag": 1}
+        sections["rollout"] = {**sections["rollout"], "lag": 1, "server": "spawn" if "server" in method else None}
         sections["train"] = {**sections["train"], "max_steps": steps, "save_every": 2, "eval_every": 10}
         sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
     train_recipe(write_recipe(tmp_path / "whole.yaml", sort_task, tmp_path / "whole", **sections))
@@ -72,6 +75,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path, met
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+    deadline = time.time() + 10  # a spawned engine server follows its trainer
+    while _servers_of(proc.pid):
+        assert time.time() < deadline, "the engine server outlived its killed trainer"
+        time.sleep(0.2)
     killed_at = complete_checkpoints(out / "checkpoints")[-1][0]
     assert killed_at < steps
 
@@ -81,6 +88,22 @@ def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path, met
     for a, b in zip(whole, resumed):
         for key, value in a.items():
             assert b[key] == pytest.approx(value, abs=1e-6), (a["split"], a["step"], key)
+    from safetensors.torch import load_file
+
+    weights = [load_file(run / "final" / "model.safetensors") for run in (tmp_path / "whole", out)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def _servers_of(pid: int) -> list[str]:
+    """The engine servers spawned by process `pid` still running (their command lines name their parent)."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"--parent\0{pid}\0".encode() in path.read_bytes():
+                found.append(path.parent.name)
+        except OSError:  # ended meanwhile
+            pass
+    return found
 
 
 def test_incomplete_checkpoints_are_never_resumed(sort_task, tmp_path):

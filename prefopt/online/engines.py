@@ -41,6 +41,7 @@ class Engine:
     """What samples completions for an online method (see the module's docstring)."""
 
     samples_from_trainer = False  # the engine is the trained policy itself: its log-probs are the trainer's
+    gives_logps = False  # generate returns each sampled token's log-prob (the behaviour policy's)
 
     def generate(self, prompts: list[list[int]], draw: Draw | None, max_new_tokens: int
                  ) -> tuple[list[list[int]], list[list[float]] | None]:
@@ -81,23 +82,31 @@ class HFEngine(Engine):
                         draw=draw, temperature=self.temperature, top_p=self.top_p), None
 
 
-def make_engine(recipe, tokenizer) -> Engine:
-    """The recipe's rollout.engine."""
-    rollout, model = recipe.rollout, recipe.model
+def make_engine(recipe, tokenizer, main_process: bool = True) -> Engine:
+    """The recipe's rollout.engine, in this process or (rollout.server) in an engine server."""
+    rollout = recipe.rollout
+    if rollout.server:
+        from prefopt.online.server import ServerEngine
+
+        return ServerEngine(recipe, tokenizer, rollout.server, main_process)
     if rollout.engine == "hf":
         return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p)
     if rollout.engine == "vllm":
-        return VLLMEngine(model.name_or_path, seed=recipe.seed, dtype=model.dtype, temperature=rollout.temperature,
-                          top_p=rollout.top_p, eos_token_id=tokenizer.eos_token_id,
-                          max_model_len=recipe.data.max_length + rollout.max_new_tokens,
-                          gpu_memory_utilization=rollout.gpu_memory_utilization,
-                          tensor_parallel_size=rollout.tensor_parallel_size,
-                          trust_remote_code=model.trust_remote_code)
+        return VLLMEngine(recipe.model.name_or_path, temperature=rollout.temperature, top_p=rollout.top_p,
+                          eos_token_id=tokenizer.eos_token_id, **vllm_options(recipe))
     if ":" in rollout.engine:  # an engine of the user's: module:Class, made as Class(recipe, tokenizer)
         from prefopt.errors import import_object
 
         return import_object(rollout.engine, "rollout.engine")(recipe, tokenizer)
     raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf, vllm or module:Class")
+
+
+def vllm_options(recipe) -> dict:
+    """A vLLM engine's settings from the recipe (besides its sampling)."""
+    model, rollout = recipe.model, recipe.rollout
+    return {"seed": recipe.seed, "dtype": model.dtype, "max_model_len": recipe.data.max_length + rollout.max_new_tokens,
+            "gpu_memory_utilization": rollout.gpu_memory_utilization,
+            "tensor_parallel_size": rollout.tensor_parallel_size, "trust_remote_code": model.trust_remote_code}
 
 
 def vllm_available() -> str | None:
@@ -111,6 +120,8 @@ def vllm_available() -> str | None:
 
 class VLLMEngine(Engine):
     """A vLLM LLM in this process on the policy's starting checkpoint; `sync` loads the trained weights."""
+
+    gives_logps = True
 
     def __init__(self, name_or_path: str, *, seed: int, max_model_len: int, gpu_memory_utilization: float,
                  tensor_parallel_size: int, dtype: str, temperature: float = 1.0, top_p: float = 1.0,

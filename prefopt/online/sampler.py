@@ -8,6 +8,7 @@ process holds the whole rollout, laid out as one process would lay it out. Every
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import torch
 from prefopt import distributed
 from prefopt.data import load_prompts
 from prefopt.degenerate import RolloutWatch
-from prefopt.errors import RecipeError
+from prefopt.errors import PrefoptError, RecipeError, TrainingError
 from prefopt.generation import Draw, pad_prompts
 from prefopt.losses import ppo as ppo_math
 from prefopt.online.experience import model_tokens
@@ -51,13 +52,14 @@ class Sampler:
             self.rewards.check_columns(rows, where)
         self.engine = None
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
+        self.pending: dict[int, Background] = {}  # rollouts generating in the background, by cycle
         self.eval_samples: list[dict] = []
         self.watch = RolloutWatch(recipe, accelerator.print)  # rewards that give no signal
 
     def start_engine(self) -> None:
         from prefopt.online.engines import make_engine
 
-        self.engine = make_engine(self.recipe, self.tokenizer)
+        self.engine = make_engine(self.recipe, self.tokenizer, self.accelerator.is_main_process)
 
     def check_prompts(self, prompts: int, what: str) -> None:
         """A step's `prompts` must exist in data.train and split evenly over the processes."""
@@ -97,18 +99,36 @@ class Sampler:
 
     # ----- 2. samples ---------------------------------------------------------------------------
 
+    def sync_engine(self, model) -> None:
+        """The engine takes the policy's weights if an update changed them. A server shared by the processes is
+        kept out of use meanwhile: no process generates with the old weights, or starts before the new are in."""
+        if not self.stale:
+            return
+        shared = self.world_size > 1 and self.recipe.rollout.server not in (None, "spawn")
+        if shared:
+            self.accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        self.engine.sync(model, self.accelerator)
+        if shared:
+            self.accelerator.wait_for_everyone()
+        self.stale, self.sync_seconds = False, time.perf_counter() - start
+
     @torch.no_grad()
     def generate(self, model, examples: list[dict], draw: Draw | None = None, samples: int = 1,
                  max_new_tokens: int | None = None) -> dict:
-        """`samples` completions of each example's prompt (drawn by `draw`, greedy without), through the engine:
-        left-padded prompts, right-padded completions with their mask, whether each ended (EOS), the texts, the
-        rows, and the engine's log-probs where it gives them (`engine_logps`)."""
+        """`samples` completions of each example's prompt (drawn by `draw`, greedy without), through the engine
+        synced to `model`: see `sample`."""
+        self.sync_engine(model)
+        return self.sample(examples, draw, samples, max_new_tokens)
+
+    @torch.no_grad()
+    def sample(self, examples: list[dict], draw: Draw | None = None, samples: int = 1,
+               max_new_tokens: int | None = None) -> dict:
+        """`samples` completions of each example's prompt through the engine as it is: left-padded prompts,
+        right-padded completions with their mask, whether each ended (EOS), the texts, the rows, and the engine's
+        log-probs where it gives them (`engine_logps`). No collective: it may run in the background."""
         rows = [ex for ex in examples for _ in range(samples)]
         device, pad, eos = self.accelerator.device, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        if self.stale:
-            start = time.perf_counter()
-            self.engine.sync(model, self.accelerator)
-            self.stale, self.sync_seconds = False, time.perf_counter() - start
         max_new_tokens = max_new_tokens or self.recipe.rollout.max_new_tokens
         prompts, trajectories = [row["prompt_ids"] for row in rows], None
         if self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
@@ -199,20 +219,26 @@ class Sampler:
         rounds. `local(batch, penalised)` adds per-row tensors computed on this process's batch (a judge's).
         Returns the gathered rows (prompt_ids, prompt_mask, response_ids, mask, ended, scores, penalised, terms
         (rows, terms), [engine_logps]), the stats and the first round's sample rows."""
-        recipe, acc, rollout = self.recipe, self.accelerator, self.recipe.rollout
-        k, share = rollout.samples_per_prompt, prompts // self.world_size
+        recipe, rollout = self.recipe, self.recipe.rollout
+        k = rollout.samples_per_prompt
         timing = {"generate": 0.0, "score": 0.0}
         kept, dropped, samples, rounds, generated, metrics = [], [], None, 0, 0.0, {}
+        background = cycle in self.pending
         while len(kept) < prompts and rounds < (rollout.filter_max_rounds if filter_groups else 1):
             # 1. prompts: round 0 takes the next slice of the epoch's permutation; a dynamic-sampling round r
             # draws a seeded sample of its own (so the data order stays a function of (seed, cycle))
-            examples = self.prompts(cycle, rounds, prompts)[acc.process_index * share :][:share]
-            # 2. samples: this process's share, each row's noise from its global index
-            rows = torch.arange(share * k) + acc.process_index * share * k
-            draw = Draw(hash((recipe.seed, cycle) + ((rounds,) if rounds else ())), rows, prompts * k)
+            # 2. samples: this process's share, each row's noise from its global index; round 0 of a rollout
+            # submitted ahead was generated in the background (its further rounds keep the engine's weights)
             start = time.perf_counter()
-            batch = self.generate(model, examples, draw, samples=k)
-            timing["generate"] += time.perf_counter() - start
+            if not rounds and cycle in self.pending:
+                batch, timing["generate"] = self.pending.pop(cycle).result()
+                timing["wait"] = time.perf_counter() - start
+            else:
+                if background:
+                    batch = self.sample(*self._round(cycle, rounds, prompts), samples=k)
+                else:
+                    batch = self.generate(model, *self._round(cycle, rounds, prompts), samples=k)
+                timing["generate"] += time.perf_counter() - start
             # 3. scores: the reward terms, then the missing-EOS and overlong penalties
             start = time.perf_counter()
             scored = self.score(batch, state)
@@ -256,6 +282,32 @@ class Sampler:
         stats.update({f"timing/{key}": value for key, value in timing.items()})
         stats["rollout/tokens_per_second"] = generated / max(timing["generate"], 1e-9)
         return buffer, {key: float(value) for key, value in stats.items()}, samples
+
+    def _round(self, cycle: int, round: int, prompts: int) -> tuple[list[dict], Draw]:
+        """This process's share of a sampling round's prompts, and their draw: each row's noise from its global
+        index."""
+        k, share, index = self.recipe.rollout.samples_per_prompt, prompts // self.world_size, self.accelerator.process_index
+        examples = self.prompts(cycle, round, prompts)[index * share :][:share]
+        rows = torch.arange(share * k) + index * share * k
+        return examples, Draw(hash((self.recipe.seed, cycle) + ((round,) if round else ())), rows, prompts * k)
+
+    def submit(self, model, cycle: int, prompts: int) -> None:
+        """Start round 0 of rollout `cycle` in the background on the engine synced now (rollout.lag with
+        rollout.overlap); `collect(cycle)` takes it. The engine is not used otherwise until then."""
+        self.sync_engine(model)
+        examples, draw = self._round(cycle, 0, prompts)
+        self.pending[cycle] = Background(self._timed_sample, examples, draw, self.recipe.rollout.samples_per_prompt)
+
+    def _timed_sample(self, examples: list[dict], draw: Draw, samples: int) -> tuple[dict, float]:
+        start = time.perf_counter()
+        return self.sample(examples, draw, samples), time.perf_counter() - start
+
+    def check_background(self) -> None:
+        """Raise the error of a background generation that failed (between steps: the run ends without waiting
+        for the rollout's turn)."""
+        for job in self.pending.values():
+            if job.done.is_set() and job.error is not None:
+                job.result()
 
     def sample_rows(self, batch: dict, scores: Scores) -> list[dict]:
         """{prompt, completion, score, <term>..., <log_extra column>...} of each generated completion."""
@@ -330,3 +382,29 @@ def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
                                               (0, width - v.shape[1]), value=pad) for v in values]
         out[key] = torch.cat(values)
     return out
+
+
+class Background:
+    """A call in a daemon thread (a hung engine cannot keep the process alive); `result()` waits for it and
+    raises what it raised, saying where."""
+
+    def __init__(self, fn: Callable, *args):
+        self.done, self.value, self.error = threading.Event(), None, None
+        threading.Thread(target=self._run, args=(fn, args), daemon=True, name="prefopt-rollout").start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the trainer's thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def result(self):
+        self.done.wait()
+        if isinstance(self.error, PrefoptError):
+            raise self.error
+        if self.error is not None:
+            raise TrainingError(f"the background rollout stopped: {type(self.error).__name__}: {self.error}"
+                                ) from self.error
+        return self.value

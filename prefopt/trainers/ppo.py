@@ -58,6 +58,10 @@ class PPOTrainer(Trainer):
         self.buffer, self.buffer_cycle, self.stop_epoch = None, None, False
         self.queue = RolloutQueue()  # rollout.lag: the rollouts generated ahead, saved with checkpoints
         self.checkpointed["rollout_queue"] = self.queue
+        engine = self.sampler.engine  # with a lag, an engine with its own weights generates while the trainer updates
+        self.overlap = bool(recipe.rollout.lag and recipe.rollout.overlap and engine.gives_logps and
+                            not engine.samples_from_trainer)
+        self.in_flight, self.rollout_seconds = None, 0.0  # the rollout generating in the background
 
     def can_stop_after(self, step: int) -> bool:
         return step % self.cycle == 0  # between rollouts: a checkpoint holds no half-used rollout
@@ -70,8 +74,7 @@ class PPOTrainer(Trainer):
         return {**super().placed_models(), **self.sampler.placed_models()}
 
     def _check_data(self) -> None:
-        self.sampler.check_prompts(self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches //
-                                   self.recipe.rollout.samples_per_prompt, "a rollout")
+        self.sampler.check_prompts(self._prompts(), "a rollout")
 
 
     # ----- rollouts -------------------------------------------------------------------------------
@@ -81,27 +84,46 @@ class PPOTrainer(Trainer):
         """Rollout `cycle` (steps 1-7) and the samples of the rollouts generated now. With rollout.lag s, rollout c
         was generated s rollouts earlier, by the policy before update c - s (the first s + 1 by the starting
         policy): each cycle generates rollout c + s and takes rollout c from the queue, whose log-probs at
-        generation are its behaviour policy's (ppo.engine_is corrects for them against the current policy's)."""
+        generation are its behaviour policy's (ppo.engine_is corrects for them against the current policy's).
+        With rollout.overlap, rollout c + s generates in the background during update c; the next cycle (or a
+        checkpoint, or an evaluation) takes it into the queue before the engine syncs again."""
         lag, samples = self.recipe.rollout.lag, []
         if not lag:
             buffer, stats, samples = self.collect(cycle)
         else:
-            for ahead in range(cycle, cycle + lag + 1):
-                if ahead not in self.queue.rollouts:
-                    buffer, stats, drawn = self.collect(ahead, behaviour=True)
-                    self.queue.rollouts[ahead] = buffer, stats
-                    samples += drawn
+            samples = self.drain()
+            for ahead in range(cycle, cycle + lag + 1):  # past max_steps too: a run continued further needs them
+                if ahead in self.queue.rollouts:
+                    continue
+                if self.overlap and ahead == cycle + lag:
+                    self.sampler.submit(self.model, ahead, self._prompts())
+                    self.in_flight = ahead
+                    continue
+                buffer, stats, drawn = self.collect(ahead, behaviour=True)
+                self.queue.rollouts[ahead] = buffer, stats
+                samples += drawn
             buffer, stats = self.queue.rollouts.pop(cycle)
             stats = {**stats, "rollout/staleness": float(min(lag, cycle))}  # updates between generation and use
         return self.experience(buffer, stats), samples
+
+    def drain(self) -> list[dict]:
+        """The rollout generating in the background, scored and gathered into the queue (its first samples)."""
+        if self.in_flight is None:
+            return []
+        cycle, self.in_flight = self.in_flight, None
+        buffer, stats, samples = self.collect(cycle, behaviour=True)
+        self.queue.rollouts[cycle] = buffer, stats
+        return samples
+
+    def _prompts(self) -> int:
+        return self.recipe.train.batch_size * self.recipe.ppo.num_mini_batches // self.recipe.rollout.samples_per_prompt
 
     def collect(self, cycle: int, behaviour: bool = False) -> tuple[dict, dict, list]:
         """Steps 1-3 of rollout `cycle` with the current policy; with `behaviour`, its log-probs of the sampled
         tokens too (as `engine_logps`, unless the engine gave its own)."""
         recipe = self.recipe
-        prompts = recipe.train.batch_size * recipe.ppo.num_mini_batches // recipe.rollout.samples_per_prompt
         state = TrainerState(global_step=cycle * self.cycle, max_steps=recipe.train.max_steps)  # steps done
-        buffer, stats, samples = self.sampler.collect(self.model, cycle, prompts, state,
+        buffer, stats, samples = self.sampler.collect(self.model, cycle, self._prompts(), state,
                                                       filter_groups=recipe.rollout.filter_groups)
         if behaviour and "engine_logps" not in buffer:
             buffer["engine_logps"] = self.token_logps(buffer, old=True, policy_only=True)["old_logps"]
@@ -130,8 +152,11 @@ class PPOTrainer(Trainer):
 
     def _rollout(self, cycle: int) -> None:
         """Rollout `cycle`, made at the first step of its update (the samples drawn now are logged at that step)."""
+        start = time.perf_counter()
         (self.buffer, samples), self.buffer_cycle = self.make_rollout(cycle), cycle
-        self.sampler.engine.sleep()  # on a GPU the engine frees its memory while the trainer updates
+        self.rollout_seconds = time.perf_counter() - start
+        if not self.overlap:
+            self.sampler.engine.sleep()  # on a GPU the engine frees its memory while the trainer updates
         self.kl_controller.update(self.buffer.stats.get("rollout/kl", float("nan")), len(self.buffer))
         self.run_log.samples(samples, cycle * self.cycle + 1)
 
@@ -194,16 +219,21 @@ class PPOTrainer(Trainer):
 
     def after_step(self, step: int, record: dict[str, float]) -> None:
         self.sampler.policy_changed()
+        self.sampler.check_background()  # a failed background rollout ends the run now, not at its turn
         bound = self.recipe.ppo.approx_kl_stop
         if bound is not None and record.get("policy/approx_kl", 0.0) > bound:
             self.stop_epoch = True
-        if record:  # the update's time: the step's, less the rollout it made
-            rollout = sum(self.buffer.stats[f"timing/{key}"] for key in ("generate", "score", "logps"))
+        if record:  # the update's time: the step's, less the time it spent making (or waiting for) rollouts
             made_here = self.buffer_cycle * self.cycle + 1 == step  # the rollout was made at this step's start
-            record["timing/update"] = record["step_seconds"] - (rollout if made_here else 0.0)
+            record["timing/update"] = record["step_seconds"] - (self.rollout_seconds if made_here else 0.0)
+
+    def save_checkpoint(self, step: int):
+        self.run_log.samples(self.drain(), step + 1)  # the rollout generating now is saved with the queue
+        return super().save_checkpoint(step)
 
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
+        self.run_log.samples(self.drain(), self.global_step + 1)  # the engine is free, then synced to this policy
         kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
         return self.sampler.evaluate(self.model, examples, kl, self.global_step)
 
