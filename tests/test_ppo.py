@@ -140,5 +140,30 @@ def test_a_fixed_lag_is_off_policy_corrected_and_resumes_exactly(sort_task, tmp_
     sync = {**sections, "rollout": {**sections["rollout"], "lag": 0}}
     train_recipe(write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c", **sync))
     on_policy = read_metrics(tmp_path / "c")
-    assert "rollout/staleness" not in on_policy[0] and on_policy[0]["loss"] == pytest.approx(whole[0]["loss"])
+    assert "rollout/staleness" not in on_policy[0]  # the first rollout the same: the behaviour log-probs, kept
+    for key in ("loss", "grad_norm", "rollout/score"):  # while sampling, only round off from the update's
+        assert on_policy[0][key] == pytest.approx(whole[0][key], abs=1e-5), key
     assert on_policy[1]["rollout/score"] != whole[1]["rollout/score"] or on_policy[1]["loss"] != whole[1]["loss"]
+
+
+def test_one_update_per_rollout_weighs_the_lag_in_its_own_forward(sort_task, tmp_path):
+    """With one update per rollout the proximal policy is the one being updated: its log-probs, and with them the
+    lag's importance weights, come from the update's own forward (no forward at the rollout). The same losses,
+    gradients and weights as the separate forward at the rollout, in every engine_is mode."""
+    for mode in ("truncate", "sequence_mask"):
+        sections = ppo_sections(advantage="grpo", num_mini_batches=1, kl_penalty="loss", engine_is=mode, engine_is_low=0.99,
+                                engine_is_cap=1.01)
+        sections["rollout"] = {**sections["rollout"], "lag": 1}
+        sections["optim"] = {"schedule": "constant", "warmup_steps": 0, "lr": 3e-2}
+        runs = {}
+        for fused in (True, False):
+            out = tmp_path / f"{mode}-{fused}"
+            trainer = PPOTrainer(recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, out, **sections)))
+            assert trainer.fused_old_logps
+            trainer.fused_old_logps = fused
+            trainer.fit()
+            runs[fused] = read_metrics(out)
+        assert any(r["rollout/is_corrected_fraction"] > 0 for r in runs[False])  # the narrow band rejects some
+        for a, b in zip(runs[True], runs[False]):
+            for key in ("loss", "grad_norm", "rollout/is_weight_mean", "rollout/is_corrected_fraction"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (mode, a["step"], key)

@@ -1,7 +1,7 @@
 """Runs in the vLLM environment (.venv-vllm; tests/test_vllm.py calls it): GRPO with rollout.engine vllm on a
 head_dim-64 model, and what the engine promises. Writes results.json into the directory it is given.
 
-    python tests/vllm_check.py OUT_DIR engine|tools|RUN_NAME    (RUN_NAME fsdp2: FSDP2 allowed on CPU processes)
+    python tests/vllm_check.py OUT_DIR engine|tools|async|RUN_NAME    (RUN_NAME fsdp2: FSDP2 allowed on CPU processes)
 """
 
 import json
@@ -122,6 +122,23 @@ def engine_checks(out: Path, task: Path) -> dict:
     return results
 
 
+def async_checks(out: Path, task: Path) -> dict:
+    """rollout.lag 1 with the overlap, on the colocated engine (a background thread generates while the trainer
+    updates) and on a spawned `prefopt serve` vLLM server: 4 steps straight, and 2 then continued to 4."""
+    results = {}
+    for name, rollout in (("colocated", {"lag": 1}), ("server", {"lag": 1, "server": "spawn"})):
+        runs = {}
+        for run, overrides in (("whole", [()]), ("resumed", [("train.max_steps=2",), ()])):
+            config = recipe(task, out / f"async-{name}-{run}", rollout=rollout)
+            runs[run] = [train(config, *o) for o in overrides][-1]
+        timed = [json.loads(line) for line in (out / f"async-{name}-whole" / "metrics.jsonl").read_text().splitlines()]
+        results[name] = {run: [[r[key] for key in ("loss", "grad_norm", "rollout/score", "rollout/is_weight_mean")]
+                               for r in records] for run, records in runs.items()}
+        results[name]["staleness"] = [r["rollout/staleness"] for r in runs["whole"]]
+        results[name]["waited"] = ["timing/wait" in r for r in timed if r["split"] == "train"]
+    return results
+
+
 def tool_checks(out: Path) -> dict:
     """Multi-turn rollouts through vLLM: a policy SFT'd on the calculator task's transcripts calls the tool; GRPO
     trains on its trajectories, and the engine's greedy trajectories equal HF generate's."""
@@ -159,6 +176,8 @@ def main() -> None:
         results = engine_checks(out, task)
     elif mode == "tools":
         results = tool_checks(out)
+    elif mode == "async":
+        results = async_checks(out, task)
     else:  # one run (of a multi-process launch, perhaps): `mode` names it
         if mode == "fsdp2":
             import fsdp_on_cpu  # noqa: F401  (Accelerate's FSDP allowed on CPU processes, as test_distributed)

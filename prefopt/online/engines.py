@@ -65,9 +65,10 @@ class HFEngine(Engine):
 
     samples_from_trainer = True
 
-    def __init__(self, tokenizer, *, temperature: float, top_p: float):
+    def __init__(self, tokenizer, *, temperature: float, top_p: float, logps: bool = False):
         self.tokenizer, self.temperature, self.top_p = tokenizer, temperature, top_p
         self.model = self.accelerator = None
+        self.gives_logps = logps  # the behaviour policy's, kept while sampling (rollout.lag: its update is later)
 
     def sync(self, model, accelerator) -> None:
         if self.model is None and accelerator.distributed_type.name == "FSDP":  # FSDP2 sets itself up in the
@@ -78,8 +79,9 @@ class HFEngine(Engine):
         self.model, self.accelerator = model, accelerator
 
     def generate(self, prompts, draw, max_new_tokens):
-        return generate(self.model, self.accelerator, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                        draw=draw, temperature=self.temperature, top_p=self.top_p), None
+        out = generate(self.model, self.accelerator, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                       draw=draw, temperature=self.temperature, top_p=self.top_p, logps=self.gives_logps)
+        return out if self.gives_logps else (out, None)
 
 
 def make_engine(recipe, tokenizer, main_process: bool = True) -> Engine:
@@ -90,7 +92,7 @@ def make_engine(recipe, tokenizer, main_process: bool = True) -> Engine:
 
         return ServerEngine(recipe, tokenizer, rollout.server, main_process)
     if rollout.engine == "hf":
-        return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p)
+        return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p, logps=rollout.lag > 0)
     if rollout.engine == "vllm":
         return VLLMEngine(recipe.model.name_or_path, temperature=rollout.temperature, top_p=rollout.top_p,
                           eos_token_id=tokenizer.eos_token_id, **vllm_options(recipe))

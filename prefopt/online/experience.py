@@ -32,13 +32,16 @@ class Rollout:
     returns: torch.Tensor  # (B, R) value targets (0 without a critic)
     is_weights: torch.Tensor | None  # (B, R) importance weights trainer / engine (ppo.engine_is)
     stats: dict[str, float] = field(default_factory=dict)  # rollout/*, rewards/*, timing/* metrics
+    # (B, R) the engine's log-probs, where the weights come from the update's own forward (old_logps None)
+    behaviour_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.mask)
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         tensors = {key: getattr(self, key) for key in ("input_ids", "attention_mask", "mask", "ref_logps",
-                                                       "old_logps", "old_values", "advantages", "returns", "is_weights")}
+                                                       "old_logps", "old_values", "advantages", "returns", "is_weights",
+                                                       "behaviour_logps")}
         return {key: value[index] for key, value in tensors.items() if value is not None}
 
 
@@ -152,19 +155,27 @@ def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: fl
         residual = ppo_math.masked_mean((returns - values - ppo_math.masked_mean(returns - values, mask)) ** 2, mask)
         total = ppo_math.masked_mean((returns - ppo_math.masked_mean(returns, mask)) ** 2, mask)
         stats["value/explained_variance"] = 1 - residual / total
-    is_weights = None
-    if "engine_logps" in buffer:  # the engine's and the trainer's log-probs of the same tokens
-        gap = (buffer["engine_logps"] - old_logps).abs() * mask
-        stats.update({"rollout/engine_logp_gap_mean": gap.sum() / mask.sum(), "rollout/engine_logp_gap_max": gap.max()})
-        # the behaviour policy is the engine's, the proximal one the trainer's (ppo_math.importance_weights)
-        is_weights, is_stats = ppo_math.importance_weights(ppo.engine_is, old_logps - buffer["engine_logps"], mask,
-                                                           ppo.engine_is_low, ppo.engine_is_cap)
+    is_weights, behaviour = None, buffer.get("engine_logps")
+    if behaviour is not None and old_logps is not None:  # else the update's forward is the proximal one
+        is_weights, is_stats = engine_weights(old_logps, behaviour, mask, ppo)
         stats.update(is_stats)
+        behaviour = None
     loss_mask = mask * ended[:, None] if rollout.mask_truncated else mask
     input_ids, attention_mask = sequences(buffer)
     return Rollout(input_ids, attention_mask, loss_mask, tokens["ref_logps"], old_logps,
                    tokens.get("old_values", torch.zeros_like(mask)), advantages, returns, is_weights,
-                   {key: float(value) for key, value in stats.items()})
+                   {key: float(value) for key, value in stats.items()}, behaviour)
+
+
+def engine_weights(proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, ppo
+                   ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """ppo.engine_is's weights of each token (the behaviour policy is the engine's, the proximal one the
+    trainer's: ppo_math.importance_weights), with the engine/trainer log-prob gap and the weights' stats."""
+    gap = (behaviour - proximal).abs() * mask
+    weights, stats = ppo_math.importance_weights(ppo.engine_is, proximal - behaviour, mask, ppo.engine_is_low,
+                                                 ppo.engine_is_cap)
+    return weights, {"rollout/engine_logp_gap_mean": gap.sum() / mask.sum(), "rollout/engine_logp_gap_max": gap.max(),
+                     **stats}
 
 
 def sharing_pays(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, hidden: int) -> bool:

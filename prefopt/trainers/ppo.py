@@ -20,6 +20,7 @@ from prefopt.losses import ppo as ppo_math
 from prefopt.models import PolicyWithValueHead, load_causal_lm, load_policy, load_reference_copy
 from prefopt.online.experience import (
     TokenForward,
+    engine_weights,
     make_experience,
     model_tokens,
     sample_kl,
@@ -51,10 +52,10 @@ class PPOTrainer(Trainer):
         self.checkpointed["kl_controller"] = self.kl_controller
         self.cycle = ppo.epochs * ppo.num_mini_batches  # optimizer steps per rollout
         # one update per rollout: its old log-probs are the update's own, detached (no forward at the rollout),
-        # unless the rollout needs them for a KL in the reward, the adaptive KL, a critic or an engine's gap
+        # unless the rollout needs them for a KL in the reward, the adaptive KL or a critic; an engine's (or an
+        # older policy's) samples are then weighed in the update (compute_loss), by the same forward
         self.fused_old_logps = self.cycle == 1 and not self.estimator.critic and ppo.target_kl is None and not (
-            ppo.kl_penalty == "reward" and ppo.kl_coef > 0) and self.sampler.engine.samples_from_trainer and not (
-            recipe.rollout.lag)
+            ppo.kl_penalty == "reward" and ppo.kl_coef > 0)
         self.buffer, self.buffer_cycle, self.stop_epoch = None, None, False
         self.queue = RolloutQueue()  # rollout.lag: the rollouts generated ahead, saved with checkpoints
         self.checkpointed["rollout_queue"] = self.queue
@@ -193,13 +194,16 @@ class PPOTrainer(Trainer):
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         aggregation = {"aggregation": ppo.loss_aggregation, "max_new_tokens": rollout.max_new_tokens,
                        "normalizer": batch["token_normalizer"] if ppo.loss_aggregation == "token_mean" else None}
+        weights, metrics = batch.get("is_weights"), {}
+        if "behaviour_logps" in batch:  # the proximal policy is this forward's (one update per rollout)
+            weights, metrics = engine_weights(old_logps, batch["behaviour_logps"], mask, ppo)
         loss = ppo_math.policy_loss(logps, old_logps, batch["advantages"], mask, clip_low=ppo.clip_low,
                                     clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, ratio=ppo.ratio,
-                                    weights=batch.get("is_weights"), **aggregation)
+                                    weights=weights, **aggregation)
         stats = ppo_math.clip_stats(logps, old_logps, batch["advantages"], mask, ppo.clip_low, ppo.clip_high,
                                     batch["token_normalizer"], ppo.ratio)
-        metrics = {"policy/loss": loss.detach(), "policy/clipfrac": stats["clipfrac"],
-                   "policy/approx_kl": stats["approx_kl"]}
+        metrics.update({"policy/loss": loss.detach(), "policy/clipfrac": stats["clipfrac"],
+                        "policy/approx_kl": stats["approx_kl"]})
         entropy = ppo_math.aggregate(entropy, mask, **aggregation)
         metrics["policy/entropy"] = entropy.detach()
         if ppo.entropy_coef:
