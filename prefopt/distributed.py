@@ -31,19 +31,20 @@ def start_processes():
     return PartialState(cpu=cpu), cpu
 
 
-def cpu_threads(cpu: bool) -> str | None:
+def cpu_threads(cpu: bool, helpers: int = 0) -> str | None:
     """On a CPU, torch's threads per process from the cores this process may use and the processes on this
     machine (oversubscribed threads slow every process down), unless OMP_NUM_THREADS says otherwise; the choice,
-    said, or None where nothing was set."""
+    said, or None where nothing was set. `helpers`: processes each one starts that work at the same time (an engine
+    server generating during the update), given as many threads."""
     import torch
 
     if not cpu or "OMP_NUM_THREADS" in os.environ:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (1 + helpers)
     torch.set_num_threads(max(1, cores // local))
-    return (f"torch threads per process: {torch.get_num_threads()} ({cores} cores / {local} process(es) here; "
-            "OMP_NUM_THREADS sets it)")
+    return (f"torch threads per process: {torch.get_num_threads()} ({cores} cores / {local} process(es) here"
+            + (", engine servers included" if helpers else "") + "; OMP_NUM_THREADS sets it)")
 
 
 def eval_chunks(examples: list, size: int, rank: int, world: int):

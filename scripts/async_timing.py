@@ -21,10 +21,10 @@ SETTINGS = {  # name -> (overrides, environment)
     "sync, engine in the trainer (lag 0)": (["rollout.lag=0"], {}),
     "lag 1, engine in the trainer (no overlap)": (["rollout.lag=1"], {}),
     "lag 1, engine server, in turn": (["rollout.lag=1", "rollout.server=spawn", "rollout.overlap=false"], {}),
-    "lag 1, engine server, overlapped": (["rollout.lag=1", "rollout.server=spawn"], {}),
-    "sync, 1 thread (lag 0)": (["rollout.lag=0"], {"OMP_NUM_THREADS": "1"}),
-    "lag 1, engine server, overlapped, 1 thread each": (["rollout.lag=1", "rollout.server=spawn"],
-                                                        {"OMP_NUM_THREADS": "1"}),
+    "lag 1, engine server, overlapped (cores shared out)": (["rollout.lag=1", "rollout.server=spawn"], {}),
+    "lag 1, engine server, overlapped, all cores each": (["rollout.lag=1", "rollout.server=spawn"],
+                                                         {"OMP_NUM_THREADS": str(os.cpu_count())}),
+    "sync, half the cores (lag 0)": (["rollout.lag=0"], {"OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}),
 }
 KEYS = ("step_seconds", "timing/generate", "timing/wait", "timing/update", "timing/logps", "timing/score")
 

