@@ -143,7 +143,8 @@ class VLLMEngine(Engine):
             self.llm = LLM(model=name_or_path, dtype="float32" if dtype == "float32" else dtype, seed=seed,
                            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                            tensor_parallel_size=tensor_parallel_size, enforce_eager=not gpu, enable_sleep_mode=gpu,
-                           trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs")
+                           trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
+                           use_tqdm_on_load=False)
         except Exception as exc:
             raise PrefoptError(f"rollout.engine: vllm could not start on {name_or_path!r}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from prefopt.errors import PrefoptError, RecipeError
@@ -46,6 +47,14 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # DeepSpeed sets its logger's level when it loads: a filter stays ("Setting accelerator to CPU" on a CPU)
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    # vLLM reads its level when it loads (an engine server started later inherits it); its warning at each weight
+    # sync that a rotary embedding "failed to load weights" is harmless: the cos/sin cache is not a trained weight
+    # (Hugging Face checkpoints do not hold it), and vLLM keeps the one it computed
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*", category=FutureWarning)
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        lambda record: not (str(record.args[0] if record.args else "").endswith("RotaryEmbedding")
+                            and "Failed to load weights" in str(record.msg)))
     try:
         from huggingface_hub.utils import disable_progress_bars
 
