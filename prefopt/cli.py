@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefopt", description="Train language models from preferences.")
     parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run a recipe")
-    train.add_argument("recipe", help="path to a recipe .yaml")
+    train = commands.add_parser("train", help="run a recipe", epilog=TRAIN_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("recipe", nargs="?", help="path to a recipe .yaml, or a shipped one by name")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     train.add_argument("--restart", action="store_true", help="move a previous run in output_dir to "
                        "output_dir/archive/<time> and start over (otherwise the same recipe resumes it)")
@@ -99,9 +100,39 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("env", help="print versions, devices and thread settings (for a bug report)")
     verify = commands.add_parser("verify", help="check a run's checkpoints and final/ against their checksums")
     verify.add_argument("run_dir")
-    code = run(parser.parse_args(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a flag where a recipe key was meant (--beta 0.1), or a typo
+        parser.exit(2, f"prefopt: error: unrecognized arguments: {' '.join(unknown)}{suggest_overrides(unknown)}\n")
+    if args.command == "train" and args.recipe is None:
+        commands.choices["train"].print_help()
+        return 2
+    try:
+        code = run(args)
+    except BrokenPipeError:  # `prefopt recipes | head`: the reader has gone, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     end_launched_process(code)
     return code
+
+
+TRAIN_EXAMPLES = """examples:
+  prefopt train quickstart                               a shipped recipe by name (prefopt recipes lists them)
+  prefopt train my-recipe.yaml train.max_steps=10 loss.beta=0.05    keys of the recipe set with key.sub=value
+  accelerate launch -m prefopt train my-recipe.yaml      every GPU of the machine
+  prefopt train my-recipe.yaml --restart                 start over (the previous run is archived)"""
+
+
+def suggest_overrides(unknown: list[str]) -> str:
+    """For `--beta 0.1` (a flag where prefopt takes key.sub=value): the recipe keys of that name, as overrides."""
+    hints = []
+    for i, arg in enumerate(unknown):
+        if not arg.startswith("--"):
+            continue
+        name, _, value = arg[2:].partition("=")
+        value = value or (unknown[i + 1] if i + 1 < len(unknown) and not unknown[i + 1].startswith("--") else "VALUE")
+        paths = key_paths().get(name.replace("-", "_"), [])
+        hints += [f"{path}={value}" for path in paths]
+    return f"; recipe keys are set as key.sub=value: did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,8 +148,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "recipes":
             print(f"example recipes in {RECIPES} (run one by name, e.g. prefopt train quickstart or prefopt train "
                   "dpo/qwen2.5-0.5b, or copy it):")
+            launch = RECIPES / "accelerate"
             for path in sorted(RECIPES.rglob("*.yaml")):
-                print(f"  {path.relative_to(RECIPES)}")
+                if launch not in path.parents:
+                    print(f"  {path.relative_to(RECIPES)}")
+            print(f"launch configs, not recipes (accelerate launch --config_file {launch}/NAME.yaml -m prefopt train "
+                  f"RECIPE): {', '.join(sorted(p.stem for p in launch.glob('*.yaml')))}")
         elif args.command == "inspect":
             from prefopt.preview import inspect_recipe
 
@@ -178,6 +213,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefopt: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def key_paths() -> dict[str, list[str]]:
+    """Every recipe key's dotted paths by its last name ({"beta": ["loss.beta"], ...}), for hints."""
+    import dataclasses
+    import typing
+
+    from prefopt import recipe as recipe_lib
+
+    paths: dict[str, list[str]] = {}
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
+            if dataclasses.is_dataclass(inner[0]):
+                walk(inner[0], f"{prefix}{f.name}.")
+            else:
+                paths.setdefault(f.name, []).append(prefix + f.name)
+
+    walk(recipe_lib.Recipe, "")
+    from prefopt.losses import LOSSES  # a loss's hyper-parameters sit in loss: beside its name
+
+    for spec in LOSSES.values():
+        for name in spec.hyperparameters():
+            if f"loss.{name}" not in paths.setdefault(name, []):
+                paths[name].append(f"loss.{name}")
+    return paths
 
 
 def environment() -> str:

@@ -67,11 +67,12 @@ def final_sections(recipe: dict, final: Path) -> dict:
 def evaluate_online(recipe: dict, final: Path, data: str) -> dict:
     """The online trainer's evaluation (its Sampler's) of `final` on the prompts of `data`."""
     from prefopt import recipe as recipe_lib
-    from prefopt.trainers import trainer_for
+    from prefopt.methods import METHODS
 
     recipe = {**recipe, **final_sections(recipe, final), "output_dir": str(final.parent), "trainer": None,
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0}}
-    trainer = trainer_for(recipe_lib.from_dict(recipe, "prefopt eval"))
+    recipe = recipe_lib.from_dict(recipe, "prefopt eval")
+    trainer = evaluating(METHODS[recipe.method].trainer_class())(recipe)
     try:
         return {"prompts": len(trainer.eval_data), **trainer.evaluate()}
     finally:
@@ -86,8 +87,13 @@ def evaluate_policy(recipe: dict, final: Path, data: str) -> dict:
     recipe = {**recipe, **final_sections(recipe, final), "output_dir": str(final.parent),
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0, "on_bad_row": "drop"},
               "train": {**recipe["train"], "batch_size": recipe["train"]["micro_batch_size"]}}
-    trainer = PreferenceTrainer(recipe_lib.from_dict(recipe, "prefopt eval"))
+    trainer = evaluating(PreferenceTrainer)(recipe_lib.from_dict(recipe, "prefopt eval"))
     try:
         return {"pairs": len(trainer.eval_data), **trainer.evaluate()}
     finally:
         trainer.close()
+
+
+def evaluating(cls: type) -> type:
+    """The trainer class as prefopt eval makes it: its data is the --data file alone, labelled so."""
+    return type(f"Evaluating{cls.__name__}", (cls,), {"evaluating": True})

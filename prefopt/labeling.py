@@ -14,22 +14,23 @@ from prefopt.rewards import RewardTerms
 from prefopt.scoring import RewardScorer
 
 
-def best_vs_worst(prompts: list, completions: list[list[str]], scorer) -> tuple[list[dict], int]:
+def best_vs_worst(prompts: list, completions: list[list[str]], scorer) -> tuple[list[dict], int, list[dict]]:
     """For each prompt, the best- and worst-scored completion as a pair; prompts whose scores all tie are
-    skipped (there is no preference to learn), and counted."""
+    skipped (there is no preference to learn), and counted. Also every prompt's completions with their scores."""
     flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
     scores = scorer(flat_prompts, [c for cs in completions for c in cs]).tolist()
-    pairs, ties, start = [], 0, 0
+    pairs, ties, start, scored = [], 0, 0, []
     for prompt, candidates in zip(prompts, completions):
         mine = scores[start : start + len(candidates)]
         start += len(candidates)
+        scored.append({"prompt": prompt, "completions": candidates, "scores": mine})
         best, worst = max(range(len(mine)), key=mine.__getitem__), min(range(len(mine)), key=mine.__getitem__)
         if mine[best] == mine[worst]:
             ties += 1
             continue
         pairs.append({"prompt": prompt, "chosen": candidates[best], "rejected": candidates[worst],
                       "chosen_score": mine[best], "rejected_score": mine[worst]})
-    return pairs, ties
+    return pairs, ties, scored
 
 
 @torch.no_grad()
@@ -85,6 +86,14 @@ def label_file(args) -> str:
             return terms(prompts, completions, columns).total
     else:
         scorer = RewardScorer(args.reward, aggregate=args.aggregate, std_coef=args.std_coef)
-    pairs, ties = best_vs_worst(prompts, completions, scorer)
-    Path(args.out).write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    return f"wrote {len(pairs)} pairs to {args.out} ({ties} prompts skipped: every completion scored the same)"
+    pairs, ties, scored = best_vs_worst(prompts, completions, scorer)
+    out = Path(args.out)
+    samples = out.with_name(out.stem + ".samples.jsonl")  # what was scored, to look at
+    samples.write_text("".join(json.dumps(row) + "\n" for row in scored))
+    if not pairs:
+        raise PrefoptError(f"0 pairs from {len(prompts)} prompts: every prompt's completions scored the same (the "
+                           f"scored completions are in {samples}). Sample more or more varied completions (--n, "
+                           "--temperature) or check the scorer; nothing was written to " + str(out))
+    out.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return (f"wrote {len(pairs)} pairs from {len(prompts)} prompts to {out} ({ties} prompts skipped: every "
+            f"completion scored the same; the scored completions are in {samples})")

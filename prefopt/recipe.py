@@ -309,7 +309,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is list:
         (item_tp,) = args
         if not isinstance(value, list):
-            if item_tp in (DataSource, LossConfig, RewardTerm):  # a single one stands for a list of one
+            if item_tp in (DataSource, LossConfig, RewardTerm, str):  # a single one stands for a list of one
                 value = [value]
             else:
                 fail(where, key, f"expected a list, got {_show(value)}")

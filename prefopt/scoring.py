@@ -154,8 +154,9 @@ def evaluate_reward_model(path: str | Path, data: str, batch_size: int = 16, max
             rejected.append(rewards.rejected)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     every = torch.cat([chosen, rejected])
-    return {"model": str(path), "data": data, "pairs": len(pairs),
-            "accuracy": (chosen > rejected).float().mean().item(), "ties": (chosen == rejected).float().mean().item(),
-            "margin_mean": (chosen - rejected).mean().item(), "reward_mean": every.mean().item(),
-            "reward_std": every.std(unbiased=False).item(), "chosen_mean": chosen.mean().item(),
-            "rejected_mean": rejected.mean().item()}
+    return {"model": str(path), "data": data, "pairs": len(pairs),  # named as the reward trainer logs them
+            "rewards/accuracy": (chosen > rejected).float().mean().item(),
+            "rewards/ties": (chosen == rejected).float().mean().item(),
+            "rewards/margin": (chosen - rejected).mean().item(), "rewards/mean": every.mean().item(),
+            "rewards/std": every.std(unbiased=False).item(), "rewards/chosen": chosen.mean().item(),
+            "rewards/rejected": rejected.mean().item()}

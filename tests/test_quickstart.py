@@ -35,5 +35,5 @@ def test_reward_quickstart_reaches_95_percent_held_out(tmp_path, monkeypatch, ca
     assert main(["train", str(RECIPES / "reward" / "quickstart.yaml"), "train.progress_bar=false"]) == 0
     assert main(["eval", "runs/reward", "--data", "runs/quickstart-assets/eval.jsonl", "--out", "report.json"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["pairs"] == 200 and report["accuracy"] >= 0.95
+    assert report["pairs"] == 200 and report["rewards/accuracy"] >= 0.95
     assert read_metrics(tmp_path / "runs" / "reward", "eval")[0]["rewards/accuracy"] < 0.7  # it was learnt

@@ -60,11 +60,10 @@ def test_saved_reward_model_scores_as_in_training(sort_task, reward_runs):
     assert model.config.num_labels == 1
     report = evaluate_reward_model(run, str(sort_task / "eval.jsonl"))
     assert report["pairs"] == 48
-    for key, metric in (("accuracy", "rewards/accuracy"), ("margin_mean", "rewards/margin"),
-                        ("chosen_mean", "rewards/chosen"), ("reward_std", "rewards/std"), ("ties", "rewards/ties")):
-        assert report[key] == pytest.approx(last[metric], abs=1e-5), key
+    for key in ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/std", "rewards/ties"):
+        assert report[key] == pytest.approx(last[key], abs=1e-5), key  # one name per quantity, trained or evaluated
     stats = json.loads((run / "final" / "reward_normalization.json").read_text())
-    assert stats["mean"] == pytest.approx(report["reward_mean"], abs=1e-5) and stats["completions"] == 96
+    assert stats["mean"] == pytest.approx(report["rewards/mean"], abs=1e-5) and stats["completions"] == 96
 
 
 def test_ensemble_aggregates_on_a_fixed_batch(sort_task, reward_runs):
@@ -111,7 +110,7 @@ def test_lora_reward_model_trains_its_head_and_merges(sort_task, tmp_path):
     assert main(["merge", str(out)]) == 0
     lora, merged = evaluate_reward_model(out, str(sort_task / "eval.jsonl")), evaluate_reward_model(
         out / "merged", str(sort_task / "eval.jsonl"))
-    assert merged["margin_mean"] == pytest.approx(lora["margin_mean"], abs=1e-5)
+    assert merged["rewards/margin"] == pytest.approx(lora["rewards/margin"], abs=1e-5)
     assert (out / "merged" / "reward_normalization.json").exists()
 
 

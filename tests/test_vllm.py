@@ -79,9 +79,9 @@ def test_async_rollouts_on_the_engine_and_its_server_resume_exactly(tmp_path):
     results = run(tmp_path, "async")
     for name in ("colocated", "server"):
         checks = results[name]
-        for run in ("resumed", "killed") if name == "server" else ("resumed",):
-            for whole, resumed in zip(checks["whole"], checks[run], strict=True):
-                assert resumed == pytest.approx(whole, abs=1e-6), (name, run)
+        for again in ("resumed", "killed") if name == "server" else ("resumed",):
+            for whole, resumed in zip(checks["whole"], checks[again], strict=True):
+                assert resumed == pytest.approx(whole, abs=1e-6), (name, again)
         assert checks["staleness"] == [0, 1, 1, 1] and checks["waited"] == [False, True, True, True], name
         assert any(abs(record[3] - 1) > 1e-6 for record in checks["whole"][1:])  # one update apart: weighed
 

@@ -111,15 +111,19 @@ def token_logps(forward: TokenForward, model, reference, kind: str, accelerator,
 
 
 def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator):
-    """None without a reference; else kl(batch) -> (N,): each generated completion's summed log-ratio
-    log pi - log pi_ref at rollout.temperature (a one-sample estimate of KL(pi || pi_ref), for evaluations)."""
+    """None without a reference; else kl(batch) -> (N,): KL(pi || pi_ref) of each completion sampled from pi (at
+    rollout.temperature), for evaluations: the sum over its tokens of Schulman's k3 = (r - 1) - log r with
+    r = pi_ref / pi at each sampled token. Each term is unbiased for the KL of that token's next-token
+    distributions, so the sum is unbiased for the sequence's (the chain rule), and, unlike the summed log-ratio
+    (k1), never negative."""
     if kind == "none":
         return None
 
     def kl(batch: dict) -> torch.Tensor:
         input_ids, attention_mask = sequences(batch)
         tokens = token_logps(forward, model, reference, kind, accelerator, input_ids, attention_mask, batch["mask"])
-        return ((tokens["old_logps"] - tokens["ref_logps"]) * model_tokens(batch)).sum(1)
+        k3 = ppo_math.kl_estimate(tokens["old_logps"], tokens["ref_logps"], "k3")
+        return (k3 * model_tokens(batch)).sum(1)
 
     return kl
 

@@ -28,14 +28,15 @@ class Sampler:
     """The online side of a run: its prompts, engine and reward terms. Made before any model loads (the data is
     checked first); `start_engine()` once the policy is loaded."""
 
-    def __init__(self, recipe, accelerator, tokenizer, place: Callable | None = None):
+    def __init__(self, recipe, accelerator, tokenizer, place: Callable | None = None, evaluating: bool = False):
         data = recipe.data
         self.recipe, self.accelerator, self.tokenizer = recipe, accelerator, tokenizer
         self.world_size = accelerator.num_processes
         with accelerator.main_process_first():  # the first process fills the datasets cache
-            self.train_data = load_prompts(data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print)
-            self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "data.eval",
-                                          accelerator.print) if data.eval else []
+            self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "prefopt eval --data" if
+                                          evaluating else "data.eval", accelerator.print) if data.eval else []
+            self.train_data = self.eval_data if evaluating else load_prompts(
+                data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print)
         lockstep = None
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:

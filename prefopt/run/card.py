@@ -4,6 +4,7 @@ resolved recipe, the last eval metrics, versions, and how to load it with transf
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -122,7 +123,25 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | 
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(final), commit_message=f"prefopt: {Path(run_dir).name}")
-    except Exception as exc:  # network, login, permissions: the hub's own message
-        raise PrefoptError(f"push to {repo_id} failed: {type(exc).__name__}: {exc}. Log in with `hf auth login` "
-                           "(or set HF_TOKEN) and check the repository id") from None
+    except Exception as exc:  # network, login, permissions: the hub's own message, and what to do about it
+        raise PrefoptError(f"push to {repo_id} failed: {type(exc).__name__}: {exc}. {_push_advice(exc)}") from None
     return str(url)
+
+
+def _push_advice(exc: BaseException) -> str:
+    """What to do after a failed push: log in only where the hub refused the login."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return "Log in with `hf auth login` (or set HF_TOKEN) with write access to the repository"
+    if status == 404:
+        return "Check the repository id (owner/name) and that your login may create it"
+    chain, error = [], exc
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    network = ("ConnectionError", "ConnectError", "Timeout", "TimeoutError", "ReadTimeout", "OfflineModeIsEnabled",
+               "gaierror", "ProxyError", "SSLError")
+    if any(type(e).__name__ in network for e in chain) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return ("The hub could not be reached: check the network (and that HF_HUB_OFFLINE is unset), then run the "
+                "same command again; nothing was changed on the hub")
+    return "Check the repository id and your login (`hf auth whoami`)"

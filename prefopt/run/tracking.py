@@ -63,6 +63,15 @@ def quiet_libraries() -> None:
         pass
 
 
+def tracker_note(recipe) -> str | None:
+    """What a run writing MLflow's file store in its directory says at start: how to read it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if "mlflow" not in recipe.log.to or uri is None or uri != _MLFLOW_SET["uri"]:
+        return None
+    return (f"MLflow writes a file store to {uri}; MLflow 3 reads it only with MLFLOW_ALLOW_FILE_STORE=true: "
+            f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {uri}")
+
+
 def tracker_settings(recipe, output_dir: Path) -> tuple[dict, dict]:
     """(Accelerator keyword arguments, init_kwargs of init_trackers) for log.to."""
     from accelerate.utils import ProjectConfiguration

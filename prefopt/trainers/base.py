@@ -46,6 +46,8 @@ from prefopt.trainers import setup
 
 
 class Trainer:
+    evaluating = False  # made by prefopt eval: data.eval is its --data, and nothing trains
+
     def __init__(self, recipe: recipe_lib.Recipe):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -149,13 +151,9 @@ class Trainer:
             info["changed_on_resume"] = history + ([{"step": start, **changed}] if changed else [])
             with writing("recipe.yaml and run.json", self.output_dir):
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                write_atomic(self.output_dir / "recipe.yaml", recipe_lib.dump(recipe))
+                write_atomic(self.output_dir / "recipe.yaml", recipe_lib.dump(setup.as_run(self)))
                 write_atomic(old, json.dumps(info, indent=2) + "\n")
-            print(f"[prefopt] {self.world_size} process(es) x micro-batch {train.micro_batch_size} x "
-                  f"{self.accumulation_steps} accumulation = {train.batch_size} examples per step"
-                  + (f"; resuming after step {start}" if start else "")
-                  + (f"; {self.threads}" if self.threads else "")
-                  + ("; the run had finished: nothing to train" if start >= train.max_steps else ""))
+            print(setup.start_message(self, start))
         self.run_log.start(start, self.tracker_init)
         if start == 0:
             self.eval_step(0)

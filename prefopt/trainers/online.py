@@ -42,7 +42,8 @@ from prefopt.trainers.base import Trainer
 class OnlinePreferenceTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen)  # data first
+        self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen,  # data first
+                               evaluating=self.evaluating)
         self.train_data, self.eval_data = self.sampler.train_data, self.sampler.eval_data
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         self.group = self.terms[0][0].data == "group"

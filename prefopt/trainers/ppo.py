@@ -36,7 +36,8 @@ class PPOTrainer(Trainer):
     def __init__(self, recipe):
         super().__init__(recipe)
         ppo = recipe.ppo
-        self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen)  # data first
+        self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen,  # data first
+                               evaluating=self.evaluating)
         self.train_data, self.eval_data = self.sampler.train_data, self.sampler.eval_data
         self.estimator = ppo_math.get_advantage(ppo.advantage)
         critic = None

@@ -241,7 +241,7 @@ class PreferenceTrainer(Trainer):
             metrics["logps/chosen"] = torch.where(desirable, policy.logps.detach(), torch.nan)
             metrics["logps/rejected"] = torch.where(desirable, torch.nan, policy.logps.detach())
             if "pairs" not in batch:
-                return loss, metrics
+                return loss, self._named(metrics)
             # pairs as rows: the chosen rows, then the rejected
             chosen_rewards, rejected_rewards = chosen_rewards.chunk(2)[0], rejected_rewards.chunk(2)[1]
             logps = [policy.logps.chunk(2), reference.logps.chunk(2) if reference else (None, None)]
@@ -255,7 +255,16 @@ class PreferenceTrainer(Trainer):
         metrics["rewards/accuracy"] = ranked(chosen_rewards, rejected_rewards)
         metrics["rewards/margin"] = chosen_rewards - rejected_rewards
         metrics.update(pair_diagnostics(*logps[0], *logps[1], metrics["rewards/margin"], tokens[0] - tokens[1]))
-        return loss, metrics
+        return loss, self._named(metrics)
+
+    def _named(self, metrics: dict) -> dict:
+        """SFT has no implicit reward: what the first term logs as rewards are per-token log-probs, named so
+        (logps/per_token, logps/per_token_rejected, _accuracy, _margin)."""
+        if self.terms[0][0].name != "sft":
+            return metrics
+        names = {"rewards/chosen": "logps/per_token", "rewards/rejected": "logps/per_token_rejected",
+                 "rewards/accuracy": "logps/per_token_accuracy", "rewards/margin": "logps/per_token_margin"}
+        return {names.get(key, key): value for key, value in metrics.items()}
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, ld_alpha: float | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import torch
 
@@ -55,6 +56,10 @@ class RewardTrainer(Trainer):
         """The reward model, with the mean and std of its rewards over the eval set (else the train set),
         for normalising rewards downstream (PPO, scorers)."""
         examples = self.eval_data or self.train_data
-        stats = self.evaluate(examples)
+        self.compute_loss = partial(RewardTrainer.compute_loss, self)  # the statistics whatever a subclass trains
+        try:
+            stats = RewardTrainer.evaluate(self, examples)
+        finally:
+            del self.compute_loss
         normalization = {"mean": stats["rewards/mean"], "std": stats["rewards/std"], "completions": 2 * len(examples)}
         return super().save_final({NORMALIZATION_FILE: json.dumps(normalization, indent=2) + "\n"})

@@ -5,6 +5,7 @@ the run's facts written to run.json."""
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import torch
@@ -29,6 +30,10 @@ def load_data(trainer, takes: str) -> tuple[list[dict], list[dict]]:
         return load_examples(sources, trainer.tokenizer, data, recipe.seed, where, takes, acc.print)
 
     eval_data = trainer.eval_data
+    if trainer.evaluating:  # prefopt eval: its --data alone (the recipe's data.train and data.eval name it)
+        with acc.main_process_first():
+            eval_data = load(data.eval, "prefopt eval --data")
+        return eval_data, eval_data
     with acc.main_process_first():  # the first process fills the datasets cache
         train_data = load(data.train, "data.train")
         if data.eval:
@@ -97,6 +102,53 @@ def mixed_precision(setting: str) -> str:
     if setting != "no" and not torch.cuda.is_available():
         raise RecipeError(f"train.mixed_precision={setting} needs a GPU; use auto or no on a CPU")
     return setting
+
+
+def as_run(trainer):
+    """The recipe as it runs: a trainer class given from Python (not by `trainer:`) named by its import path."""
+    import dataclasses
+
+    from prefopt.methods import METHODS
+
+    recipe, cls = trainer.recipe, type(trainer)
+    if recipe.trainer or cls is METHODS[recipe.method].trainer_class():
+        return recipe
+    return dataclasses.replace(recipe, trainer=f"{cls.__module__}:{cls.__qualname__}")
+
+
+def start_message(trainer, start: int) -> str:
+    """What a run says as it starts: its layout, threads and precision (and where the launcher was overridden),
+    and how to read an MLflow store it writes."""
+    from prefopt.run.tracking import tracker_note
+
+    train = trainer.recipe.train
+    lines = [f"[prefopt] {trainer.world_size} process(es) x micro-batch {train.micro_batch_size} x "
+             f"{trainer.accumulation_steps} accumulation = {train.batch_size} examples per step"
+             + (f"; resuming after step {start}" if start else "")
+             + (f"; {trainer.threads}" if trainer.threads else "")
+             + ("; the run had finished: nothing to train" if start >= train.max_steps else ""),
+             f"[prefopt] {precision_note(trainer.recipe, trainer.accelerator)}"]
+    note = tracker_note(trainer.recipe)
+    return "\n".join(lines + ([f"[prefopt] {note}"] if note else []))
+
+
+def precision_note(recipe, accelerator) -> str:
+    """The effective mixed precision, where it came from, and any launcher setting the recipe overrode (an
+    Accelerate config's mixed_precision or gradient_accumulation_steps, which accelerate launch passes on)."""
+    setting, used = recipe.train.mixed_precision, accelerator.mixed_precision
+    why = {"auto": "train.mixed_precision: auto, " + ("bf16 on this GPU" if used == "bf16" else
+                                                      "fp32 on a CPU or a GPU without bf16")}.get(
+        setting, f"train.mixed_precision: {setting}")
+    note = f"mixed precision {used} ({why})"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != used:
+        note += (f"; the launcher's config asked for {launcher}: the recipe decides (set train.mixed_precision: "
+                 f"{launcher} to follow it)")
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if steps and steps != "1":
+        note += (f"; the launcher's gradient_accumulation_steps {steps} is not used: accumulation follows from "
+                 "train.batch_size / (train.micro_batch_size x processes)")
+    return note
 
 
 def run_info(trainer) -> dict:
