@@ -171,7 +171,7 @@ def test_a_silent_server_or_its_error_is_a_clear_error_in_bounded_time(monkeypat
 
 
 def test_a_background_rollout_that_raises_ends_the_run_between_steps():
-    from prefopt.online.sampler import Background
+    from prefopt.online.background import Background
 
     def boom():
         raise ValueError("the tool pool broke")

@@ -44,4 +44,5 @@ def test_version_and_recipe_list(capsys):
         assert exit_.code == 0
     assert capsys.readouterr().out.strip() == f"prefopt {__version__}"
     assert main(["recipes"]) == 0
-    assert "accelerate/zero3.yaml" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "dpo/quickstart.yaml" in listing and "launch configs, not recipes" in listing and "zero3" in listing

@@ -16,4 +16,6 @@ def test_gpu_check_dry_run():
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     out = result.stdout
     assert "| tiny | 8 | prefopt, hf |" in out and "| tiny | 8 | TRL 1.16 GRPOTrainer |" in out
-    assert "not run" not in out.replace("prefopt, vllm | not run", "")
+    assert "not run" not in out.replace("prefopt, vllm | not run", "").replace(
+        "AsyncGRPOTrainer, vllm serve, max_staleness 1 | not run", "")  # no `vllm` command: said, not run
+    assert "| tiny | 8 | prefopt, vllm, rollout.lag 1 (async) |" in out and "prefopt async speed-up over sync" in out

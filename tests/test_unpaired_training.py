@@ -32,8 +32,8 @@ def test_sft_on_prompt_completion_rows(sort_task, tmp_path):
                               data={"train": str(sort_task / "sft.jsonl")}, train={"max_steps": 3}))
     assert json.loads((out / "run.json").read_text())["train_examples"] == 256
     train = read_metrics(out)
-    assert train[-1]["loss"] < train[0]["loss"] and math.isnan(train[0].get("rewards/rejected", math.nan))
-    assert "rewards/accuracy" in read_metrics(out, "eval")[0]  # the eval set is pairs
+    assert train[-1]["loss"] < train[0]["loss"] and math.isnan(train[0].get("logps/per_token_rejected", math.nan))
+    assert "logps/per_token_accuracy" in read_metrics(out, "eval")[0]  # the eval set is pairs
 
 
 def test_pair_loss_on_unpaired_rows_fails_before_any_model_loads(sort_task, tmp_path):

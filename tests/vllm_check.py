@@ -11,6 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+START_ENV = dict(os.environ)
 
 
 def distinct_characters(prompts, completions):
@@ -132,8 +133,11 @@ def async_checks(out: Path, task: Path) -> dict:
             config = recipe(task, out / f"async-{name}-{run}", rollout=rollout)
             runs[run] = [train(config, *o) for o in overrides][-1]
         timed = [json.loads(line) for line in (out / f"async-{name}-whole" / "metrics.jsonl").read_text().splitlines()]
-        if name == "server":  # kill -9 once the step-2 checkpoint is written, then the same command again
+        if name == "server":  # kill -9 once the step-2 checkpoint is written, then the same command again, against
+            # the same command uninterrupted (each a process of its own: thread settings differ in this one)
             runs["killed"] = killed_and_rerun(recipe(task, out / "async-server-killed", rollout=rollout))
+            runs["whole-command"] = killed_and_rerun(recipe(task, out / "async-server-whole", rollout=rollout),
+                                                     kill=False)
         results[name] = {run: [[r[key] for key in ("loss", "grad_norm", "rollout/score", "rollout/is_weight_mean")]
                                for r in records] for run, records in runs.items()}
         results[name]["staleness"] = [r["rollout/staleness"] for r in runs["whole"]]
@@ -141,7 +145,8 @@ def async_checks(out: Path, task: Path) -> dict:
     return results
 
 
-def killed_and_rerun(config: dict) -> list[dict]:
+def killed_and_rerun(config: dict, kill: bool = True) -> list[dict]:
+    """`prefopt train` in a process of its own, SIGKILLed after its step-2 checkpoint (kill) and run again."""
     import signal
     import subprocess
     import time
@@ -153,14 +158,20 @@ def killed_and_rerun(config: dict) -> list[dict]:
     out = Path(config["output_dir"])
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "prefopt", "train", str(path)], stdout=subprocess.DEVNULL)
-    while not any(step >= 2 for step, _ in complete_checkpoints(out / "checkpoints")):
-        assert process.poll() is None, "the run ended before its step-2 checkpoint"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "final").exists(), "the run finished before the kill"
-    return train(config)
+    command = [sys.executable, "-m", "prefopt", "train", str(path)]
+    # the environment this script started with: the engines run in it before set thread variables of their own
+    env = {**START_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    if kill:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+        while not any(step >= 2 for step, _ in complete_checkpoints(out / "checkpoints")):
+            assert process.poll() is None, "the run ended before its step-2 checkpoint"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (out / "final").exists(), "the run finished before the kill"
+    subprocess.run(command, stdout=subprocess.DEVNULL, check=True, env=env)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def tool_checks(out: Path) -> dict:

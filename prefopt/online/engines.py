@@ -12,7 +12,10 @@ Engines:
 - `hf` (HFEngine): Hugging Face `generate` on the trained policy itself (prefopt.generation), whose sync is free;
 - `vllm` (VLLMEngine): a vLLM engine colocated in each training process (TRL's colocate design: each process
   generates its share of the prompts), holding its own copy of the policy's weights, loaded at each sync;
-- `module:Class`: an engine of the user's, made as `Class(recipe, tokenizer)`.
+- `module:Class`: an engine of the user's, made as `Class(recipe, tokenizer)`;
+- any of hf and vllm in a process of its own (`rollout.server`: prefopt/online/server.py).
+
+The Sampler makes the recipe's engine (`make_engine` in prefopt/online/server.py).
 
 Determinism: each completion is drawn with its own seed, derived from (seed, rollout, round, global row), so a
 resumed or re-sharded run asks vLLM for the same draws. vLLM then promises the same tokens for the same seed and
@@ -31,7 +34,7 @@ from collections.abc import Iterator
 import torch
 
 from prefopt import distributed
-from prefopt.errors import PrefoptError, RecipeError, TrainingError
+from prefopt.errors import PrefoptError, TrainingError
 from prefopt.generation import Draw, generate
 
 SYNC_TIMEOUT_S = 300.0
@@ -82,25 +85,6 @@ class HFEngine(Engine):
         out = generate(self.model, self.accelerator, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                        draw=draw, temperature=self.temperature, top_p=self.top_p, logps=self.gives_logps)
         return out if self.gives_logps else (out, None)
-
-
-def make_engine(recipe, tokenizer, main_process: bool = True) -> Engine:
-    """The recipe's rollout.engine, in this process or (rollout.server) in an engine server."""
-    rollout = recipe.rollout
-    if rollout.server:
-        from prefopt.online.server import ServerEngine
-
-        return ServerEngine(recipe, tokenizer, rollout.server, main_process)
-    if rollout.engine == "hf":
-        return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p, logps=rollout.lag > 0)
-    if rollout.engine == "vllm":
-        return VLLMEngine(recipe.model.name_or_path, temperature=rollout.temperature, top_p=rollout.top_p,
-                          eos_token_id=tokenizer.eos_token_id, **vllm_options(recipe))
-    if ":" in rollout.engine:  # an engine of the user's: module:Class, made as Class(recipe, tokenizer)
-        from prefopt.errors import import_object
-
-        return import_object(rollout.engine, "rollout.engine")(recipe, tokenizer)
-    raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf, vllm or module:Class")
 
 
 def vllm_options(recipe) -> dict:

@@ -8,7 +8,6 @@ process holds the whole rollout, laid out as one process would lay it out. Every
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -17,9 +16,10 @@ import torch
 from prefopt import distributed
 from prefopt.data import load_prompts
 from prefopt.degenerate import RolloutWatch
-from prefopt.errors import PrefoptError, RecipeError, TrainingError
+from prefopt.errors import RecipeError
 from prefopt.generation import Draw, pad_prompts
 from prefopt.losses import ppo as ppo_math
+from prefopt.online.background import Background
 from prefopt.online.experience import model_tokens
 from prefopt.rewards import RewardTerms, Scores, TrainerState
 
@@ -58,7 +58,7 @@ class Sampler:
         self.watch = RolloutWatch(recipe, accelerator.print)  # rewards that give no signal
 
     def start_engine(self) -> None:
-        from prefopt.online.engines import make_engine
+        from prefopt.online.server import make_engine
 
         self.engine = make_engine(self.recipe, self.tokenizer, self.accelerator.is_main_process)
 
@@ -383,29 +383,3 @@ def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
                                               (0, width - v.shape[1]), value=pad) for v in values]
         out[key] = torch.cat(values)
     return out
-
-
-class Background:
-    """A call in a daemon thread (a hung engine cannot keep the process alive); `result()` waits for it and
-    raises what it raised, saying where."""
-
-    def __init__(self, fn: Callable, *args):
-        self.done, self.value, self.error = threading.Event(), None, None
-        threading.Thread(target=self._run, args=(fn, args), daemon=True, name="prefopt-rollout").start()
-
-    def _run(self, fn: Callable, args: tuple) -> None:
-        try:
-            self.value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the trainer's thread
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def result(self):
-        self.done.wait()
-        if isinstance(self.error, PrefoptError):
-            raise self.error
-        if self.error is not None:
-            raise TrainingError(f"the background rollout stopped: {type(self.error).__name__}: {self.error}"
-                                ) from self.error
-        return self.value

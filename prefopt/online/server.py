@@ -1,4 +1,5 @@
-"""A rollout engine in a process of its own (`rollout.server`): `prefopt serve MODEL` holds an engine (hf or vllm)
+"""Where the rollout engine runs (`make_engine`): in each training process, or in a process of its own
+(`rollout.server`): `prefopt serve MODEL` holds an engine (hf or vllm)
 on a copy of the policy and answers over a socket; `ServerEngine` is the trainer's side, an `Engine` like the
 others. With `rollout.lag` the trainer then generates the next rollout while it updates (asynchronous RL).
 
@@ -34,8 +35,8 @@ from types import SimpleNamespace
 
 import torch
 
-from prefopt.errors import PrefoptError, TrainingError
-from prefopt.online.engines import Engine, policy_weights
+from prefopt.errors import PrefoptError, RecipeError, TrainingError
+from prefopt.online.engines import Engine, HFEngine, VLLMEngine, policy_weights, vllm_options
 
 HEARTBEAT_S, SILENT_S, START_S = 2.0, 60.0, 600.0
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -216,6 +217,23 @@ def _follow(parent: int) -> None:
 
 
 # ----- the trainer's side ---------------------------------------------------------------------------------
+
+
+def make_engine(recipe, tokenizer, main_process: bool = True) -> Engine:
+    """The recipe's rollout.engine, in this process or (rollout.server) in an engine server."""
+    rollout = recipe.rollout
+    if rollout.server:
+        return ServerEngine(recipe, tokenizer, rollout.server, main_process)
+    if rollout.engine == "hf":
+        return HFEngine(tokenizer, temperature=rollout.temperature, top_p=rollout.top_p, logps=rollout.lag > 0)
+    if rollout.engine == "vllm":
+        return VLLMEngine(recipe.model.name_or_path, temperature=rollout.temperature, top_p=rollout.top_p,
+                          eos_token_id=tokenizer.eos_token_id, **vllm_options(recipe))
+    if ":" in rollout.engine:  # an engine of the user's: module:Class, made as Class(recipe, tokenizer)
+        from prefopt.errors import import_object
+
+        return import_object(rollout.engine, "rollout.engine")(recipe, tokenizer)
+    raise RecipeError(f"rollout.engine: unknown engine {rollout.engine!r}; use hf, vllm or module:Class")
 
 
 class ServerEngine(Engine):
