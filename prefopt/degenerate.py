@@ -71,7 +71,7 @@ class RolloutWatch:
                 report(finding + ": it gives no signal; check the function against the data's columns", self.recipe,
                        self.log)
         groups = scores.view(-1, group_size)
-        if group_size > 1:
+        if group_size > 1 and self.recipe.method != "distill":  # distillation's signal is the teacher's, not scores
             varied = bool((groups.max(1).values > groups.min(1).values).any())
             self.flat = 0 if varied else self.flat + 1
             if self.flat == FLAT_ROLLOUTS:

@@ -67,6 +67,14 @@ METHODS = {method.name: method for method in (
             ("tokens/s", ["rollout/tokens_per_second", "tokens_per_second"])],
            "online reinforcement learning", checks.resolve_rl, checks.check_rl, prompts_only=True,
            evaluation="sampler", frontier=True),
+    # on-policy distillation: the student samples, the teacher's per-token log-probs make the dense reward
+    Method("distill", ("rollout", "rewards", "ppo", "distill"), "prefopt.trainers.ppo:PPOTrainer",
+           ("kl", "rollout/kl", "score", "length", "policy/entropy"),
+           [("KL to the teacher", ["kl", "rollout/kl"]), ("score", ["score", "rollout/score"]),
+            ("completion length", ["length", "rollout/length"]), ("entropy", ["policy/entropy"]),
+            ("learning rate", ["lr"])],
+           "on-policy distillation", checks.resolve_distill, checks.check_rl, prompts_only=True,
+           evaluation="sampler"),
     # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
     Method("online", ("reference", "loss", "rollout", "rewards", "pairs"),
            "prefopt.trainers.online:OnlinePreferenceTrainer",

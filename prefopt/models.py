@@ -176,15 +176,31 @@ def load_policy(cfg: ModelConfig, reward_head: bool = False):
         raise RecipeError(f"model.lora.target_modules: {_first_line(exc)}") from None
 
 
-def load_reference_copy(cfg: ModelConfig, name_or_path: str | None):
+def load_reference_copy(cfg: ModelConfig, name_or_path: str | None, key: str = "reference.name_or_path"):
     """A frozen copy of the starting policy: another checkpoint, the base, or the base plus the adapter
     being continued (merged: a reference never trains)."""
-    model = load_causal_lm(cfg, name_or_path, key="reference.name_or_path")
+    model = load_causal_lm(cfg, name_or_path, key=key)
     if cfg.adapter is not None and name_or_path is None:
         import peft
 
         model = peft.PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
     return freeze(model)
+
+
+def check_same_tokenizer(tokenizer, name_or_path: str, key: str, trust_remote_code: bool = False) -> None:
+    """A model whose log-probs are compared token by token with the trained one's (a distillation teacher) must
+    share its tokenizer: every token's id."""
+    from transformers import AutoTokenizer
+
+    check_exists(name_or_path, key)
+    other = AutoTokenizer.from_pretrained(absolute(name_or_path), trust_remote_code=trust_remote_code)
+    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        raise RecipeError(f"{key}: the tokenizer of {name_or_path} is not the student's ({len(theirs)} tokens against "
+                          f"{len(mine)}; differing, e.g.: {differ}): distillation compares the two models' log-probs "
+                          "of the same token ids. Give a teacher with the student's tokenizer (a mapping between "
+                          "vocabularies is not supported)")
 
 
 def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

@@ -24,6 +24,7 @@ from prefopt.methods import METHODS, SECTIONS, implied_method
 from prefopt.recipe_checks import check, fail
 from prefopt.recipe_identity import REMEDIES, RESUMABLE, fingerprint, flatten, identity  # noqa: F401 (re-exported)
 from prefopt.recipe_online import (  # noqa: F401 (re-exported)
+    DistillConfig,
     OverlongConfig,
     PairsConfig,
     PPOConfig,
@@ -207,6 +208,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig | None = None  # online: present, the recipe runs PPOTrainer on prompt-only data
+    distill: DistillConfig | None = None  # method distill: the teacher
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardTerm] = field(default_factory=list)  # online: the terms whose weighted sum is the score
     pairs: PairsConfig = field(default_factory=PairsConfig)  # method online: how samples become pairs

@@ -87,6 +87,23 @@ def resolve_online(recipe: Recipe, where: str) -> None:
     _name_terms(recipe.rewards)
 
 
+def resolve_distill(recipe: Recipe, where: str) -> None:
+    """On-policy distillation is method rl with the teacher as the reference and its per-token reverse KL as the
+    reward (recipe_online.DistillConfig): these ppo keys are set, the others are the update's."""
+    from prefopt.recipe_online import DistillConfig, PPOConfig
+
+    distill = recipe.distill = recipe.distill or DistillConfig()
+    if not distill.teacher:
+        fail(where, "distill.teacher", "give the teacher's checkpoint: a hub id or a directory")
+    if not (distill.coef > 0 and math.isfinite(distill.coef)):
+        fail(where, "distill.coef", f"must be a finite number > 0, got {distill.coef}")
+    recipe.reference.kind, recipe.reference.name_or_path = "copy", distill.teacher
+    ppo = recipe.ppo = recipe.ppo or PPOConfig()
+    ppo.advantage, ppo.gamma, ppo.advantage_scale = "reinforce_pp", 0.0, "none"
+    ppo.kl_penalty, ppo.kl_coef, ppo.kl_estimator, ppo.target_kl = "reward", distill.coef, "k1", None
+    resolve_rl(recipe, where)
+
+
 def resolve_rl(recipe: Recipe, where: str) -> None:
     """The estimator's own defaults (its scale and loss aggregation), the engine's importance sampling, the
     clip bounds, and reference.kind auto (none without a KL, else as for losses)."""
@@ -225,12 +242,12 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
 
 
 def check_rl(recipe: Recipe, where: str) -> None:
-    """The cross-key rules of method rl (PPO and the GRPO family)."""
+    """The cross-key rules of method rl (PPO and the GRPO family), and of distill (its reward terms optional)."""
     sft_options(recipe, where)
     from prefopt.losses.ppo import get_advantage
 
     ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
-    _check_rewards(recipe.rewards, where)
+    _check_rewards(recipe.rewards, where, required=recipe.method == "rl")
     _no_eval_rewards(recipe, where)
     estimator = get_advantage(ppo.advantage)
     k = rollout.samples_per_prompt
@@ -310,8 +327,8 @@ def _no_eval_rewards(recipe: Recipe, where: str) -> None:
         fail(where, "eval.rewards", "online runs score their samples with the recipe's rewards: remove eval.rewards")
 
 
-def _check_rewards(terms: list, where: str, section: str = "rewards") -> None:
-    if not terms and section == "rewards":
+def _check_rewards(terms: list, where: str, section: str = "rewards", required: bool = True) -> None:
+    if not terms and section == "rewards" and required:
         fail(where, "rewards", "give at least one term: {function: module:function} or {models: [reward model]}")
     names = []
     for i, term in enumerate(terms):

@@ -138,3 +138,17 @@ class PPOConfig:
                        "geometric_mask"] | None = None
     engine_is_cap: float = 2.0
     engine_is_low: float = 0.5  # the mask modes' lower bound
+
+
+@dataclass
+class DistillConfig:
+    """On-policy distillation (method: distill): the student samples, a frozen teacher scores each sampled token.
+
+    Each completion token's reward is -coef x (log pi_student - log pi_teacher), the sampled-token estimate of
+    the reverse KL, and its advantage that reward alone (ppo.advantage reinforce_pp with gamma 0): the dense
+    signal of on-policy distillation (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning
+    from Self-Generated Mistakes", Eq. 2 with the reverse KL; Lu and Thinking Machines 2025, "On-Policy
+    Distillation"). Reward terms, if any, add their scores at each completion's last token."""
+
+    teacher: str = ""  # the teacher's checkpoint (hub id or directory), frozen; its tokenizer must be the student's
+    coef: float = 1.0  # the reverse KL's weight in each token's reward

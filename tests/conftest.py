@@ -54,7 +54,7 @@ def write_recipe(path: Path, sort_task: Path, output_dir: Path, **sections) -> P
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 5, "eval_every": 0, "save_every": 0,
                   "progress_bar": False},
     }
-    if "ppo" in sections or sections.get("method") == "rl":  # an online method has no loss: section
+    if "ppo" in sections or sections.get("method") in ("rl", "distill"):  # methods without a loss: section
         del recipe["loss"]
     for key, value in sections.items():
         if isinstance(value, dict) and key != "loss":  # a loss block replaces the default one

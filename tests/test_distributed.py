@@ -91,6 +91,25 @@ def test_two_processes_on_one_engine_server_match_one(sort_task, tmp_path):
         process.kill()
 
 
+def test_distillation_two_processes_match_one(sort_task, tmp_path):
+    """method distill: each process scores its share of the samples with the teacher; the gathered rollout, its
+    per-token advantages and the update are one process's."""
+    from test_distill import distill_sections
+    from transformers import AutoTokenizer
+
+    from prefopt.data.synthetic import build_tiny_model
+
+    teacher = build_tiny_model(AutoTokenizer.from_pretrained(sort_task / "model"), tmp_path / "teacher",
+                               hidden_size=96, seed=7)
+    sections = {**distill_sections(teacher), "train": PPO_TRAIN, "data": {"eval": str(sort_task / "eval.jsonl")}}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
+    run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+            write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    compare(one, two)
+
+
 def test_token_means_do_not_depend_on_the_world_size(sort_task, tmp_path):
     """RPO's NLL and SimPO's sft_weight term are token means over the global batch: two processes with
     micro-batches of 4 follow one process with one micro-batch of 8 (a per-micro-batch mean would not)."""

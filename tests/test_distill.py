@@ -1,0 +1,130 @@
+"""method distill, on-policy distillation: the student samples, a frozen teacher (another model with the student's
+tokenizer) scores each sampled token, and each token's advantage is -(log pi_student - log pi_teacher).
+Two processes: test_distributed."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_metrics, write_recipe
+
+from prefopt import recipe as recipe_lib
+from prefopt.errors import RecipeError
+from prefopt.losses import ppo as ppo_math
+from prefopt.trainers import PPOTrainer
+
+
+@pytest.fixture(scope="module")
+def teacher(sort_task, tmp_path_factory):
+    """A wider model with the student's tokenizer, other weights."""
+    from transformers import AutoTokenizer
+
+    from prefopt.data.synthetic import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(sort_task / "model")
+    return build_tiny_model(tokenizer, tmp_path_factory.mktemp("teacher"), hidden_size=96, seed=7)
+
+
+def distill_sections(teacher, **distill):
+    return dict(method="distill", data={"eval": None}, distill={"teacher": str(teacher), **distill},
+                rollout={"samples_per_prompt": 2, "max_new_tokens": 8},
+                train={"batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "log_every": 1})
+
+
+def test_each_tokens_advantage_is_the_teachers_log_prob_minus_the_students(sort_task, tmp_path, teacher):
+    """The first rollout's advantages against the two models' log-probs of the sampled tokens, computed apart:
+    log softmax of each model's logits at the sampled token (temperature 1)."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                          **distill_sections(teacher)))
+    assert (recipe.ppo.advantage, recipe.ppo.gamma, recipe.ppo.kl_penalty, recipe.reference.kind) == (
+        "reinforce_pp", 0.0, "reward", "copy")
+    trainer = PPOTrainer(recipe)
+    try:
+        rollout, _ = trainer.make_rollout(0)  # the first rollout
+    finally:
+        trainer.close()
+    student = AutoModelForCausalLM.from_pretrained(sort_task / "model").eval()
+    expert = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    width = rollout.mask.shape[1]
+    ids, attention = rollout.input_ids, rollout.attention_mask
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logps = [torch.log_softmax(m(input_ids=ids, attention_mask=attention, position_ids=position_ids)
+                                   .logits[:, -width - 1 : -1].float(), -1).gather(2, ids[:, -width:, None])[..., 0]
+                 for m in (student, expert)]
+    expected = -(logps[0] - logps[1]) * rollout.mask
+    assert torch.allclose(rollout.advantages, expected, atol=1e-5)
+    assert rollout.stats["rollout/kl"] == pytest.approx(((logps[0] - logps[1]) * rollout.mask).sum(1).mean().item(),
+                                                        abs=1e-5)
+
+
+def test_the_gradient_of_a_three_token_completion_by_hand():
+    """At ratio 1 (the update's first pass) the token-mean clipped objective is -mean_t(A_t ratio_t), so its
+    gradient in log pi_t is -A_t / 3 for each of the 3 tokens, with A_t = log pi_teacher - log pi_student."""
+    student = torch.tensor([[-1.0, -0.5, -2.0]], requires_grad=True)
+    teacher = torch.tensor([[-1.5, -0.2, -2.5]])
+    mask = torch.ones(1, 3)
+    advantages = -(student.detach() - teacher)  # [-0.5, 0.3, -0.5]
+    loss = ppo_math.policy_loss(student, student.detach(), advantages, mask, clip_low=0.2, clip_high=0.2,
+                                aggregation="token_mean")
+    loss.backward()
+    assert torch.allclose(student.grad, torch.tensor([[0.5, -0.3, 0.5]]) / 3)
+    assert loss.item() == pytest.approx(-(-0.5 + 0.3 - 0.5) / 3)
+
+
+def test_the_sampled_token_estimate_is_trls_reverse_kl_in_expectation():
+    """E over tokens drawn from the student of log pi_s - log pi_t (each token's advantage, negated) is the
+    reverse KL(pi_s || pi_t) that TRL's generalized JSD gives at beta 1 (GKDTrainer.generalized_jsd_loss),
+    exactly, on every position: the expectation taken over the whole vocabulary."""
+    from trl.experimental.gkd import GKDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    log_s, log_t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    expected = (log_s.exp() * (log_s - log_t)).sum(-1)  # E_{v ~ pi_s}[k1(v)] per position
+    trl = GKDTrainer.generalized_jsd_loss(student, teacher, beta=1.0, reduction="none").sum(-1)
+    assert torch.allclose(expected, trl, atol=1e-6)
+    assert F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1).allclose(expected, atol=1e-6)
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(sort_task, tmp_path, teacher):
+    """A few updates move the student towards the teacher: the held-out KL(student || teacher) (k3, per
+    completion) falls; a LoRA student trains too."""
+    sections = distill_sections(teacher)
+    sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
+    sections["rollout"] = {**sections["rollout"], "samples_per_prompt": 4}
+    sections["train"] = {"batch_size": 16, "micro_batch_size": 16, "max_steps": 30, "eval_every": 30}
+    sections["optim"] = {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0}
+    from prefopt.cli import train_recipe
+
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert evals[-1]["kl"] < evals[0]["kl"], [e["kl"] for e in evals]
+    train = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in train) and "rewards/" not in "".join(train[0])
+    lora = {**sections, "model": {"lora": {"r": 4, "alpha": 8}}, "train": {**sections["train"], "max_steps": 2,
+                                                                          "eval_every": 0}, "data": {"eval": None}}
+    train_recipe(write_recipe(tmp_path / "l.yaml", sort_task, tmp_path / "lora", **lora))
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_training(sort_task, tmp_path):
+    from prefopt.data.synthetic import write_arithmetic_task
+
+    other = write_arithmetic_task(tmp_path / "other", n_train=4, n_eval=2)
+    recipe = recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                          **distill_sections(other / "model")))
+    with pytest.raises(RecipeError, match="distill.teacher: the tokenizer of .* is not the student's"):
+        PPOTrainer(recipe)
+
+
+def test_distill_recipe_errors(sort_task, tmp_path, teacher):
+    with pytest.raises(RecipeError, match="distill.teacher: give the teacher's checkpoint"):
+        recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                     **{**distill_sections(teacher), "distill": {}}))
+    with pytest.raises(RecipeError, match="distill.coef: must be a finite number > 0"):
+        recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                     **distill_sections(teacher, coef=0)))
