@@ -32,9 +32,13 @@ from prefopt.recipe_online import (  # noqa: F401 (re-exported)
     RolloutConfig,
 )
 from prefopt.recipe_yaml import (  # noqa: F401
+    ALIASES,
     SHIPPED,
     DuplicateKey,
     UniqueKeyLoader,
+    _join,
+    _show,
+    _suggest,
     apply_override,
     drop_other_loss_arguments,
     shipped,
@@ -372,34 +376,3 @@ def _convert_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             fail(where, _join(key, name), "missing required key")
     return cls(**kwargs)
-
-
-# Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.
-ALIASES = {
-    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.schedule", "scheduler": "optim.schedule",
-    "max_grad_norm": "train.max_grad_norm", "per_device_train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.batch_size", "logging_steps": "train.log_every",
-    "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
-    "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "beta": "loss.beta",
-    "dataset_name": "data.train", "bf16": "train.mixed_precision", "reward_model": "rewards",
-    "reward_funcs": "rewards", "whiten_advantages": "ppo.advantage_scale", "loss_type": "ppo.loss_aggregation",
-    "epsilon": "ppo.clip", "epsilon_high": "ppo.clip_high", "num_generations": "rollout.samples_per_prompt",
-}
-
-
-def _suggest(name: str, valid: list[str], section: str) -> str:
-    candidates = {_join(section, v): _join(section, v) for v in valid}
-    candidates.update({_join(section, alias): target for alias, target in ALIASES.items()})
-    candidates.update({alias: target for alias, target in ALIASES.items()})
-    close = difflib.get_close_matches(_join(section, name), list(candidates), n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {candidates[close[0]]!r}?"
-    return f"; valid keys here: {', '.join(valid)}"
-
-
-def _join(section: str, name: str) -> str:
-    return f"{section}.{name}" if section else name
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"

@@ -4,7 +4,9 @@ through these."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -81,3 +83,34 @@ def _unique_mapping(loader: UniqueKeyLoader, node, deep: bool = False):
 
 
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+# Names people bring from TRL / transformers.TrainingArguments, and where prefopt keeps them.
+ALIASES = {
+    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.schedule", "scheduler": "optim.schedule",
+    "max_grad_norm": "train.max_grad_norm", "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size", "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every", "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
+    "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "beta": "loss.beta",
+    "dataset_name": "data.train", "bf16": "train.mixed_precision", "reward_model": "rewards",
+    "reward_funcs": "rewards", "whiten_advantages": "ppo.advantage_scale", "loss_type": "ppo.loss_aggregation",
+    "epsilon": "ppo.clip", "epsilon_high": "ppo.clip_high", "num_generations": "rollout.samples_per_prompt",
+}
+
+
+def _suggest(name: str, valid: list[str], section: str) -> str:
+    candidates = {_join(section, v): _join(section, v) for v in valid}
+    candidates.update({_join(section, alias): target for alias, target in ALIASES.items()})
+    candidates.update({alias: target for alias, target in ALIASES.items()})
+    close = difflib.get_close_matches(_join(section, name), list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {candidates[close[0]]!r}?"
+    return f"; valid keys here: {', '.join(valid)}"
+
+
+def _join(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
