@@ -50,8 +50,10 @@ class RolloutWatch:
     """Each rollout's reward terms and groups: a term that is None or constant throughout, said once per term;
     FLAT_ROLLOUTS rollouts in a row where no group's scores differ."""
 
-    def __init__(self, recipe, log=print):
-        self.recipe, self.log = recipe, log
+    def __init__(self, recipe, log=print, scores_signal: bool = True):
+        """scores_signal False: the scores are not the only signal (a teacher's log-probs), so scores alike in
+        every group are said of no rollout."""
+        self.recipe, self.log, self.scores_signal = recipe, log, scores_signal
         self.said: set[str] = set()
         self.flat = 0
 
@@ -71,7 +73,7 @@ class RolloutWatch:
                 report(finding + ": it gives no signal; check the function against the data's columns", self.recipe,
                        self.log)
         groups = scores.view(-1, group_size)
-        if group_size > 1 and self.recipe.method != "distill":  # distillation's signal is the teacher's, not scores
+        if group_size > 1 and self.scores_signal:
             varied = bool((groups.max(1).values > groups.min(1).values).any())
             self.flat = 0 if varied else self.flat + 1
             if self.flat == FLAT_ROLLOUTS:

@@ -35,6 +35,9 @@ class Method:
     # reference), "sampler" (greedy samples scored by its reward terms), "none"
     evaluation: str = "none"
     frontier: bool = False  # `prefopt plot` draws eval reward terms against KL (Gao et al. 2023)
+    # a frozen teacher scores each sampled token (distill): reward terms are optional, scores alike are no lack of
+    # signal, and the teacher (reference copy) must share the student's tokenizer
+    teacher: bool = False
 
     def trainer_class(self):
         from prefopt.errors import import_object
@@ -73,8 +76,8 @@ METHODS = {method.name: method for method in (
            [("KL to the teacher", ["kl", "rollout/kl"]), ("score", ["score", "rollout/score"]),
             ("completion length", ["length", "rollout/length"]), ("entropy", ["policy/entropy"]),
             ("learning rate", ["lr"])],
-           "on-policy distillation", checks.resolve_distill, checks.check_rl, prompts_only=True,
-           evaluation="sampler"),
+           "on-policy distillation", checks.resolve_distill, checks.check_distill, prompts_only=True,
+           evaluation="sampler", teacher=True),
     # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
     Method("online", ("reference", "loss", "rollout", "rewards", "pairs"),
            "prefopt.trainers.online:OnlinePreferenceTrainer",

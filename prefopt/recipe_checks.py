@@ -241,13 +241,18 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         fail(where, "optim.betas", f"must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas}")
 
 
-def check_rl(recipe: Recipe, where: str) -> None:
-    """The cross-key rules of method rl (PPO and the GRPO family), and of distill (its reward terms optional)."""
+def check_distill(recipe: Recipe, where: str) -> None:
+    """Method distill: method rl's rules, its reward terms optional (the teacher's log-probs are its signal)."""
+    check_rl(recipe, where, rewards_required=False)
+
+
+def check_rl(recipe: Recipe, where: str, rewards_required: bool = True) -> None:
+    """The cross-key rules of method rl (PPO and the GRPO family)."""
     sft_options(recipe, where)
     from prefopt.losses.ppo import get_advantage
 
     ppo, rollout, train, ref = recipe.ppo, recipe.rollout, recipe.train, recipe.reference
-    _check_rewards(recipe.rewards, where, required=recipe.method == "rl")
+    _check_rewards(recipe.rewards, where, required=rewards_required)
     _no_eval_rewards(recipe, where)
     estimator = get_advantage(ppo.advantage)
     k = rollout.samples_per_prompt

@@ -55,7 +55,10 @@ class Sampler:
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
         self.pending: dict[int, Background] = {}  # rollouts generating in the background, by cycle
         self.eval_samples: list[dict] = []
-        self.watch = RolloutWatch(recipe, accelerator.print)  # rewards that give no signal
+        from prefopt.methods import METHODS
+
+        self.watch = RolloutWatch(recipe, accelerator.print,  # rewards that give no signal
+                                  scores_signal=not METHODS[recipe.method].teacher)
 
     def start_engine(self) -> None:
         from prefopt.online.server import make_engine

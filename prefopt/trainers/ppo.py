@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prefopt.losses import ppo as ppo_math
+from prefopt.methods import METHODS
 from prefopt.models import (
     PolicyWithValueHead,
     check_same_tokenizer,
@@ -50,11 +51,12 @@ class PPOTrainer(Trainer):
         if self.estimator.critic and ppo.critic == "separate":
             critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
         self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=self.estimator.critic, critic=critic)
-        if recipe.method == "distill":  # the teacher, scoring every sampled token: the student's tokenizer
+        teacher = METHODS[recipe.method].teacher
+        if teacher:  # it scores every sampled token: it must share the student's tokenizer
             check_same_tokenizer(self.tokenizer, recipe.distill.teacher, "distill.teacher",
                                  recipe.model.trust_remote_code)
         if recipe.reference.kind == "copy":
-            key = "distill.teacher" if recipe.method == "distill" else "reference.name_or_path"
+            key = "distill.teacher" if teacher else "reference.name_or_path"
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path,
                                                                      key))
         self.forward = TokenForward(recipe, self.model.policy.config, self.accelerator, self.tokenizer.pad_token_id,
