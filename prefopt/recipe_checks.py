@@ -97,6 +97,10 @@ def resolve_distill(recipe: Recipe, where: str) -> None:
         fail(where, "distill.teacher", "give the teacher's checkpoint: a hub id or a directory")
     if not (distill.coef > 0 and math.isfinite(distill.coef)):
         fail(where, "distill.coef", f"must be a finite number > 0, got {distill.coef}")
+    if not 0 <= distill.beta <= 1:
+        fail(where, "distill.beta", f"interpolates forward (0) and reverse (1) KL: in [0, 1], got {distill.beta}")
+    if distill.top_k is not None and distill.top_k < 1:
+        fail(where, "distill.top_k", f"must be >= 1 (or null: the whole vocabulary), got {distill.top_k}")
     recipe.reference.kind, recipe.reference.name_or_path = "copy", distill.teacher
     ppo = recipe.ppo = recipe.ppo or PPOConfig()
     ppo.advantage, ppo.gamma, ppo.advantage_scale = "reinforce_pp", 0.0, "none"

@@ -152,3 +152,10 @@ class DistillConfig:
 
     teacher: str = ""  # the teacher's checkpoint (hub id or directory), frozen; its tokenizer must be the student's
     coef: float = 1.0  # the reverse KL's weight in each token's reward
+    # reverse_kl: the sampled-token estimate as each token's advantage, through the PPO update; jsd: GKD's
+    # generalised JSD between the two next-token distributions at every completion position, its token mean the
+    # loss (prefopt/losses/distill.py: beta 0 the forward KL, 1 the reverse; top_k: the teacher's k likeliest
+    # tokens only, where the whole vocabulary is too dear)
+    loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    beta: float = 0.5
+    top_k: int | None = None

@@ -125,6 +125,58 @@ def test_distill_recipe_errors(sort_task, tmp_path, teacher):
     with pytest.raises(RecipeError, match="distill.teacher: give the teacher's checkpoint"):
         recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
                                      **{**distill_sections(teacher), "distill": {}}))
-    with pytest.raises(RecipeError, match="distill.coef: must be a finite number > 0"):
-        recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
-                                     **distill_sections(teacher, coef=0)))
+    for distill, message in (({"coef": 0}, "distill.coef: must be a finite number > 0"),
+                             ({"beta": 1.5}, r"distill.beta: interpolates forward \(0\) and reverse \(1\) KL"),
+                             ({"top_k": 0}, "distill.top_k: must be >= 1"),
+                             ({"loss": "kl"}, "distill.loss: 'kl' is not one of")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_lib.load(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run",
+                                         **distill_sections(teacher, **distill)))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_generalized_jsd_equals_trls(beta):
+    """prefopt's GKD divergence per position against TRL 1.16's GKDTrainer.generalized_jsd_loss on the same logits
+    (temperature 0.7): beta 0 the forward KL, 1 the reverse, between them the generalised JSD."""
+    from trl.experimental.gkd import GKDTrainer
+
+    from prefopt.losses.distill import generalized_jsd
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(3, 4, 13), torch.randn(3, 4, 13)
+    ours = generalized_jsd(student, teacher, beta, temperature=0.7)
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, temperature=0.7, reduction="none").sum(-1)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.allclose(generalized_jsd(student, teacher, beta, 0.7, top_k=13), ours, atol=1e-6)  # k = V
+
+
+def test_top_k_and_the_reverse_kls_gradient_by_hand():
+    """top_k 2 keeps the teacher's two likeliest tokens, both distributions renormalised there; the gradient of
+    the reverse KL in the student's logits is p_s (log p_s - log p_t - KL), computed by hand."""
+    from prefopt.losses.distill import generalized_jsd
+
+    student, teacher = torch.tensor([[0.0, 1.0, 2.0, -1.0]]), torch.tensor([[3.0, 0.0, 2.0, 1.0]])
+    kept = [0, 2]  # the teacher's two likeliest
+    p_s, p_t = torch.softmax(student[0, kept], 0), torch.softmax(teacher[0, kept], 0)
+    expected = (p_s * (p_s.log() - p_t.log())).sum()
+    assert generalized_jsd(student, teacher, 1.0, top_k=2)[0].item() == pytest.approx(expected.item(), abs=1e-6)
+    logits = student.clone().requires_grad_(True)
+    generalized_jsd(logits, teacher, 1.0)[0].backward()
+    log_s, log_t = torch.log_softmax(student[0], 0), torch.log_softmax(teacher[0], 0)
+    kl = (log_s.exp() * (log_s - log_t)).sum()
+    assert torch.allclose(logits.grad[0], log_s.exp() * (log_s - log_t - kl), atol=1e-6)
+
+
+def test_jsd_distillation_trains_on_whole_distributions(sort_task, tmp_path, teacher):
+    from prefopt.cli import train_recipe
+
+    sections = distill_sections(teacher, loss="jsd", beta=0.5, top_k=50)
+    sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
+    sections["rollout"] = {**sections["rollout"], "samples_per_prompt": 4}
+    sections["train"] = {"batch_size": 16, "micro_batch_size": 8, "max_steps": 30, "eval_every": 30}
+    sections["optim"] = {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0}
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+    train, evals = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "run", "eval")
+    assert train[-1]["distill/jsd"] < train[0]["distill/jsd"] and train[0]["loss"] == pytest.approx(
+        train[0]["distill/jsd"], abs=1e-6)
+    assert evals[-1]["kl"] < evals[0]["kl"]

@@ -91,9 +91,10 @@ def test_two_processes_on_one_engine_server_match_one(sort_task, tmp_path):
         process.kill()
 
 
-def test_distillation_two_processes_match_one(sort_task, tmp_path):
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_distillation_two_processes_match_one(sort_task, tmp_path, loss):
     """method distill: each process scores its share of the samples with the teacher; the gathered rollout, its
-    per-token advantages and the update are one process's."""
+    per-token advantages (or whole-distribution divergences) and the update are one process's."""
     from test_distill import distill_sections
     from transformers import AutoTokenizer
 
@@ -101,7 +102,8 @@ def test_distillation_two_processes_match_one(sort_task, tmp_path):
 
     teacher = build_tiny_model(AutoTokenizer.from_pretrained(sort_task / "model"), tmp_path / "teacher",
                                hidden_size=96, seed=7)
-    sections = {**distill_sections(teacher), "train": PPO_TRAIN, "data": {"eval": str(sort_task / "eval.jsonl")}}
+    sections = {**distill_sections(teacher, loss=loss), "train": PPO_TRAIN,
+                "data": {"eval": str(sort_task / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
     run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],

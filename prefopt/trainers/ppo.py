@@ -203,6 +203,8 @@ class PPOTrainer(Trainer):
     def compute_loss(self, batch):
         ppo, rollout = self.recipe.ppo, self.recipe.rollout
         mask = batch["mask"]
+        if self.recipe.distill is not None and self.recipe.distill.loss == "jsd":
+            return self.divergence_loss(batch)
         logps, entropy, values = self.forward(self.model, batch["input_ids"], batch["attention_mask"], mask,
                                                     entropy_grad=ppo.entropy_coef > 0)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
@@ -234,6 +236,21 @@ class PPOTrainer(Trainer):
             metrics["policy/kl"] = kl.detach()
         metrics.update({key: torch.tensor(value) for key, value in self.buffer.stats.items()})
         return loss, metrics
+
+    def divergence_loss(self, batch):
+        """distill.loss jsd: GKD's generalised JSD between the student's and the teacher's next-token
+        distributions at each sampled completion position, the token mean over the mini-batch."""
+        from prefopt.losses.distill import completion_logits, generalized_jsd
+
+        distill, mask = self.recipe.distill, batch["mask"]
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        student = completion_logits(self.model, ids, attention, mask.shape[1])
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher = completion_logits(self.reference, ids, attention, mask.shape[1])
+        per_token = generalized_jsd(student, teacher, distill.beta, self.recipe.rollout.temperature, distill.top_k)
+        loss = ppo_math.aggregate(per_token, mask, "token_mean", batch["token_normalizer"])
+        return loss, {"distill/jsd": loss.detach(), **{key: torch.tensor(value) for key, value in
+                                                      self.buffer.stats.items()}}
 
     def after_step(self, step: int, record: dict[str, float]) -> None:
         self.sampler.policy_changed()
