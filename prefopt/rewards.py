@@ -55,6 +55,9 @@ class Scores:
     terms: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, list] = field(default_factory=dict)
+    # per-token rewards of the terms that gave them, weighted and summed: a list per completion aligned to its
+    # tokens, None where no term did (their sums are in `total` and `terms` too)
+    token: list[list[float] | None] = field(default_factory=list)
 
 
 def conversational_completions(prompts: list, completions: list[str]) -> list:
@@ -179,27 +182,29 @@ class RewardTerms:
                          log_extra=lambda column, values: extra.setdefault(column, []).extend(values),
                          log_metric=lambda name, value: metrics.setdefault(name, []).append(float(value)))
         values: list[torch.Tensor | None] = [None] * len(self.terms)
+        tokens: list[list[float] | None] = [None] * len(prompts)  # the weighted per-token rewards, summed
         timing: dict[str, float] = {}
         waiting = self._start_async(available, prompts, completions)  # concurrently with the synchronous terms
-        for i, (name, _, term) in enumerate(self.terms):
+        for i, (name, weight, term) in enumerate(self.terms):
             if isinstance(term, FunctionTerm) and term.is_async and term.isolated is None:
                 continue
             start = time.perf_counter()
             if isinstance(term, FunctionTerm):
                 values[i] = self._checked(term, self._call(term, available, prompts, completions), prompts,
-                                          completions, metrics)
+                                          completions, metrics, available["completion_ids"], tokens, weight)
             else:
                 values[i] = term(prompts, [_text(c) for c in completions]).float()
             timing[name] = time.perf_counter() - start
         for i, (outcome, seconds) in waiting.items():
             term = self.terms[i][2]
-            values[i] = self._checked(term, outcome(), prompts, completions, metrics)
+            values[i] = self._checked(term, outcome(), prompts, completions, metrics, available["completion_ids"],
+                                      tokens, self.terms[i][1])
             timing[self.names[i]] = seconds()
         stacked = torch.stack(values) if values else torch.zeros(0, len(prompts))
         weights = torch.tensor([weight for _, weight, _ in self.terms], dtype=stacked.dtype)[:, None]
         out = {f"timing/reward/{name}": seconds for name, seconds in timing.items()}
         out.update({name: sum(v) / len(v) for name, v in metrics.items()})
-        return Scores((stacked * weights).nansum(0), stacked, out, extra)
+        return Scores((stacked * weights).nansum(0), stacked, out, extra, tokens)
 
     # ----- calling ----------------------------------------------------------------------------
 
@@ -295,8 +300,11 @@ class RewardTerms:
             started[i] = (outcome, lambda clock=clock: clock.get("end", time.perf_counter()) - clock.get("start", 0.0))
         return started
 
-    def _checked(self, term: FunctionTerm, out, prompts: list, completions: list, metrics: dict) -> torch.Tensor:
-        """The output as (N,) floats, NaN for None; a call without an answer (skipped) is all NaN, counted."""
+    def _checked(self, term: FunctionTerm, out, prompts: list, completions: list, metrics: dict,
+                 completion_ids: list, tokens: list, weight: float) -> torch.Tensor:
+        """The output as (N,) floats, NaN for None; a call without an answer (skipped) is all NaN, counted. A
+        completion's value may be a list of per-token rewards aligned to its tokens: its sum is the value, and
+        weight x the list is added to `tokens`."""
         where = f"rewards term {term.name!r} ({term.reference})"
         if term.timeout is not None or term.isolated is not None:
             metrics.setdefault(f"rewards/{term.name}/timeouts", []).append(float(out is None))
@@ -307,16 +315,30 @@ class RewardTerms:
                                f"values for {len(prompts)} completions; return one float (or None) per completion")
         scores = []
         for j, value in enumerate(out):
+            if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 1):
+                value = self._token_rewards(where, value, len(completion_ids[j]), completions[j], tokens, j, weight)
             try:
                 value = math.nan if value is None else float(value)
                 if not math.isfinite(value) and out[j] is not None:
                     raise ValueError(value)
             except (TypeError, ValueError):
                 raise PrefoptError(f"{where} gave {out[j]!r:.40} for the completion {completions[j]!r:.200} of "
-                                   f"prompt {prompts[j]!r:.200}; a score is a finite number, or None where the term "
-                                   "does not apply") from None
+                                   f"prompt {prompts[j]!r:.200}; a score is a finite number, a list of per-token "
+                                   "rewards, or None where the term does not apply") from None
             scores.append(value)
         return torch.tensor(scores)
+
+    @staticmethod
+    def _token_rewards(where: str, values, length: int, completion, tokens: list, j: int, weight: float) -> float:
+        """One completion's per-token rewards: checked (one finite number per completion token) and added, times
+        the term's weight, to `tokens[j]`; their sum is the completion's value."""
+        values = [float(v) for v in values]
+        if len(values) != length or not all(map(math.isfinite, values)):
+            raise PrefoptError(f"{where} gave {len(values)} per-token rewards for a completion of {length} tokens "
+                               f"({completion!r:.200}); give one finite number per completion token (its "
+                               "completion_ids), or one score per completion")
+        tokens[j] = [w * weight + (tokens[j][t] if tokens[j] else 0.0) for t, w in enumerate(values)]
+        return sum(values)
 
     def close(self) -> None:
         """Stop the isolated workers and the async loop."""

@@ -149,7 +149,11 @@ def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: fl
     if old_logps is not None:
         kl = ppo_math.kl_estimate(old_logps, tokens["ref_logps"], ppo.kl_estimator) * mask  # (B, R)
         stats.update({"rollout/kl_per_token": kl.sum() / mask.sum(), "rollout/kl": kl.sum(1).mean()})
-    rewards = ppo_math.shape_rewards(penalised, kl, mask, kl_coef if ppo.kl_penalty == "reward" else 0.0)
+    # reward terms' per-token rewards at their tokens, the rest of each score at its last token: a sequence-level
+    # estimator sums them back (its return), a token-level one (gae, reinforce_pp) sees where they fell
+    token = buffer["token_rewards"] * mask if "token_rewards" in buffer else torch.zeros_like(mask)
+    rewards = ppo_math.shape_rewards(penalised - token.sum(1), kl, mask,
+                                     kl_coef if ppo.kl_penalty == "reward" else 0.0) + token
     stats["rollout/shaped_reward"] = rewards.sum(1).mean()
     advantages, returns = ppo_math.estimate_advantages(
         rewards, mask, estimator, ppo.advantage_scale, values=tokens.get("old_values"),

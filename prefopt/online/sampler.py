@@ -256,7 +256,8 @@ class Sampler:
             local_rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "mask",
                                                       "engine_logps", "tool_mask") if key in batch}
             gathered = self.gather({**local_rows, "ended": batch["ended"].float(), "scores": scored.total,
-                                    "penalised": penalised, "terms": scored.terms.T, **extra})
+                                    "penalised": penalised, "terms": scored.terms.T,
+                                    "token_rewards": token_rewards(scored.token, batch["mask"]), **extra})
             gathered["ended"] = gathered["ended"].bool()
             generated += gathered["mask"].sum().item()
             groups = [{key: value[g * k : (g + 1) * k] for key, value in gathered.items()} for g in range(prompts)]
@@ -372,6 +373,15 @@ class Sampler:
 
         rows = gather_object(self.eval_samples) if self.world_size > 1 else self.eval_samples
         return rows[: self.recipe.eval.generate]
+
+
+def token_rewards(values: list, mask: torch.Tensor) -> torch.Tensor:
+    """(N, W) the reward terms' per-token rewards laid on the completions (0 where none)."""
+    out = torch.zeros(mask.shape)
+    for j, row in enumerate(values):
+        if row:
+            out[j, : len(row)] = torch.tensor(row)
+    return out.to(mask.device)
 
 
 def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
