@@ -342,8 +342,11 @@ def _check_rewards(terms: list, where: str, section: str = "rewards", required: 
     names = []
     for i, term in enumerate(terms):
         key = f"{section}[{i}]"
-        if bool(term.models) == bool(term.function):
-            fail(where, key, "give models (reward models) or function (module:function), exactly one")
+        if bool(term.models) + bool(term.function) + bool(term.judge) != 1:
+            fail(where, key, "give models (reward models), function (module:function) or judge ({model, template, "
+                 "parse}), exactly one")
+        if term.judge and not term.judge.model:
+            fail(where, f"{key}.judge.model", "give the judge: a causal LM's hub id or directory")
         if not math.isfinite(term.weight):
             fail(where, f"{key}.weight", f"must be a finite number, got {term.weight}")
         if term.std_coef < 0:

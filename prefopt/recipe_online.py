@@ -73,6 +73,19 @@ class PairsConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """An LLM judge as a reward term (prefopt/judge.py): the judge reads `template` filled with the row's columns,
+    {prompt} and {completion}, writes a greedy verdict, and `parse` reads the score from it."""
+
+    model: str = ""  # the judge: a causal LM, hub id or directory
+    template: str = "{prompt}\n{completion}\nScore:"  # the judge's prompt (or a .txt/.jinja/.md file of it)
+    parse: str = r"(-?\d+(?:\.\d+)?)"  # a regular expression whose one group is the score, or module:function(text)
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    engine: Literal["hf"] = "hf"  # Hugging Face generate on the judge (vLLM for judges: not yet)
+
+
+@dataclass
 class RewardTerm:
     """One term of the score: reward models (an ensemble when several) or a Python function, times weight."""
 
@@ -87,10 +100,12 @@ class RewardTerm:
     timeout: float | None = None  # seconds per call of the function; None: no limit
     on_timeout: Literal["error", "skip"] = "error"  # a call past timeout stops the run, or scores None (counted)
     isolate: bool = False  # run the function in a worker process (code execution): a crash or hang never reaches the run
+    judge: JudgeConfig | None = None  # an LLM judge instead of models or a function: its parsed verdict is the score
 
     def default_name(self, index: int) -> str:
         """Its name, else its function's, else model<index>."""
-        return self.name or (self.function.rpartition(":")[2] if self.function else f"model{index}")
+        return self.name or (self.function.rpartition(":")[2] if self.function else
+                             "judge" if self.judge else f"model{index}")
     aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
     std_coef: float = 1.0  # lambda of mean_minus_std
     normalize: bool = False  # (r - mean) / std with each reward model's stored statistics

@@ -27,6 +27,7 @@ A model term is a prefopt.scoring.RewardScorer (an ensemble when several models)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import math
 import threading
@@ -128,7 +129,13 @@ class RewardTerms:
         self.terms = []  # (name, weight, FunctionTerm or RewardScorer)
         for i, term in enumerate(terms):
             name = term.default_name(i)
-            if term.function:
+            if term.judge:  # called as a function term is, by keyword with every column
+                from prefopt.judge import Judge
+
+                judge = Judge(term.judge, name, f"{section}[{i}].judge", scorer_options.get("device", "cpu"))
+                reference = dataclasses.replace(term, function=f"judge {term.judge.model}")
+                self.terms.append((name, term.weight, FunctionTerm(reference, name, f"{section}[{i}]", judge)))
+            elif term.function:
                 self.terms.append((name, term.weight, FunctionTerm(term, name, f"{section}[{i}]")))
             else:
                 scorer = RewardScorer(term.models, term.aggregate, term.std_coef, term.normalize, **scorer_options)
