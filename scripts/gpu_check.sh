@@ -19,7 +19,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   out=$(mktemp -d)
   offline=(--preset cpu-small --methods dpo --steps 1 --warmup 0 --repeats 1 --batch 2)
   online=(--models tiny --new-tokens 8 --steps 2)
-  async=(--models tiny --new-tokens 8 --steps 3 --async)
+  async=(--models tiny --new-tokens 8 --steps 2 --async)
 else
   out=${1:-gpu-check-$(date +%Y%m%d-%H%M)}
   offline=(--preset qwen2.5-0.5b --methods dpo simpo --precision bf16 --repeats 1)

@@ -124,24 +124,24 @@ def engine_checks(out: Path, task: Path) -> dict:
 
 
 def async_checks(out: Path, task: Path) -> dict:
-    """rollout.lag 1 with the overlap, on the colocated engine (a background thread generates while the trainer
-    updates) and on a spawned `prefopt serve` vLLM server: 4 steps straight, and 2 then continued to 4."""
+    """rollout.lag 1 with the overlap: on the colocated engine (a background thread generates while the trainer
+    updates) 4 steps straight, and 2 then continued to 4, in this process; on a spawned `prefopt serve` vLLM
+    server, `prefopt train` killed (-9) after its step-2 checkpoint and run again, against the same command
+    uninterrupted (each a process of its own: the engines run here set thread variables of their own)."""
     results = {}
     for name, rollout in (("colocated", {"lag": 1}), ("server", {"lag": 1, "server": "spawn"})):
         runs = {}
-        for run, overrides in (("whole", [()]), ("resumed", [("train.max_steps=2",), ()])):
-            config = recipe(task, out / f"async-{name}-{run}", rollout=rollout)
-            runs[run] = [train(config, *o) for o in overrides][-1]
-        timed = [json.loads(line) for line in (out / f"async-{name}-whole" / "metrics.jsonl").read_text().splitlines()]
-        if name == "server":  # kill -9 once the step-2 checkpoint is written, then the same command again, against
-            # the same command uninterrupted (each a process of its own: thread settings differ in this one)
-            runs["killed"] = killed_and_rerun(recipe(task, out / "async-server-killed", rollout=rollout))
-            runs["whole-command"] = killed_and_rerun(recipe(task, out / "async-server-whole", rollout=rollout),
-                                                     kill=False)
+        if name == "colocated":
+            for run, overrides in (("whole", [()]), ("resumed", [("train.max_steps=2",), ()])):
+                config = recipe(task, out / f"async-{name}-{run}", rollout=rollout)
+                runs[run] = [train(config, *o) for o in overrides][-1]
+        else:
+            runs["whole"] = killed_and_rerun(recipe(task, out / "async-server-whole", rollout=rollout), kill=False)
+            runs["resumed"] = killed_and_rerun(recipe(task, out / "async-server-killed", rollout=rollout))
         results[name] = {run: [[r[key] for key in ("loss", "grad_norm", "rollout/score", "rollout/is_weight_mean")]
                                for r in records] for run, records in runs.items()}
         results[name]["staleness"] = [r["rollout/staleness"] for r in runs["whole"]]
-        results[name]["waited"] = ["timing/wait" in r for r in timed if r["split"] == "train"]
+        results[name]["waited"] = ["timing/wait" in r for r in runs["whole"]]
     return results
 
 
