@@ -342,9 +342,12 @@ def _check_rewards(terms: list, where: str, section: str = "rewards", required: 
     names = []
     for i, term in enumerate(terms):
         key = f"{section}[{i}]"
-        if bool(term.models) + bool(term.function) + bool(term.judge) != 1:
-            fail(where, key, "give models (reward models), function (module:function) or judge ({model, template, "
-                 "parse}), exactly one")
+        if bool(term.models) + bool(term.function) + bool(term.judge) + bool(term.implicit_prm) != 1:
+            fail(where, key, "give models (reward models), function (module:function), judge ({model, template, "
+                 "parse}) or implicit_prm ({model, reference, beta}), exactly one")
+        if term.implicit_prm and not (term.implicit_prm.model and term.implicit_prm.reference):
+            fail(where, f"{key}.implicit_prm", "give the trained implicit PRM (model) and the model it was trained "
+                 "from (reference)")
         if term.judge and not term.judge.model:
             fail(where, f"{key}.judge.model", "give the judge: a causal LM's hub id or directory")
         if not math.isfinite(term.weight):

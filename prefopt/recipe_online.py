@@ -86,6 +86,17 @@ class JudgeConfig:
 
 
 @dataclass
+class ImplicitPRMConfig:
+    """An implicit process reward model as a reward term (prefopt/prm.py): a policy-shaped model trained on outcome
+    labels (loss implicit_prm_ce, or DPO on pairs) against its reference gives each completion token the reward
+    beta * (log pi(y_t) - log pi_ref(y_t)) (Yuan et al. 2024, "Free Process Rewards without Process Labels")."""
+
+    model: str = ""  # the trained implicit PRM (hub id or directory); its tokenizer must be the policy's
+    reference: str = ""  # its reference: the model it was trained from
+    beta: float = 0.05  # the beta it was trained with
+
+
+@dataclass
 class RewardTerm:
     """One term of the score: reward models (an ensemble when several) or a Python function, times weight."""
 
@@ -101,11 +112,12 @@ class RewardTerm:
     on_timeout: Literal["error", "skip"] = "error"  # a call past timeout stops the run, or scores None (counted)
     isolate: bool = False  # run the function in a worker process (code execution): a crash or hang never reaches the run
     judge: JudgeConfig | None = None  # an LLM judge instead of models or a function: its parsed verdict is the score
+    implicit_prm: ImplicitPRMConfig | None = None  # per-token process rewards from an implicit PRM
 
     def default_name(self, index: int) -> str:
         """Its name, else its function's, else model<index>."""
-        return self.name or (self.function.rpartition(":")[2] if self.function else
-                             "judge" if self.judge else f"model{index}")
+        return self.name or (self.function.rpartition(":")[2] if self.function else "judge" if self.judge else
+                             "implicit_prm" if self.implicit_prm else f"model{index}")
     aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # how an ensemble combines its members
     std_coef: float = 1.0  # lambda of mean_minus_std
     normalize: bool = False  # (r - mean) / std with each reward model's stored statistics

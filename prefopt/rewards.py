@@ -41,7 +41,7 @@ from prefopt.isolated import IsolatedFunction, TrainerState, WorkerDied
 
 INTERNAL_COLUMNS = ("prompt", "prompt_ids")  # what a prompt row carries besides its dataset columns
 TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
-                 "environments")
+                 "environments", "prompt_ids")  # prompt_ids: prefopt's (the policy's prompt tokens)
 TRL_FORM = "def reward(prompts, completions, **kwargs) -> list[float | None]  (dataset columns by name, e.g. answer)"
 
 __all__ = ["RewardTerms", "Scores", "TrainerState", "conversational_completions"]
@@ -135,6 +135,12 @@ class RewardTerms:
                 judge = Judge(term.judge, name, f"{section}[{i}].judge", scorer_options.get("device", "cpu"))
                 reference = dataclasses.replace(term, function=f"judge {term.judge.model}")
                 self.terms.append((name, term.weight, FunctionTerm(reference, name, f"{section}[{i}]", judge)))
+            elif term.implicit_prm:
+                from prefopt.prm import ImplicitPRM
+
+                prm = ImplicitPRM(term.implicit_prm, f"{section}[{i}].implicit_prm", scorer_options.get("device", "cpu"))
+                reference = dataclasses.replace(term, function=f"implicit PRM {term.implicit_prm.model}")
+                self.terms.append((name, term.weight, FunctionTerm(reference, name, f"{section}[{i}]", prm)))
             elif term.function:
                 self.terms.append((name, term.weight, FunctionTerm(term, name, f"{section}[{i}]")))
             else:
@@ -185,6 +191,7 @@ class RewardTerms:
         available.update(prompts=prompts, completions=messages if messages is not None else
                          conversational_completions(prompts, completions),
                          completion_ids=completion_ids if completion_ids is not None else [[] for _ in completions],
+                         prompt_ids=[row.get("prompt_ids", []) for row in rows],
                          trainer_state=state or TrainerState(0, 1),  # outside a run (prefopt label)
                          log_extra=lambda column, values: extra.setdefault(column, []).extend(values),
                          log_metric=lambda name, value: metrics.setdefault(name, []).append(float(value)))

@@ -41,6 +41,18 @@ def kto_loss(policy: UnpairedLogps, reference: UnpairedLogps, *, beta: float = 0
     return LossOutput(losses, *split_rewards(beta * logratios, policy.desirable))
 
 
+@register_loss("implicit_prm_ce", needs_reference=True, data="unpaired")
+def implicit_prm_ce_loss(policy: UnpairedLogps, reference: UnpairedLogps, *, beta: float = 0.05) -> LossOutput:
+    """The implicit PRM's cross-entropy on outcome labels, Eq. 5 of Yuan et al. 2024, "Free Process Rewards
+    without Process Labels": the outcome reward r = beta * sum_t log pi(y_t)/pi_ref(y_t) as a logit,
+    -log sigma(r) on correct (desirable) rows and -log(1 - sigma(r)) on incorrect ones. The model it trains gives
+    process rewards beta * log pi/pi_ref per token (rewards[i].implicit_prm). Logged rewards are r."""
+    check_range("implicit_prm_ce", beta=(beta, "> 0"))
+    rewards = beta * (policy.logps - reference.logps)  # (N,)
+    losses = torch.where(policy.desirable, -F.logsigmoid(rewards), -F.logsigmoid(-rewards))
+    return LossOutput(losses, *split_rewards(rewards.detach(), policy.desirable))
+
+
 @register_loss("bco", needs_reference=True, data="unpaired", state=RunningMean)
 def bco_loss(policy: UnpairedLogps, reference: UnpairedLogps, reward_shift: RunningMean, *,
              beta: float = 0.1) -> LossOutput:
