@@ -80,12 +80,7 @@ def test_two_processes_on_one_engine_server_match_one(sort_task, tmp_path):
     try:
         sections = {**ppo_sections(advantage="grpo"), "train": PPO_TRAIN, "data": {"eval": str(sort_task / "eval.jsonl")},
                     "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1, "server": address}}
-        one, two = tmp_path / "one", tmp_path / "two"
-        train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
-        run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                write_recipe(tmp_path / "two.yaml", sort_task, two, **sections))
-        assert json.loads((two / "run.json").read_text())["world_size"] == 2
-        compare(one, two)
+        one_and_two(sort_task, tmp_path, sections)
         assert process.poll() is None  # a server started apart outlives its runs
     finally:
         process.kill()
@@ -102,8 +97,12 @@ def test_distillation_two_processes_match_one(sort_task, tmp_path, loss):
 
     teacher = build_tiny_model(AutoTokenizer.from_pretrained(sort_task / "model"), tmp_path / "teacher",
                                hidden_size=96, seed=7)
-    sections = {**distill_sections(teacher, loss=loss), "train": PPO_TRAIN,
-                "data": {"eval": str(sort_task / "eval.jsonl")}}
+    one_and_two(sort_task, tmp_path, {**distill_sections(teacher, loss=loss), "train": PPO_TRAIN,
+                                      "data": {"eval": str(sort_task / "eval.jsonl")}})
+
+
+def one_and_two(sort_task, tmp_path, sections: dict) -> None:
+    """The recipe in one process and under torchrun in two: the same records."""
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
     run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],

@@ -85,7 +85,7 @@ def test_lora_policy_trains_adapter_and_value_head(sort_task, tmp_path):
 
 
 @pytest.mark.parametrize("sections,message", [
-    ({"rewards": []}, "give at least one term"), ({"rewards": {}}, "give models .reward models. or function"),
+    ({"rewards": []}, "give at least one term"), ({"rewards": {}}, "give models .reward models., function .module:function., judge"),
     ({"rollout": {"samples_per_prompt": 1}, "ppo": {"advantage": "rloo"}}, "too few for advantage rloo"),
     ({"rollout": {"samples_per_prompt": 3}}, "must be a multiple of rollout.samples_per_prompt"),
     ({"reference": {"kind": "precomputed"}}, "cannot give the per-token reference log-probs"),
