@@ -75,13 +75,14 @@ def test_async_rollouts_on_the_engine_and_its_server_resume_exactly(tmp_path):
     """rollout.lag 1, generating the next rollout during the update: on the colocated engine (a background
     thread) a run stopped after 2 steps and continued repeats the whole run (the rollout in flight at the
     checkpoint is saved with it); on a spawned vLLM engine server, `prefopt train` killed (-9) after its step-2
-    checkpoint and started again repeats the same command uninterrupted."""
+    checkpoint and started again repeats the same command uninterrupted: metrics and final weights."""
     results = run(tmp_path, "async")
     for name in ("colocated", "server"):
         checks = results[name]
         for whole, resumed in zip(checks["whole"], checks["resumed"], strict=True):
             assert resumed == pytest.approx(whole, abs=1e-6), name
         assert checks["staleness"] == [0, 1, 1, 1] and checks["waited"] == [False, True, True, True], name
+        assert checks["same_weights"], name  # and the final weights
         assert any(abs(record[3] - 1) > 1e-6 for record in checks["whole"][1:])  # one update apart: weighed
 
 

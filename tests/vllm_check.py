@@ -142,7 +142,17 @@ def async_checks(out: Path, task: Path) -> dict:
                                for r in records] for run, records in runs.items()}
         results[name]["staleness"] = [r["rollout/staleness"] for r in runs["whole"]]
         results[name]["waited"] = ["timing/wait" in r for r in runs["whole"]]
+        results[name]["same_weights"] = same_weights(*(out / f"async-{name}-{run}" / "final" for run in (
+            ("whole", "resumed") if name == "colocated" else ("whole", "killed"))))
     return results
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs' final weights are equal, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() == second.keys() and all(bool((first[k] == second[k]).all()) for k in first)
 
 
 def killed_and_rerun(config: dict, kill: bool = True) -> list[dict]:
