@@ -8,6 +8,7 @@ softmax(logits / temperature) (top-p cut) depends only on (seed, decoding step, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -62,6 +63,22 @@ class LogpRecorder:
         if self.last is not None:
             self.logps.append(self.last.gather(1, responses[:, len(self.logps) : len(self.logps) + 1])[:, 0])
         return torch.stack(self.logps, 1).tolist() if self.logps else [[] for _ in range(len(responses))]
+
+
+def local_accelerator(device) -> SimpleNamespace:
+    """What `generate` reads of an Accelerator, for a model of its own outside the trained one (an engine server's
+    copy, a judge): its device, nothing sharded."""
+    return SimpleNamespace(device=torch.device(device), unwrap_model=lambda model: model,
+                           distributed_type=SimpleNamespace(name="NO"), state=SimpleNamespace(deepspeed_plugin=None))
+
+
+def laid_out(rows: list, width: int, fill: float = 0, dtype: torch.dtype = torch.float) -> torch.Tensor:
+    """(N, width) of ragged rows (lists; None for none), each from the left, `fill` after it."""
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

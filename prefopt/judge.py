@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from prefopt.errors import PrefoptError, RecipeError
+from prefopt.generation import generate, local_accelerator
 
 
 class Judge:
@@ -37,9 +37,7 @@ class Judge:
             self.model = AutoModelForCausalLM.from_pretrained(config.model).to(device).eval()
         except OSError as exc:
             raise RecipeError(f"{where}.model: cannot load the judge {config.model!r}: {exc}") from None
-        self.accelerator = SimpleNamespace(device=torch.device(device), unwrap_model=lambda m: m,
-                                           distributed_type=SimpleNamespace(name="NO"),
-                                           state=SimpleNamespace(deepspeed_plugin=None))
+        self.accelerator = local_accelerator(device)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -64,8 +62,6 @@ class Judge:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, log_metric=None, **columns) -> list[float | None]:
-        from prefopt.generation import generate
-
         ids, verdicts = self.prompts(prompts, completions, columns), []
         for start in range(0, len(ids), self.config.batch_size):
             out = generate(self.model, self.accelerator, self.tokenizer, ids[start : start + self.config.batch_size],

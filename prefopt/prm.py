@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from prefopt.errors import RecipeError
+from prefopt.generation import laid_out, pad_prompts
+from prefopt.logprobs import response_logps
 
 
 class ImplicitPRM:
@@ -28,17 +30,12 @@ class ImplicitPRM:
 
     @torch.no_grad()
     def __call__(self, prompt_ids, completion_ids, **kwargs) -> list[list[float]]:
-        out = []
-        for prompt, completion in zip(prompt_ids, completion_ids):
-            if not completion:
-                out.append([])
-                continue
-            ids = torch.tensor([list(prompt) + list(completion)], device=self.device)
-            policy, reference = (self._logps(model, ids, len(completion)) for model in self.models)
-            out.append((self.beta * (policy - reference)).tolist())
-        return out
-
-    @staticmethod
-    def _logps(model, ids: torch.Tensor, width: int) -> torch.Tensor:
-        logits = model(input_ids=ids).logits[0, -width - 1 : -1].float()
-        return torch.log_softmax(logits, -1).gather(1, ids[0, -width:, None])[:, 0]
+        """The completions' rewards in one forward per model: left-padded prompts, right-padded completions."""
+        width = max(1, max(map(len, completion_ids), default=0))
+        prompts, prompt_mask = pad_prompts([list(p) for p in prompt_ids], 0, self.device)
+        completions = laid_out(completion_ids, width, 0, torch.long).to(self.device)
+        mask = laid_out([[1] * len(ids) for ids in completion_ids], width).to(self.device)
+        ids, attention = torch.cat([prompts, completions], 1), torch.cat([prompt_mask, mask.long()], 1)
+        policy, reference = (response_logps(model, ids, attention, mask)[0] for model in self.models)
+        rewards = (self.beta * (policy - reference)).tolist()
+        return [row[: len(ids_)] for row, ids_ in zip(rewards, completion_ids)]

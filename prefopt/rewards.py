@@ -129,18 +129,19 @@ class RewardTerms:
         self.terms = []  # (name, weight, FunctionTerm or RewardScorer)
         for i, term in enumerate(terms):
             name = term.default_name(i)
-            if term.judge:  # called as a function term is, by keyword with every column
-                from prefopt.judge import Judge
+            if term.judge or term.implicit_prm:  # a model of its own, called as a function term is (by keyword)
+                device, where = scorer_options.get("device", "cpu"), f"{section}[{i}]"
+                if term.judge:
+                    from prefopt.judge import Judge
 
-                judge = Judge(term.judge, name, f"{section}[{i}].judge", scorer_options.get("device", "cpu"))
-                reference = dataclasses.replace(term, function=f"judge {term.judge.model}")
-                self.terms.append((name, term.weight, FunctionTerm(reference, name, f"{section}[{i}]", judge)))
-            elif term.implicit_prm:
-                from prefopt.prm import ImplicitPRM
+                    fn, what = Judge(term.judge, name, f"{where}.judge", device), f"judge {term.judge.model}"
+                else:
+                    from prefopt.prm import ImplicitPRM
 
-                prm = ImplicitPRM(term.implicit_prm, f"{section}[{i}].implicit_prm", scorer_options.get("device", "cpu"))
-                reference = dataclasses.replace(term, function=f"implicit PRM {term.implicit_prm.model}")
-                self.terms.append((name, term.weight, FunctionTerm(reference, name, f"{section}[{i}]", prm)))
+                    fn = ImplicitPRM(term.implicit_prm, f"{where}.implicit_prm", device)
+                    what = f"implicit PRM {term.implicit_prm.model}"
+                self.terms.append((name, term.weight, FunctionTerm(dataclasses.replace(term, function=what), name,
+                                                                   where, fn)))
             elif term.function:
                 self.terms.append((name, term.weight, FunctionTerm(term, name, f"{section}[{i}]")))
             else:

@@ -17,7 +17,7 @@ from prefopt import distributed
 from prefopt.data import load_prompts
 from prefopt.degenerate import RolloutWatch
 from prefopt.errors import RecipeError
-from prefopt.generation import Draw, pad_prompts
+from prefopt.generation import Draw, laid_out, pad_prompts
 from prefopt.losses import ppo as ppo_math
 from prefopt.online.background import Background
 from prefopt.online.experience import model_tokens
@@ -143,9 +143,7 @@ class Sampler:
             tokens, logps = self.engine.generate(prompts, draw, max_new_tokens)
         prompt_ids, prompt_mask = pad_prompts(prompts, pad, device)
         width = max(1, max(map(len, tokens)))
-        responses = torch.full((len(rows), width), pad, dtype=torch.long)
-        for i, ids in enumerate(tokens):
-            responses[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        responses = laid_out(tokens, width, pad, torch.long)
         lengths = torch.tensor([len(ids) for ids in tokens])
         mask = torch.arange(width)[None] < lengths[:, None]
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": responses.to(device),
@@ -155,10 +153,7 @@ class Sampler:
         if trajectories is not None:
             batch.update(self._agent_fields(trajectories, environments, batch))
         if logps is not None:
-            engine_logps = torch.zeros(len(rows), width)
-            for i, values in enumerate(logps):
-                engine_logps[i, : len(values)] = torch.tensor(values)
-            batch["engine_logps"] = engine_logps.to(device)
+            batch["engine_logps"] = laid_out(logps, width).to(device)
         return batch
 
     def _agent_fields(self, trajectories, environments: list, batch: dict) -> dict:
@@ -167,9 +162,7 @@ class Sampler:
         from prefopt.online.agent import check_drift, drift
 
         responses = batch["response_ids"]
-        tool_mask = torch.zeros(responses.shape, device=responses.device)
-        for i, values in enumerate(trajectories.tool_mask):
-            tool_mask[i, : len(values)] = torch.tensor(values, dtype=torch.float)
+        tool_mask = laid_out(trajectories.tool_mask, responses.shape[1]).to(responses.device)
         drifted = drift(trajectories, responses.cpu())
         check_drift(drifted, self.tokenizer)
         n = len(trajectories.turns)
@@ -238,10 +231,9 @@ class Sampler:
                 batch, timing["generate"] = self.pending.pop(cycle).result()
                 timing["wait"] = time.perf_counter() - start
             else:
-                if background:
-                    batch = self.sample(*self._round(cycle, rounds, prompts), samples=k)
-                else:
-                    batch = self.generate(model, *self._round(cycle, rounds, prompts), samples=k)
+                if not background:  # a background rollout's further rounds keep the engine as it generated it
+                    self.sync_engine(model)
+                batch = self.sample(*self._round(cycle, rounds, prompts), samples=k)
                 timing["generate"] += time.perf_counter() - start
             # 3. scores: the reward terms, then the missing-EOS and overlong penalties
             start = time.perf_counter()
@@ -257,7 +249,8 @@ class Sampler:
                                                       "engine_logps", "tool_mask") if key in batch}
             gathered = self.gather({**local_rows, "ended": batch["ended"].float(), "scores": scored.total,
                                     "penalised": penalised, "terms": scored.terms.T,
-                                    "token_rewards": token_rewards(scored.token, batch["mask"]), **extra})
+                                    "token_rewards": laid_out(scored.token, batch["mask"].shape[1]).to(batch["mask"].device),
+                                    **extra})
             gathered["ended"] = gathered["ended"].bool()
             generated += gathered["mask"].sum().item()
             groups = [{key: value[g * k : (g + 1) * k] for key, value in gathered.items()} for g in range(prompts)]
@@ -373,15 +366,6 @@ class Sampler:
 
         rows = gather_object(self.eval_samples) if self.world_size > 1 else self.eval_samples
         return rows[: self.recipe.eval.generate]
-
-
-def token_rewards(values: list, mask: torch.Tensor) -> torch.Tensor:
-    """(N, W) the reward terms' per-token rewards laid on the completions (0 where none)."""
-    out = torch.zeros(mask.shape)
-    for j, row in enumerate(values):
-        if row:
-            out[j, : len(row)] = torch.tensor(row)
-    return out.to(mask.device)
 
 
 def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

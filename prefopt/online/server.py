@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from prefopt.errors import PrefoptError, RecipeError, TrainingError
+from prefopt.generation import generate, local_accelerator
 from prefopt.online.engines import Engine, HFEngine, VLLMEngine, policy_weights, vllm_options
 
 HEARTBEAT_S, SILENT_S, START_S = 2.0, 60.0, 600.0
@@ -63,9 +64,7 @@ class HFServerEngine:
 
     def __init__(self, model):
         self.model = model.eval()
-        self.accelerator = SimpleNamespace(device=next(model.parameters()).device, unwrap_model=lambda m: m,
-                                           distributed_type=SimpleNamespace(name="NO"),
-                                           state=SimpleNamespace(deepspeed_plugin=None))
+        self.accelerator = local_accelerator(next(model.parameters()).device)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         try:
@@ -74,8 +73,6 @@ class HFServerEngine:
             raise PrefoptError(f"the weights sent do not fit the server's model: {str(exc).splitlines()[0]}") from None
 
     def generate(self, prompts, draw, max_new_tokens, sampling: dict):
-        from prefopt.generation import generate
-
         tokenizer = SimpleNamespace(pad_token_id=sampling["pad_token_id"], eos_token_id=sampling["eos_token_id"])
         return generate(self.model, self.accelerator, tokenizer, prompts, max_new_tokens=max_new_tokens, draw=draw,
                         temperature=sampling["temperature"], top_p=sampling["top_p"], logps=True)
