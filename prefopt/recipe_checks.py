@@ -348,6 +348,11 @@ def _check_rewards(terms: list, where: str, section: str = "rewards", required: 
         if term.implicit_prm and not (term.implicit_prm.model and term.implicit_prm.reference):
             fail(where, f"{key}.implicit_prm", "give the trained implicit PRM (model) and the model it was trained "
                  "from (reference)")
+        if term.implicit_prm and term.implicit_prm.online_update:
+            prm = term.implicit_prm
+            for key_, value in (("lr", prm.lr), ("max_grad_norm", prm.max_grad_norm), ("batch_size", prm.batch_size)):
+                if not (value > 0 and math.isfinite(value)):
+                    fail(where, f"{key}.implicit_prm.{key_}", f"must be a finite number > 0, got {value}")
         if term.judge and not term.judge.model:
             fail(where, f"{key}.judge.model", "give the judge: a causal LM's hub id or directory")
         if not math.isfinite(term.weight):
@@ -361,6 +366,11 @@ def _check_rewards(terms: list, where: str, section: str = "rewards", required: 
         names.append(term.name)
     if len(set(names)) < len(names):
         fail(where, section, f"two terms share a name ({names}); give each a distinct `name`")
+    for i, term in enumerate(terms):  # PRIME's labels: another term, by name (the environment's come later)
+        prm = term.implicit_prm
+        if prm and prm.online_update and prm.label is not None and prm.label not in set(names) - {term.name}:
+            fail(where, f"{section}[{i}].implicit_prm.label", f"names no other term: {prm.label!r}; the terms are "
+                 f"{', '.join(n for n in names if n != term.name) or 'none besides it'}")
 
 
 def _check_reference(recipe: Recipe, specs: list, where: str) -> None:

@@ -94,6 +94,16 @@ class ImplicitPRMConfig:
     model: str = ""  # the trained implicit PRM (hub id or directory); its tokenizer must be the policy's
     reference: str = ""  # its reference: the model it was trained from
     beta: float = 0.05  # the beta it was trained with
+    # PRIME (Cui et al. 2025): train the PRM on each rollout's outcome labels in the same step (cross-entropy,
+    # implicit_prm_ce), on every process alike, its weights and optimizer state in each checkpoint
+    online_update: bool = False
+    label: str | None = None  # the term whose values (in [0, 1]) are the outcome labels; None: the first other term
+    lr: float = 1e-6  # AdamW's, as PRIME's
+    max_grad_norm: float = 10.0
+    batch_size: int = 16  # completions per forward and backward of the update (gradients accumulate)
+    # before: update on the rollout, then score it with the updated PRM; after: score, then update (verl's
+    # reward_model.model.update)
+    update: Literal["before", "after"] = "before"
 
 
 @dataclass

@@ -138,7 +138,7 @@ class RewardTerms:
                 else:
                     from prefopt.prm import ImplicitPRM
 
-                    fn = ImplicitPRM(term.implicit_prm, f"{where}.implicit_prm", device)
+                    fn = ImplicitPRM(term.implicit_prm, name, f"{where}.implicit_prm", device)
                     what = f"implicit PRM {term.implicit_prm.model}"
                 self.terms.append((name, term.weight, FunctionTerm(dataclasses.replace(term, function=what), name,
                                                                    where, fn)))
@@ -154,6 +154,22 @@ class RewardTerms:
         from prefopt.recipe_online import RewardTerm
 
         self.terms.append((name, weight, FunctionTerm(RewardTerm(name=name, function=name), name, name, fn)))
+
+    @property
+    def learners(self) -> dict[int, int]:
+        """The terms that learn from the others' scores (an online implicit PRM): {index: its label term's index}."""
+        online = {i: term.fn.config for i, (_, _, term) in enumerate(self.terms)
+                  if getattr(getattr(term, "fn", None), "online", False)}
+        out = {}
+        for i, config in online.items():
+            name = self.names[i]
+            others = [j for j, other in enumerate(self.names) if j not in online and config.label in (None, other)]
+            if not others:
+                raise PrefoptError(f"rewards term {name!r}: the implicit PRM's online update needs outcome labels: "
+                                   "add a verifier term (e.g. {function: mypkg:accuracy}) and name it in "
+                                   "implicit_prm.label")
+            out[i] = others[0]
+        return out
 
     @property
     def names(self) -> list[str]:
@@ -180,9 +196,11 @@ class RewardTerms:
 
     def __call__(self, prompts: list, completions: list[str], rows: list[dict],
                  completion_ids: list[list[int]] | None = None, state: TrainerState | None = None,
-                 messages: list[list[dict]] | None = None, environments: list | None = None) -> Scores:
+                 messages: list[list[dict]] | None = None, environments: list | None = None,
+                 learn: bool = False) -> Scores:
         """Score N completions (texts) of `prompts`, with their dataset `rows` and sampled token ids. A multi-turn
-        rollout gives its completions as `messages` (assistant and tool messages) and its `environments`."""
+        rollout gives its completions as `messages` (assistant and tool messages) and its `environments`. `learn`:
+        a training rollout, whose labels an online implicit PRM learns from (never held-out ones)."""
         metrics: dict[str, list[float]] = {}
         extra: dict[str, list] = {}
         columns = sorted(set().union(*(row.keys() for row in rows)) - set(INTERNAL_COLUMNS)) if rows else []
@@ -200,8 +218,9 @@ class RewardTerms:
         tokens: list[list[float] | None] = [None] * len(prompts)  # the weighted per-token rewards, summed
         timing: dict[str, float] = {}
         waiting = self._start_async(available, prompts, completions)  # concurrently with the synchronous terms
+        learners = self.learners
         for i, (name, weight, term) in enumerate(self.terms):
-            if isinstance(term, FunctionTerm) and term.is_async and term.isolated is None:
+            if isinstance(term, FunctionTerm) and term.is_async and term.isolated is None or i in learners:
                 continue
             start = time.perf_counter()
             if isinstance(term, FunctionTerm):
@@ -215,6 +234,13 @@ class RewardTerms:
             values[i] = self._checked(term, outcome(), prompts, completions, metrics, available["completion_ids"],
                                       tokens, self.terms[i][1])
             timing[self.names[i]] = seconds()
+        for i, label in learners.items():  # an online PRM: after the term that labels its completions
+            name, weight, term = self.terms[i]
+            start = time.perf_counter()
+            labels = values[label].tolist() if learn else None
+            values[i] = self._checked(term, self._call(term, {**available, "labels": labels}, prompts, completions),
+                                      prompts, completions, metrics, available["completion_ids"], tokens, weight)
+            timing[name] = time.perf_counter() - start
         stacked = torch.stack(values) if values else torch.zeros(0, len(prompts))
         weights = torch.tensor([weight for _, weight, _ in self.terms], dtype=stacked.dtype)[:, None]
         out = {f"timing/reward/{name}": seconds for name, seconds in timing.items()}

@@ -101,6 +101,26 @@ def test_distillation_two_processes_match_one(sort_task, tmp_path, loss):
                                       "data": {"eval": str(sort_task / "eval.jsonl")}})
 
 
+def test_primes_online_prm_on_two_processes_matches_one(sort_task, tmp_path):
+    """An online implicit PRM (PRIME): each process scores and labels its share, the PRM's gradients are summed
+    over the processes and divided by the global count: its losses, the run's, and its final weights are one
+    process's."""
+    from safetensors.torch import load_file
+    from test_prm import prm_term
+    from transformers import AutoTokenizer
+
+    from prefopt.data.synthetic import build_tiny_model
+
+    prm = build_tiny_model(AutoTokenizer.from_pretrained(sort_task / "model"), tmp_path / "prm", seed=7)
+    sections = {**ppo_sections(advantage="grpo", num_mini_batches=1), "train": PPO_TRAIN,
+                "data": {"eval": str(sort_task / "eval.jsonl")}, "rewards": [{"function": "test_prm:long_enough", "name": "outcome"},
+                            prm_term(prm, sort_task / "model", batch_size=3)]}
+    one_and_two(sort_task, tmp_path, sections)
+    one, two = (load_file(str(tmp_path / run / "prm_implicit_prm" / "model.safetensors")) for run in ("one", "two"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    assert "rewards/implicit_prm/prm_loss" in read_metrics(tmp_path / "two")[0]
+
+
 def one_and_two(sort_task, tmp_path, sections: dict) -> None:
     """The recipe in one process and under torchrun in two: the same records."""
     one, two = tmp_path / "one", tmp_path / "two"

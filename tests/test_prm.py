@@ -58,3 +58,102 @@ def test_a_trained_implicit_prm_gives_each_token_beta_times_its_log_ratio(sort_t
     sections["train"] = {**sections["train"], "max_steps": 2}
     train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
     assert "rewards/implicit_prm/mean" in read_metrics(tmp_path / "run")[0]
+
+
+def long_enough(completions, **kwargs):
+    """An outcome label the tiny policy can earn: 1 for a completion longer than 8 characters, else 0."""
+    return [float(len(c) > 8) for c in completions]
+
+
+def fixed_labels(completions, **kwargs):
+    return [1.0, 0.0, None][: len(completions)]
+
+
+def prm_term(prm, reference, **config):
+    return {"implicit_prm": {"model": str(prm), "reference": str(reference), "beta": 0.5, "online_update": True,
+                             "lr": 1e-2, **config}}
+
+
+@pytest.fixture(scope="module")
+def prm_model(sort_task, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from prefopt.data.synthetic import build_tiny_model
+
+    return build_tiny_model(AutoTokenizer.from_pretrained(sort_task / "model"), tmp_path_factory.mktemp("prm"), seed=7)
+
+
+@pytest.mark.parametrize("update", ["before", "after"])
+def test_primes_online_update_is_one_adamw_step_of_the_cross_entropy_by_hand(sort_task, prm_model, update):
+    """Three completions labelled 1, 0 and None (skipped): the PRM after a training call equals a copy stepped by
+    hand (plain forwards of each completion alone, -[y log sigma(r) + (1-y) log(1 - sigma(r))] averaged over the
+    two labelled, clipped at 10, AdamW at lr 1e-2); the rewards come from the updated PRM (before) or the old one
+    (after); a held-out call (learn false) leaves it alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt.recipe_online import RewardTerm
+
+    terms = RewardTerms([RewardTerm(function="test_prm:fixed_labels"),
+                         RewardTerm(**{k: ImplicitPRMConfig(**v) for k, v in prm_term(
+                             prm_model, sort_task / "model", update=update).items()})])
+    tokenizer = AutoTokenizer.from_pretrained(sort_task / "model")
+    texts = [("sort: 3 1 2 =>", " 1 2 3"), ("sort: 5 4 =>", " 4"), ("sort: 2 9 1 =>", " 9 9 1 2")]
+    prompts = [tokenizer(p)["input_ids"] for p, _ in texts]
+    completions = [tokenizer(c)["input_ids"] for _, c in texts]
+    rows = [{"prompt": p, "prompt_ids": ids} for (p, _), ids in zip(texts, prompts)]
+    call = lambda learn: terms([p for p, _ in texts], [c for _, c in texts], rows, completions, learn=learn)  # noqa: E731
+
+    def logps(model, j):
+        ids = torch.tensor([prompts[j] + completions[j]])
+        n = len(completions[j])
+        return torch.log_softmax(model(ids).logits[0, -n - 1 : -1], -1).gather(1, ids[0, -n:, None])[:, 0]
+
+    by_hand = AutoModelForCausalLM.from_pretrained(prm_model)
+    reference = AutoModelForCausalLM.from_pretrained(sort_task / "model")
+    before = [0.5 * (logps(by_hand, j) - logps(reference, j)).detach() for j in range(3)]
+    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-2)
+    r = torch.stack([0.5 * (logps(by_hand, j) - logps(reference, j).detach()).sum() for j in (0, 1)])
+    F.binary_cross_entropy_with_logits(r, torch.tensor([1.0, 0.0])).backward()
+    torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 10.0)
+    optimizer.step()
+    after = [0.5 * (logps(by_hand, j) - logps(reference, j)).detach() for j in range(3)]
+
+    initial = AutoModelForCausalLM.from_pretrained(prm_model).state_dict()
+    scores = call(learn=True)
+    prm = terms.terms[1][2].fn.models[0]
+    for (name, value), expected in zip(prm.state_dict().items(), by_hand.state_dict().values()):
+        # Adam divides by sqrt(v) + 1e-8: an entry whose gradient is ~1e-9 moves by a share of lr that float noise
+        # decides, so each tensor's update is compared whole (its relative error), not entry by entry
+        step, hand = value - initial[name], expected - initial[name]
+        assert (step - hand).norm() <= 1e-3 * hand.norm() + 1e-7, (name, (step - hand).norm(), hand.norm())
+    for j, expected in enumerate(after if update == "before" else before):
+        assert torch.allclose(torch.tensor(scores.token[j]), expected, atol=1e-5)
+    assert "rewards/implicit_prm/prm_loss" in scores.metrics
+    weights = {k: v.clone() for k, v in prm.state_dict().items()}
+    call(learn=False)
+    assert all(torch.equal(v, weights[k]) for k, v in prm.state_dict().items())
+
+
+def test_primes_labels_must_be_outcome_labels(sort_task, prm_model):
+    from prefopt.errors import PrefoptError
+
+    terms = RewardTerms([RewardTerm(function="test_ppo:length_score"),
+                         RewardTerm(implicit_prm=ImplicitPRMConfig(**prm_term(prm_model, sort_task / "model")
+                                                                   ["implicit_prm"]))])
+    with pytest.raises(PrefoptError, match=r"labels in \[0, 1\].*gave 1.2"):
+        terms(["a"], ["x" * 12], [{"prompt": "a", "prompt_ids": [3]}], [[4, 5]], learn=True)
+
+
+def test_a_prime_run_resumes_exactly_and_saves_its_prm(sort_task, prm_model, tmp_path):
+    """GRPO with an online PRM beside its outcome term, stopped at step 2 and continued: the same losses and PRM
+    losses as straight through (the PRM's weights and AdamW state come back from the checkpoint); the updated PRM
+    is written beside the policy."""
+    from conftest import assert_resume_matches
+
+    sections = ppo_sections(advantage="grpo", num_mini_batches=1)
+    sections["rewards"] = [{"function": "test_prm:long_enough", "name": "outcome"},
+                           {**prm_term(prm_model, sort_task / "model", label="outcome"), "weight": 0.5}]
+    assert_resume_matches(sort_task, tmp_path, **sections)
+    records = read_metrics(tmp_path / "b")
+    assert all(r["rewards/implicit_prm/prm_loss"] > 0 for r in records)
+    assert (tmp_path / "a" / "prm_implicit_prm" / "config.json").exists()

@@ -60,6 +60,11 @@ class Sampler:
         self.watch = RolloutWatch(recipe, accelerator.print,  # rewards that give no signal
                                   scores_signal=not METHODS[recipe.method].teacher)
 
+    @property
+    def checkpointed(self) -> dict:
+        """What a checkpoint holds of the sampler: each online implicit PRM (weights and optimizer state)."""
+        return {f"prm_{self.rewards.names[i]}": self.rewards.terms[i][2].fn for i in self.rewards.learners}
+
     def start_engine(self) -> None:
         from prefopt.online.server import make_engine
 
@@ -174,10 +179,12 @@ class Sampler:
 
     # ----- 3. scores ----------------------------------------------------------------------------
 
-    def score(self, batch: dict, state: TrainerState | None = None) -> Scores:
-        """The reward terms on a generated batch: the weighted total (N,) and each term's values (terms, N)."""
+    def score(self, batch: dict, state: TrainerState | None = None, learn: bool = False) -> Scores:
+        """The reward terms on a generated batch: the weighted total (N,) and each term's values (terms, N).
+        `learn`: a training rollout (an online implicit PRM learns from its labels)."""
         scores = self.rewards([row["prompt"] for row in batch["rows"]], batch["texts"], batch["rows"],
-                              batch["completion_ids"], state, batch.get("messages"), batch.get("environments"))
+                              batch["completion_ids"], state, batch.get("messages"), batch.get("environments"),
+                              learn)
         device = batch["mask"].device
         scores.total, scores.terms = scores.total.to(device).float(), scores.terms.to(device).float()
         return scores
@@ -237,7 +244,7 @@ class Sampler:
                 timing["generate"] += time.perf_counter() - start
             # 3. scores: the reward terms, then the missing-EOS and overlong penalties
             start = time.perf_counter()
-            scored = self.score(batch, state)
+            scored = self.score(batch, state, learn=True)
             penalised = self.penalise(scored.total, batch["ended"], batch["mask"])
             extra = local(batch, penalised) if local else {}
             timing["score"] += time.perf_counter() - start

@@ -302,5 +302,15 @@ def save_final(trainer, extra_files: dict[str, str] | None = None) -> Path:
             if final.exists():
                 discard(final)
             os.replace(tmp, final)
+        for name, obj in trainer.checkpointed.items():  # a model trained beside the policy (an online PRM)
+            if hasattr(obj, "save_pretrained"):
+                done, tmp = trainer.output_dir / name, trainer.output_dir / f".tmp-{name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                with writing(f"{name}/", trainer.output_dir, cleanup=tmp):
+                    obj.save_pretrained(tmp)
+                    fsync_tree(tmp)
+                    if done.exists():
+                        discard(done)
+                    os.replace(tmp, done)
     acc.wait_for_everyone()
     return final

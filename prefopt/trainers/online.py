@@ -45,6 +45,7 @@ class OnlinePreferenceTrainer(Trainer):
         self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen,  # data first
                                evaluating=self.evaluating)
         self.train_data, self.eval_data = self.sampler.train_data, self.sampler.eval_data
+        self.checkpointed.update(self.sampler.checkpointed)  # an online implicit PRM
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         self.group = self.terms[0][0].data == "group"
         self.judge = import_object(recipe.pairs.judge, "pairs.judge") if recipe.pairs.judge else None

@@ -46,6 +46,7 @@ class PPOTrainer(Trainer):
         self.sampler = Sampler(recipe, self.accelerator, self.tokenizer, place=self.prepare_frozen,  # data first
                                evaluating=self.evaluating)
         self.train_data, self.eval_data = self.sampler.train_data, self.sampler.eval_data
+        self.checkpointed.update(self.sampler.checkpointed)  # an online implicit PRM
         self.estimator = ppo_math.get_advantage(ppo.advantage)
         critic = None
         if self.estimator.critic and ppo.critic == "separate":
