@@ -27,9 +27,9 @@ def evaluate_run(path: str | Path, data: str) -> dict:
         return evaluate_reward_model(path, data)
     recipe = yaml.safe_load(saved.read_text())
     from prefopt import recipe as recipe_lib
-    from prefopt.methods import METHODS
+    from prefopt.methods import record
 
-    method = METHODS[recipe.get("method") or recipe_lib.from_dict(recipe, str(saved)).method]
+    method = record(recipe if recipe.get("method") else recipe_lib.from_dict(recipe, str(saved)))
     if method.evaluation == "reward_model":
         return evaluate_reward_model(path, data)
     if method.evaluation == "none":
@@ -67,12 +67,12 @@ def final_sections(recipe: dict, final: Path) -> dict:
 def evaluate_online(recipe: dict, final: Path, data: str) -> dict:
     """The online trainer's evaluation (its Sampler's) of `final` on the prompts of `data`."""
     from prefopt import recipe as recipe_lib
-    from prefopt.methods import METHODS
+    from prefopt.methods import record
 
     recipe = {**recipe, **final_sections(recipe, final), "output_dir": str(final.parent), "trainer": None,
               "data": {**recipe["data"], "train": data, "eval": data, "eval_fraction": 0.0}}
     recipe = recipe_lib.from_dict(recipe, "prefopt eval")
-    trainer = evaluating(METHODS[recipe.method].trainer_class())(recipe)
+    trainer = evaluating(record(recipe).trainer_class())(recipe)
     try:
         return {"prompts": len(trainer.eval_data), **trainer.evaluate()}
     finally:

@@ -9,6 +9,7 @@ recipe.yaml then names it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ METHODS = {method.name: method for method in (
     Method("sft", ("loss",), "prefopt.trainers.preference:PreferenceTrainer", ("loss", "logps/"),
            [("loss", ["loss"]), ("log-prob of each sequence's trained tokens", ["logps/"]), *LR_AND_SPEED],
            "supervised fine-tuning", checks.resolve_sft, checks.check_sft, evaluation="losses"),
-    Method("reward", ("loss",), "prefopt.trainers.reward:RewardTrainer",
+    Method("reward", ("loss", "reward", "reference"), "prefopt.trainers.reward:RewardTrainer",
            ("loss", "rewards/accuracy", "rewards/margin", "rewards/std"),
            [("loss", ["loss"]), ("accuracy", ["rewards/accuracy"]), ("reward margin", ["rewards/margin"]),
             *LR_AND_SPEED],
@@ -88,6 +89,22 @@ METHODS = {method.name: method for method in (
            prompts_only=True, evaluation="sampler", frontier=True),
 )}
 SECTIONS = {section for method in METHODS.values() for section in method.sections}
+# method reward with reward.kind implicit_prm: a policy-shaped model trained against its reference on outcome labels
+# (implicit_prm_ce) or pairs (dpo), Yuan et al. 2024, by the preference trainer; a causal LM, not a score head
+IMPLICIT_PRM = dataclasses.replace(
+    METHODS["preference"], name="reward", sections=METHODS["reward"].sections,
+    headline=("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"),
+    description="implicit process reward modelling (Yuan et al. 2024)", check=checks.check_reward)
+
+
+def record(recipe) -> Method:
+    """The record that runs a resolved recipe (or a saved one, as plain data): its method's, or for method reward
+    with reward.kind implicit_prm, IMPLICIT_PRM's."""
+    if isinstance(recipe, dict):
+        method, kind = recipe.get("method") or implied_method(recipe), (recipe.get("reward") or {}).get("kind")
+    else:
+        method, kind = recipe.method, recipe.reward.kind
+    return IMPLICIT_PRM if method == "reward" and kind == "implicit_prm" else METHODS.get(method, METHODS["preference"])
 
 
 def implied_method(data: dict) -> str:
@@ -106,5 +123,4 @@ def implied_method(data: dict) -> str:
 
 def method_of(recipe: dict | None) -> Method:
     """The record of a saved recipe (recipe.yaml as plain data)."""
-    recipe = recipe or {}
-    return METHODS.get(recipe.get("method") or implied_method(recipe), METHODS["preference"])
+    return record(recipe or {})

@@ -218,9 +218,9 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     base_path = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path")
     cfg = dataclasses.replace(recipe.model, name_or_path=base_path or recipe.model.name_or_path)
     base_cfg = dataclasses.replace(cfg, dtype="bfloat16") if cfg.load_in_4bit else cfg  # merge into real weights
-    from prefopt.methods import METHODS
+    from prefopt.methods import record
 
-    reward_head = METHODS[recipe.method].reward_model
+    reward_head = record(recipe).reward_model
     base = load_causal_lm(base_cfg, reward_head=reward_head)
     merged = peft.PeftModel.from_pretrained(base, final).merge_and_unload()
     out_dir = Path(out_dir or run_dir / "merged")

@@ -67,6 +67,16 @@ class ModelConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """method reward: what kind of reward model it trains."""
+
+    # classifier: a score head on the model, trained on pairs (bradley_terry, ...); implicit_prm: the model itself,
+    # whose reward is beta * sum_t log pi/pi_ref (Yuan et al. 2024), trained against its reference on outcome labels
+    # (loss implicit_prm_ce) or pairs (dpo): a process reward model for rewards[i].implicit_prm
+    kind: Literal["classifier", "implicit_prm"] = "classifier"
+
+
+@dataclass
 class ReferenceConfig:
     # copy: a frozen copy of the starting policy (with a continued adapter, the adapter as it started);
     # adapter_off: the LoRA policy with its adapter disabled, i.e. the base weights, no second copy;
@@ -208,6 +218,7 @@ class Recipe:
     output_dir: str | None = None  # recipe.yaml, metrics.jsonl, checkpoints/, final/; None: runs/<recipe name>-<hash>
     seed: int = 0
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    reward: RewardModelConfig = field(default_factory=RewardModelConfig)  # method reward: the kind of model
     loss: list[LossConfig] = field(default_factory=lambda: [LossConfig()])  # offline methods
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -199,6 +199,16 @@ def check_sft(recipe: Recipe, where: str) -> None:
 
 
 def check_reward(recipe: Recipe, where: str) -> None:
+    if recipe.reward.kind == "implicit_prm":
+        names = [term.name for term in recipe.loss]
+        if not set(names) <= {"implicit_prm_ce", "dpo"}:
+            fail(where, "loss", f"an implicit PRM (reward.kind implicit_prm) trains on outcome labels with "
+                 f"implicit_prm_ce, or on pairs with dpo (Yuan et al. 2024); got {', '.join(names)}")
+        check_preference(recipe, where)
+        return
+    if recipe.reference.kind not in ("auto", "none"):
+        fail(where, "reference", "a classifier reward model has no reference; remove the section (an implicit PRM, "
+             "reward.kind: implicit_prm, has one)")
     sft_options(recipe, where)
     kinds = _loss_specs(recipe, where)
     if set(kinds.values()) != {"rewards"}:

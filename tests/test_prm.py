@@ -4,6 +4,7 @@ reward term giving each completion token beta * (log pi - log pi_ref)."""
 import json
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from conftest import read_metrics, write_recipe
@@ -24,8 +25,8 @@ def test_the_cross_entropy_on_outcome_labels_by_hand():
 
 
 def test_a_trained_implicit_prm_gives_each_token_beta_times_its_log_ratio(sort_task, tmp_path):
-    """An implicit PRM trained (2 steps of implicit_prm_ce on labelled rows) from the task's model; the term's
-    per-token rewards against the two models' log-probs computed apart."""
+    """An implicit PRM trained (method reward, reward.kind implicit_prm: 2 steps of implicit_prm_ce on labelled
+    rows) from the task's model; the term's per-token rewards against the two models' log-probs computed apart."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,11 +34,14 @@ def test_a_trained_implicit_prm_gives_each_token_beta_times_its_log_ratio(sort_t
     data = Dataset.from_list([{**row, "label": i % 2 == 0} for i, row in enumerate(rows)])
     import prefopt
 
-    prefopt.train(write_recipe(tmp_path / "prm.yaml", sort_task, tmp_path / "prm",
-                               loss={"name": "implicit_prm_ce", "beta": 0.5},
+    prefopt.train(write_recipe(tmp_path / "prm.yaml", sort_task, tmp_path / "prm", method="reward",
+                               reward={"kind": "implicit_prm"}, loss={"name": "implicit_prm_ce", "beta": 0.5},
                                data={"train": "unused.jsonl", "eval": None}, train={"max_steps": 2},
                                optim={"lr": 1e-2}), train_data=data)
     prm = str(tmp_path / "prm" / "final")
+    saved = yaml.safe_load((tmp_path / "prm" / "recipe.yaml").read_text())
+    assert (saved["method"], saved["reward"], saved["reference"]["kind"]) == ("reward", {"kind": "implicit_prm"}, "copy")
+    assert "AutoModelForCausalLM" in (tmp_path / "prm" / "final" / "README.md").read_text()
     terms = RewardTerms([RewardTerm(implicit_prm=ImplicitPRMConfig(model=prm, reference=str(sort_task / "model"),
                                                                    beta=0.5))])
     tokenizer = AutoTokenizer.from_pretrained(sort_task / "model")
@@ -157,3 +161,15 @@ def test_a_prime_run_resumes_exactly_and_saves_its_prm(sort_task, prm_model, tmp
     records = read_metrics(tmp_path / "b")
     assert all(r["rewards/implicit_prm/prm_loss"] > 0 for r in records)
     assert (tmp_path / "a" / "prm_implicit_prm" / "config.json").exists()
+
+
+def test_an_implicit_prm_takes_its_losses_and_a_classifier_no_reference(sort_task, tmp_path):
+    from prefopt import recipe as recipe_lib
+    from prefopt.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="implicit_prm_ce, or on pairs with dpo"):
+        recipe_lib.load(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", method="reward",
+                                     reward={"kind": "implicit_prm"}, loss={"name": "bradley_terry"}))
+    with pytest.raises(RecipeError, match="classifier reward model has no reference"):
+        recipe_lib.load(write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", method="reward",
+                                     reference={"kind": "copy"}, loss={"name": "bradley_terry"}))

@@ -56,10 +56,10 @@ def model_card(recipe, final: str | Path, metrics: dict[str, float] | None, vers
                chat: bool = False) -> str:
     """The card's text; `final` is where the weights are (the load snippet's path), `metrics` the last eval's;
     `chat`: the run trained on conversations, so the snippet prompts through the chat template."""
-    from prefopt.methods import METHODS
+    from prefopt.methods import record as method_record
     from prefopt.version import __version__
 
-    record = METHODS[recipe.method]
+    record = method_record(recipe)
     lora = recipe.model.lora is not None or recipe.model.adapter is not None
     reward = record.reward_model
     kind = ("reward_adapter" if reward else "adapter") if lora else ("reward" if reward else "policy")

@@ -14,9 +14,9 @@ __all__ = ["Trainer", "PreferenceTrainer", "PPOTrainer", "RewardTrainer", "Onlin
 def trainer_for(recipe) -> Trainer:
     """The recipe's method names its trainer; `trainer: module:Class` runs a user's subclass of it instead."""
     from prefopt.errors import RecipeError, import_object
-    from prefopt.methods import METHODS
+    from prefopt.methods import record
 
-    base = METHODS[recipe.method].trainer_class()
+    base = record(recipe).trainer_class()
     if recipe.trainer is None:
         return base(recipe)
     cls = import_object(recipe.trainer, "trainer")

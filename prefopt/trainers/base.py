@@ -34,7 +34,7 @@ import torch
 from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.errors import RecipeError, Stopped, TrainingError
-from prefopt.methods import METHODS
+from prefopt.methods import record
 from prefopt.models import check_positions, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
@@ -53,7 +53,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.recipe = recipe
-        self.method = METHODS[recipe.method]  # its record: sections, headline metrics, plot panels
+        self.method = record(recipe)  # its record: sections, headline metrics, plot panels
         train = recipe.train
         if recipe.log.quiet:
             tracking.quiet_libraries()

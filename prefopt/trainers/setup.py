@@ -108,10 +108,10 @@ def as_run(trainer):
     """The recipe as it runs: a trainer class given from Python (not by `trainer:`) named by its import path."""
     import dataclasses
 
-    from prefopt.methods import METHODS
+    from prefopt.methods import record
 
     recipe, cls = trainer.recipe, type(trainer)
-    if recipe.trainer or cls is METHODS[recipe.method].trainer_class():
+    if recipe.trainer or cls is record(recipe).trainer_class():
         return recipe
     return dataclasses.replace(recipe, trainer=f"{cls.__module__}:{cls.__qualname__}")
 
