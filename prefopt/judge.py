@@ -12,46 +12,82 @@ from pathlib import Path
 import torch
 
 from prefopt.errors import PrefoptError, RecipeError
-from prefopt.generation import generate, local_accelerator
+from prefopt.generation import local_accelerator
 
 
 class Judge:
-    """A judge model on `device`, called as a reward function (by keyword, every column of the rows)."""
+    """A judge model, called as a reward function (by keyword, every column of the rows): greedy verdicts on the
+    judge's engine, Hugging Face generate on `device` by default, or an engine server (`server`: spawn, or
+    HOST:PORT) running `engine` (hf or vllm) on the judge apart from the policy's."""
 
-    def __init__(self, config, name: str, where: str, device: str = "cpu"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    placeholders = ("completion",)  # what the template must show
+    template, pattern = "{prompt}\n{completion}\nScore:", r"(-?\d+(?:\.\d+)?)"  # the defaults
+
+    def __init__(self, config, name: str, where: str, device: str = "cpu", seed: int = 0):
+        from transformers import AutoTokenizer
 
         from prefopt.errors import import_object
 
         self.config, self.name, self.where = config, name, where
-        path = Path(config.template)
-        self.template = path.read_text() if config.template.endswith((".txt", ".jinja", ".md")) and path.is_file() \
-            else config.template
-        if "{completion}" not in self.template:
-            raise RecipeError(f"{where}.template: the judge's prompt must show the completion: put {{completion}} "
-                              "in it (and {prompt}, or any column of the data as {column})")
-        self.parse = (import_object(config.parse, f"{where}.parse") if re.fullmatch(r"[\w.]+:\w+", config.parse)
-                      else _regex(config.parse, f"{where}.parse"))
+        template, parse = config.template or self.template, config.parse or self.pattern
+        path = Path(template)
+        self.template = path.read_text() if template.endswith((".txt", ".jinja", ".md")) and path.is_file() \
+            else template
+        for placeholder in self.placeholders:
+            if f"{{{placeholder}}}" not in self.template:
+                raise RecipeError(f"{where}.template: the judge's prompt must show {{{placeholder}}} (with "
+                                  "{prompt}, and any column of the data as {column})")
+        self.parse = (import_object(parse, f"{where}.parse") if re.fullmatch(r"[\w.]+:\w+", parse)
+                      else _regex(parse, f"{where}.parse"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-            self.model = AutoModelForCausalLM.from_pretrained(config.model).to(device).eval()
         except OSError as exc:
             raise RecipeError(f"{where}.model: cannot load the judge {config.model!r}: {exc}") from None
-        self.accelerator = local_accelerator(device)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.engine = self._engine(device, seed)
 
-    def prompts(self, prompts: list, completions: list, columns: dict) -> list[list[int]]:
-        """The judge's prompt of each completion, as token ids (through its chat template where it has one)."""
+    def _engine(self, device: str, seed: int):
+        from types import SimpleNamespace
+
+        from prefopt.online.engines import HFEngine
+
+        config = self.config
+        if config.server or config.engine == "vllm":
+            from prefopt.online.server import ServerEngine
+
+            sampling = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0))  # greedy: no draw
+            serve = [config.model, "--engine", config.engine, "--seed", str(seed), "--gpu-memory-utilization",
+                     str(config.gpu_memory_utilization)]
+            if config.max_model_len:
+                serve += ["--max-model-len", str(config.max_model_len)]
+            return ServerEngine(sampling, self.tokenizer, config.server or "spawn", serve=serve)
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(config.model).to(device).eval()
+        except OSError as exc:
+            raise RecipeError(f"{self.where}.model: cannot load the judge {config.model!r}: {exc}") from None
+        engine = HFEngine(self.tokenizer, temperature=1.0, top_p=1.0)
+        engine.sync(model, local_accelerator(device))
+        return engine
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def prompts(self, prompts: list, fills: list[dict], columns: dict) -> list[list[int]]:
+        """The judge's prompt of each row, as token ids (through its chat template where it has one): the template
+        filled with the row's columns, its prompt and `fills` (the completion, or the pair)."""
         out = []
-        for j, (prompt, completion) in enumerate(zip(prompts, completions)):
+        for j, (prompt, fill) in enumerate(zip(prompts, fills)):
             values = {key: value[j] for key, value in columns.items() if isinstance(value, list)}
             try:
-                text = self.template.format_map({**values, "prompt": _plain(prompt), "completion": _plain(completion)})
+                text = self.template.format_map({**values, "prompt": _plain(prompt),
+                                                 **{key: _plain(value) for key, value in fill.items()}})
             except (KeyError, IndexError, ValueError) as exc:
                 raise PrefoptError(f"{self.where}.template: cannot fill {exc} from the row (its columns: "
-                                   f"{', '.join(sorted(values))}, and prompt, completion); write a literal brace as "
-                                   "{{ or }}") from None
+                                   f"{', '.join(sorted(values))}, and prompt, {', '.join(fill)}); write a literal "
+                                   "brace as {{ or }}") from None
             if self.tokenizer.chat_template:
                 ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                                          add_generation_prompt=True, return_dict=False)
@@ -61,12 +97,17 @@ class Judge:
         return out
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, log_metric=None, **columns) -> list[float | None]:
-        ids, verdicts = self.prompts(prompts, completions, columns), []
+    def verdicts(self, ids: list[list[int]]) -> list[str]:
+        """Greedy verdicts, batch_size prompts at a time."""
+        out = []
         for start in range(0, len(ids), self.config.batch_size):
-            out = generate(self.model, self.accelerator, self.tokenizer, ids[start : start + self.config.batch_size],
-                           max_new_tokens=self.config.max_new_tokens)
-            verdicts += self.tokenizer.batch_decode(out, skip_special_tokens=True)
+            generated, _ = self.engine.generate(ids[start : start + self.config.batch_size], None,
+                                                self.config.max_new_tokens)
+            out += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return out
+
+    def __call__(self, prompts, completions, log_metric=None, **columns) -> list[float | None]:
+        verdicts = self.verdicts(self.prompts(prompts, [{"completion": c} for c in completions], columns))
         scores = [self._score(verdict) for verdict in verdicts]
         if log_metric is not None:
             log_metric(f"rewards/{self.name}/unparsed", sum(s is None for s in scores) / max(1, len(scores)))
@@ -78,6 +119,45 @@ class Judge:
             return None if value is None else float(value)
         except (TypeError, ValueError):
             return None
+
+
+class PairwiseJudge(Judge):
+    """pairs.judge as a judge model (method online): P(a beats b) per row from verdicts on a template showing both
+    completions. A verdict reads as A or B (the first or the second wins) or a probability in [0, 1] that the first
+    does; each pair is judged in both orders and the two averaged (judges favour a position: Zheng et al. 2023,
+    Sec. 3.3, "position bias"). A verdict the parser cannot read counts as a tie (0.5): `pairs/judge_unparsed`."""
+
+    placeholders = ("completion_a", "completion_b")
+    template = ("Which response answers the prompt better?\nPrompt: {prompt}\nResponse A: {completion_a}\n"
+                "Response B: {completion_b}\nAnswer A or B:")
+    pattern = r"\b([AB])\b"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unparsed = 0.0  # the share of the last call's verdicts
+
+    def __call__(self, prompts, a, b) -> list[float]:
+        fills = [{"completion_a": x, "completion_b": y} for x, y in zip(a, b)]
+        fills += [{"completion_a": y, "completion_b": x} for x, y in zip(a, b)]
+        verdicts = self.verdicts(self.prompts(list(prompts) * 2, fills, {}))
+        wins = [self._win(verdict) for verdict in verdicts]
+        self.unparsed = sum(w is None for w in wins) / max(1, len(wins))
+        wins = [0.5 if w is None else w for w in wins]
+        n = len(a)
+        return [(wins[j] + 1 - wins[n + j]) / 2 for j in range(n)]
+
+    def _win(self, verdict: str) -> float | None:
+        try:
+            value = self.parse(verdict)
+        except (TypeError, ValueError):
+            return None
+        if isinstance(value, str) and value.strip().upper() in ("A", "B"):
+            return 1.0 if value.strip().upper() == "A" else 0.0
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if 0 <= value <= 1 else None
 
 
 def _regex(pattern: str, where: str):

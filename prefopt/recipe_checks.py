@@ -325,6 +325,10 @@ def check_online(recipe: Recipe, where: str) -> None:
         fail(where, "rollout.samples_per_prompt", f"{k}: a pair (or a win rate) needs at least 2 samples per prompt")
     if recipe.reference.kind == "precomputed":
         fail(where, "reference.kind", "precomputed cannot score fresh samples; use copy or adapter_off")
+    judge = recipe.pairs.judge
+    if judge is not None and not isinstance(judge, str) and not judge.model:
+        fail(where, "pairs.judge.model", "give the judge: a causal LM's hub id or directory (or pairs.judge: "
+             "module:function)")
 
 
 def _check_log(recipe: Recipe, where: str) -> None:

@@ -60,6 +60,26 @@ class RolloutConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """An LLM judge as a reward term (prefopt/judge.py): the judge reads `template` filled with the row's columns,
+    {prompt} and {completion}, writes a greedy verdict, and `parse` reads the score from it."""
+
+    model: str = ""  # the judge: a causal LM, hub id or directory
+    # the judge's prompt (or a .txt/.jinja/.md file of it); None: "{prompt}\n{completion}\nScore:", and for a
+    # pairwise judge (pairs.judge) a question whether A ({completion_a}) or B ({completion_b}) answers better
+    template: str | None = None
+    # a regular expression whose one group is the score (pairwise: A, B or P(A wins)), or module:function(text);
+    # None: the first number (pairwise: the first A or B standing alone)
+    parse: str | None = None
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    engine: Literal["hf", "vllm"] = "hf"  # what generates the verdicts; vllm runs in an engine server of its own
+    server: str | None = None  # spawn: an engine server for the judge (`prefopt serve`); HOST:PORT: one running
+    max_model_len: int | None = None  # a vllm judge's prompt and verdict tokens; None: the model's own
+    gpu_memory_utilization: float = 0.3  # a vllm judge's share of the GPU (beside the policy's engine)
+
+
+@dataclass
 class PairsConfig:
     """How method online turns each prompt's samples into what its loss takes (prefopt/trainers/online.py)."""
 
@@ -67,22 +87,10 @@ class PairsConfig:
     # differ by more than min_gap (k(k-1)/2 slots per prompt). A tie (no gap above min_gap) makes no pair: counted
     select: Literal["best_worst", "all"] = "best_worst"
     min_gap: float = 0.0
-    # module:function(prompts, a, b) -> P(a beats b) per row: a pairwise judge that ranks each prompt's samples
-    # (by their mean win rate against the others) instead of the rewards, and gives SPPO its win rates
-    judge: str | None = None
-
-
-@dataclass
-class JudgeConfig:
-    """An LLM judge as a reward term (prefopt/judge.py): the judge reads `template` filled with the row's columns,
-    {prompt} and {completion}, writes a greedy verdict, and `parse` reads the score from it."""
-
-    model: str = ""  # the judge: a causal LM, hub id or directory
-    template: str = "{prompt}\n{completion}\nScore:"  # the judge's prompt (or a .txt/.jinja/.md file of it)
-    parse: str = r"(-?\d+(?:\.\d+)?)"  # a regular expression whose one group is the score, or module:function(text)
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    engine: Literal["hf"] = "hf"  # Hugging Face generate on the judge (vLLM for judges: not yet)
+    # a pairwise judge that ranks each prompt's samples (by their mean win rate against the others) instead of the
+    # rewards, and gives SPPO its win rates: module:function(prompts, a, b) -> P(a beats b) per row, or a judge
+    # model ({model, template showing {completion_a} and {completion_b}, parse reading A, B or a probability})
+    judge: str | JudgeConfig | None = None
 
 
 @dataclass

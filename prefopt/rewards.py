@@ -96,8 +96,12 @@ class FunctionTerm:
                 and params[name].default is inspect.Parameter.empty]
 
     def close(self) -> None:
+        from prefopt.judge import Judge
+
         if self.isolated is not None:
             self.isolated.close()
+        if isinstance(self.fn, Judge):  # its engine server, if it has one
+            self.fn.close()
 
 
 def _arguments(fn, where: str) -> set[str] | None:

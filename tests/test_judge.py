@@ -61,7 +61,7 @@ def test_a_run_with_a_judge_term_counts_its_malformed_verdicts(sort_task, tmp_pa
 
 
 def test_judge_errors(sort_task, tmp_path):
-    with pytest.raises(RecipeError, match="must show the completion"):
+    with pytest.raises(RecipeError, match="must show {completion}"):
         RewardTerms([RewardTerm(judge=JudgeConfig(model=str(sort_task / "model"), template="{prompt}"))])
     with pytest.raises(RecipeError, match="must have one group"):
         RewardTerms([RewardTerm(judge=JudgeConfig(model=str(sort_task / "model"), template="{completion}",
@@ -70,3 +70,53 @@ def test_judge_errors(sort_task, tmp_path):
                                                       template="{completion} {missing}"))])
     with pytest.raises(PrefoptError, match="cannot fill 'missing' from the row"):
         terms(["p"], ["c"], [{"prompt": "p"}])
+
+
+def test_a_judge_on_an_engine_server_scores_as_the_one_in_process(sort_task):
+    """judge.server: spawn: the verdicts come from `prefopt serve JUDGE` (Hugging Face greedy there); the same
+    scores as the judge run in the trainer's process."""
+    config = dict(model=str(sort_task / "model"), template=TEMPLATE, parse="test_judge:verdict_length",
+                  max_new_tokens=6)
+    prompts, completions = ["sort: 3 1 =>", "sort: 2 5 4 =>", "sort: 7 =>"], [" 1 3", " 2 4", ""]
+    rows = [{"prompt": p, "answer": "x"} for p in prompts]
+    local = RewardTerms([RewardTerm(judge=JudgeConfig(**config))])(prompts, completions, rows)
+    served = RewardTerms([RewardTerm(judge=JudgeConfig(**config, server="spawn"))])
+    try:
+        assert served(prompts, completions, rows).total.tolist() == local.total.tolist()
+    finally:
+        served.close()
+
+
+def test_a_pairwise_judge_reads_a_or_b_in_both_orders(sort_task, monkeypatch):
+    """pairs.judge as a judge model: each pair judged as (a, b) and as (b, a); A means the first shown wins, B the
+    second, a number in [0, 1] is P(first wins); an unreadable verdict is a tie, counted."""
+    from prefopt.judge import PairwiseJudge
+
+    judge = PairwiseJudge(JudgeConfig(model=str(sort_task / "model"), parse=r"^(\S+)"), "judge", "pairs.judge")
+    shown = []
+
+    def verdicts(ids):
+        shown.extend(judge.tokenizer.decode(i) for i in ids)
+        return ["A", "B", "0.8", "huh",  # (a, b) of the 4 pairs
+                "B", "B", "0.4", "A"]  # then (b, a)
+
+    monkeypatch.setattr(judge, "verdicts", verdicts)
+    p = judge(["p"] * 4, ["a1", "a2", "a3", "a4"], ["b1", "b2", "b3", "b4"])
+    # first order: 1, 0, 0.8, 0.5 (tie); swapped (b first): b wins 0, 0, 0.4, 1 -> a wins 1, 1, 0.6, 0
+    assert p == pytest.approx([1.0, 0.5, 0.7, 0.25])
+    assert judge.unparsed == pytest.approx(1 / 8)
+    assert "a1" in shown[0] and "b1" in shown[0] and shown[0].index("a1") < shown[0].index("b1")
+    assert shown[4].index("b1") < shown[4].index("a1")
+    with pytest.raises(RecipeError, match="must show {completion_b}"):
+        PairwiseJudge(JudgeConfig(model=str(sort_task / "model"), template="{completion_a}"), "judge", "pairs.judge")
+
+
+def test_online_dpo_ranks_its_samples_with_a_judge_model(sort_task, tmp_path):
+    from test_online import online_sections
+
+    sections = online_sections()
+    sections["pairs"] = {"judge": {"model": str(sort_task / "model"), "parse": r"(\d)", "max_new_tokens": 3}}
+    sections["train"] = {**sections["train"], "max_steps": 2}
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 2 and all(0.0 <= r["pairs/judge_unparsed"] <= 1.0 for r in records)

@@ -54,6 +54,11 @@ def test_a_sync_the_engine_cannot_take_stops_at_once(checks):
     assert "vLLM weight sync failed" in bad["message"] and "not_a_parameter" in bad["message"]
 
 
+def test_a_judge_served_by_vllm_writes_hf_greedys_verdicts(checks):
+    judge = checks["judge"]
+    assert judge["vllm"] == judge["hf"] and len(judge["hf"]) == 3 and any(judge["hf"])
+
+
 def test_online_dpo_samples_through_the_engine(checks):
     online = checks["online"]
     assert len(online["whole"]) == 4 and sum(online["pairs"]) > 0

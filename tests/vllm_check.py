@@ -70,6 +70,26 @@ def greedy_matches_hf(config: dict) -> dict:
     return {"equal": engine == hf, "engine": engine[:4], "hf": hf[:4]}
 
 
+def judge_checks(task: Path) -> dict:
+    """An LLM judge served by vLLM (an engine server of its own) and the same judge in-process (Hugging Face
+    greedy): their verdicts."""
+    from prefopt.recipe_online import JudgeConfig, RewardTerm
+    from prefopt.rewards import RewardTerms
+
+    judge = dict(model=str(task / "model"), template="Judge {prompt} {completion}:", parse=r"^(.*)$",
+                 max_new_tokens=6)
+    prompts, texts = ["add: 1 + 2 =", "add: 3 + 4 =", "add: 9 + 9 ="], [" 3", " 7", " 81"]
+    verdicts = {}
+    for engine_name in ("hf", "vllm"):
+        terms = RewardTerms([RewardTerm(judge=JudgeConfig(**judge, engine=engine_name))])
+        try:
+            fn = terms.terms[0][2].fn
+            verdicts[engine_name] = fn.verdicts(fn.prompts(prompts, [{"completion": t} for t in texts], {}))
+        finally:
+            terms.close()
+    return verdicts
+
+
 def engine_checks(out: Path, task: Path) -> dict:
     import torch
 
@@ -105,6 +125,7 @@ def engine_checks(out: Path, task: Path) -> dict:
              for _ in range(2)]
     results["label"] = {"repeated": drawn[0] == drawn[1], "shape": [len(c) for c in drawn[0]],
                         "distinct": len({c for cs in drawn[0] for c in cs})}
+    results["judge"] = judge_checks(task)
     # a sync the engine cannot take: a parameter name it does not know
     from prefopt.online.engines import VLLMEngine
 

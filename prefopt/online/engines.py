@@ -90,7 +90,9 @@ class HFEngine(Engine):
 def vllm_options(recipe) -> dict:
     """A vLLM engine's settings from the recipe (besides its sampling)."""
     model, rollout = recipe.model, recipe.rollout
-    return {"seed": recipe.seed, "dtype": model.dtype, "max_model_len": recipe.data.max_length + rollout.max_new_tokens,
+    length = recipe.data.max_length  # None (prefopt serve MODEL without --max-model-len): the model's own
+    return {"seed": recipe.seed, "dtype": model.dtype,
+            "max_model_len": None if length is None else length + rollout.max_new_tokens,
             "gpu_memory_utilization": rollout.gpu_memory_utilization,
             "tensor_parallel_size": rollout.tensor_parallel_size, "trust_remote_code": model.trust_remote_code}
 

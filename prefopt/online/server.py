@@ -198,7 +198,8 @@ def serve_command(args) -> None:
 
         recipe = SimpleNamespace(model=recipe_lib.ModelConfig(name_or_path=args.model, dtype=args.dtype),
                                  seed=args.seed, data=SimpleNamespace(max_length=args.max_model_len),
-                                 rollout=RolloutConfig(engine=args.engine, max_new_tokens=0))
+                                 rollout=RolloutConfig(engine=args.engine, max_new_tokens=0,
+                                                       gpu_memory_utilization=args.gpu_memory_utilization))
         kind = args.engine
     else:
         raise PrefoptError("prefopt serve: give a MODEL (hub id or directory) or --recipe FILE")
@@ -239,13 +240,15 @@ class ServerEngine(Engine):
 
     gives_logps = True
 
-    def __init__(self, recipe, tokenizer, address: str = "spawn", main_process: bool = True):
+    def __init__(self, recipe, tokenizer, address: str = "spawn", main_process: bool = True,
+                 serve: list[str] | None = None):
+        """`serve`: the `prefopt serve` arguments a spawned server takes (None: the recipe's model and engine)."""
         rollout = recipe.rollout
         self.sampling = {"temperature": rollout.temperature, "top_p": rollout.top_p,
                          "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         self.process, self.log, self.sends_weights = None, None, main_process or address == "spawn"
         if address == "spawn":
-            self.process, address, self.log = spawn(recipe)
+            self.process, address, self.log = spawn(recipe, serve)
         host, _, port = address.rpartition(":")
         self.address, self.busy = address, threading.RLock()
         try:
@@ -326,18 +329,19 @@ class ServerEngine(Engine):
         return f"; the server process exited with code {self.process.returncode} (its log: {self.log})"
 
 
-def spawn(recipe) -> tuple[subprocess.Popen, str, Path]:
-    """`prefopt serve` on this machine with the recipe's engine and model: (process, HOST:PORT, its log) once it
-    listens."""
+def spawn(recipe, serve: list[str] | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """`prefopt serve` on this machine with the recipe's engine and model (or the arguments `serve`): (process,
+    HOST:PORT, its log) once it listens."""
     from prefopt import recipe as recipe_lib
 
     folder = Path(tempfile.mkdtemp(prefix="prefopt-server-"))
-    (folder / "recipe.yaml").write_text(recipe_lib.dump(recipe))
+    if serve is None:
+        (folder / "recipe.yaml").write_text(recipe_lib.dump(recipe))
+        serve = ["--recipe", str(folder / "recipe.yaml")]
     log = folder / "server.log"
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_ENV}
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    command = [sys.executable, "-m", "prefopt", "serve", "--recipe", str(folder / "recipe.yaml"), "--parent",
-               str(os.getpid())]
+    command = [sys.executable, "-m", "prefopt", "serve", *serve, "--parent", str(os.getpid())]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + START_S

@@ -48,7 +48,7 @@ class OnlinePreferenceTrainer(Trainer):
         self.checkpointed.update(self.sampler.checkpointed)  # an online implicit PRM
         self.terms = [(get_loss(term.name), term) for term in recipe.loss]
         self.group = self.terms[0][0].data == "group"
-        self.judge = import_object(recipe.pairs.judge, "pairs.judge") if recipe.pairs.judge else None
+        self.judge = pairwise_judge(recipe, str(self.accelerator.device))
         k = recipe.rollout.samples_per_prompt
         self.slots = k if self.group else 1 if recipe.pairs.select == "best_worst" else k * (k - 1) // 2
         self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=False)
@@ -61,6 +61,8 @@ class OnlinePreferenceTrainer(Trainer):
         self.sampler.start_engine()
 
     def close(self) -> None:
+        if hasattr(self.judge, "close"):
+            self.judge.close()
         self.sampler.close(list(self.placed_models().values()))
         super().close()
 
@@ -83,7 +85,9 @@ class OnlinePreferenceTrainer(Trainer):
         if self.judge is None:
             return bradley_terry(scores.view(-1, k))
         prompts = [row["prompt"] for row in batch["rows"]]
-        return judge_preferences(self.judge, self.recipe.pairs.judge, prompts, batch["texts"], k).to(scores.device)
+        judge = self.recipe.pairs.judge
+        return judge_preferences(self.judge, judge if isinstance(judge, str) else judge.model, prompts,
+                                 batch["texts"], k).to(scores.device)
 
     def sample(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """This step's completions over all processes (on every process), with each one's penalised score and
@@ -92,9 +96,17 @@ class OnlinePreferenceTrainer(Trainer):
         state = TrainerState(global_step=step - 1, max_steps=self.recipe.train.max_steps)
         rollout, stats, samples = self.sampler.collect(
             self.model, step - 1, prompts, state,
-            local=lambda batch, scores: {"wins": win_rates(self.preferences(batch, scores)).flatten()})
+            local=lambda batch, scores: {"wins": win_rates(self.preferences(batch, scores)).flatten(),
+                                         **self._unparsed(scores)})
+        if "judge_unparsed" in rollout:  # a judge model's verdicts it could not read (each counted a tie)
+            stats["pairs/judge_unparsed"] = rollout.pop("judge_unparsed").mean().item()
         self.run_log.samples(samples, step)
         return rollout, stats
+
+    def _unparsed(self, scores: torch.Tensor) -> dict:
+        """A judge model's share of unreadable verdicts in this process's last call, one per sample (gathered)."""
+        share = getattr(self.judge, "unparsed", None)
+        return {} if share is None else {"judge_unparsed": torch.full_like(scores, share)}
 
     def batches(self, step: int):
         recipe, k = self.recipe, self.recipe.rollout.samples_per_prompt
@@ -187,3 +199,15 @@ class OnlinePreferenceTrainer(Trainer):
 
     def generate_samples(self) -> list[dict]:
         return self.sampler.generated_samples()
+
+
+def pairwise_judge(recipe, device: str):
+    """pairs.judge: a function (module:function) or a judge model (prefopt.judge.PairwiseJudge); None without."""
+    judge = recipe.pairs.judge
+    if judge is None:
+        return None
+    if isinstance(judge, str):
+        return import_object(judge, "pairs.judge")
+    from prefopt.judge import PairwiseJudge
+
+    return PairwiseJudge(judge, "judge", "pairs.judge", device, recipe.seed)
