@@ -258,6 +258,12 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
 def check_distill(recipe: Recipe, where: str) -> None:
     """Method distill: method rl's rules, its reward terms optional (the teacher's log-probs are its signal)."""
     check_rl(recipe, where, rewards_required=False)
+    distill = recipe.distill
+    if not 0 <= distill.lmbda <= 1:
+        fail(where, "distill.lmbda", f"is the share of rollouts the student samples, in [0, 1]; got {distill.lmbda}")
+    if distill.lmbda < 1 and distill.loss != "jsd":
+        fail(where, "distill.lmbda", f"{distill.lmbda} trains on the data set's completions in some rollouts; the "
+             "reverse KL's sampled-token estimate needs the student's own samples: use distill.loss: jsd")
 
 
 def check_rl(recipe: Recipe, where: str, rewards_required: bool = True) -> None:

@@ -204,3 +204,6 @@ class DistillConfig:
     loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
     beta: float = 0.5
     top_k: int | None = None
+    # GKD's lambda (TRL's lmbda): the share of rollouts the student samples; the others take the data set's own
+    # completions (its `completion` column) for the same prompts, drawn per rollout from (seed, rollout). jsd only
+    lmbda: float = 1.0

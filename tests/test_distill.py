@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import read_metrics, write_recipe
 
 from prefopt import recipe as recipe_lib
-from prefopt.errors import RecipeError
+from prefopt.cli import train_recipe
+from prefopt.errors import PrefoptError, RecipeError
 from prefopt.losses import ppo as ppo_math
 from prefopt.trainers import PPOTrainer
 
@@ -180,3 +181,36 @@ def test_jsd_distillation_trains_on_whole_distributions(sort_task, tmp_path, tea
     assert train[-1]["distill/jsd"] < train[0]["distill/jsd"] and train[0]["loss"] == pytest.approx(
         train[0]["distill/jsd"], abs=1e-6)
     assert evals[-1]["kl"] < evals[0]["kl"]
+
+
+def test_gkds_lambda_mixes_in_the_data_sets_completions(sort_task, tmp_path, teacher):
+    """distill.lmbda 0.5: each rollout is the student's samples or, drawn from (seed, rollout), the data set's own
+    completions of the same prompts (TRL GKD's lmbda: the student generates when u < lmbda). A data rollout's
+    completions are the rows' `completion`s; both kinds occur in 8 rollouts, and the run trains on both."""
+    import json
+
+    sections = distill_sections(teacher, loss="jsd", lmbda=0.5)
+    sections["data"] = {"train": str(sort_task / "sft.jsonl"), "eval": None}
+    sections["rollout"] = {"samples_per_prompt": 1, "max_new_tokens": 16}
+    sections["train"] = {**sections["train"], "max_steps": 8}
+    sections["eval"] = {"generate": 8}
+    train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+    records = read_metrics(tmp_path / "run")
+    on_policy = [r["distill/on_policy"] for r in records]
+    assert set(on_policy) == {0.0, 1.0} and all(math.isfinite(r["distill/jsd"]) for r in records)
+    completions = {row["prompt"]: row["completion"] for row in map(json.loads, (sort_task / "sft.jsonl").open())}
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
+    for step, policy in enumerate(on_policy, 1):
+        drawn = [s for s in samples if s.get("step") == step]
+        assert drawn, step
+        matches = [s["completion"].strip() == completions[s["prompt"]].strip() for s in drawn]
+        assert all(matches) if not policy else not any(matches), (step, drawn[:2])
+
+
+def test_gkds_lambda_takes_the_jsd_and_a_completion_column(sort_task, tmp_path, teacher):
+    with pytest.raises(RecipeError, match="use distill.loss: jsd"):
+        recipe_lib.load(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a",
+                                     **distill_sections(teacher, lmbda=0.5)))
+    with pytest.raises(PrefoptError, match="have no `completion` column"):
+        train_recipe(write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b",
+                                  **distill_sections(teacher, loss="jsd", lmbda=0.5)))

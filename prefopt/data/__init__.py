@@ -92,13 +92,15 @@ def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: i
 
 
 def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
-                 log=print) -> list[dict]:
+                 log=print, completions: bool = False) -> list[dict]:
     """Prompts for online methods: {prompt (as given: text or messages), prompt_ids, and every other column of the
     row, e.g. a ground-truth `answer` for a reward function}, from any source with a `prompt` column (preference
-    sets included), truncated by the same rules as offline prompts."""
+    sets included), truncated by the same rules as offline prompts. `completions`: each row's `completion` kept, as
+    `data_completion` (GKD's data set completions)."""
     prompt_only = DataConfig(**{**vars(cfg), "columns": {**cfg.columns, "chosen": None, "rejected": None,
                                                             "completion": None}})
-    loaded = _load(sources, tokenizer, prompt_only, seed, where, log, keep_columns=True)
+    held = {cfg.columns.get("completion") or "completion": "data_completion"} if completions else {}
+    loaded = _load(sources, tokenizer, prompt_only, seed, where, log, keep_columns=True, rename=held)
     for origin, fmt, _ in loaded:
         if fmt == "lm":
             raise DataError(f"{origin} holds SFT rows (`messages` or `text`) and no `prompt` column; online methods "
@@ -107,16 +109,19 @@ def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: in
 
 
 def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, log,
-          keep_columns: bool = False) -> list[tuple[str, str, list[dict]]]:
+          keep_columns: bool = False, rename: dict[str, str] | None = None) -> list[tuple[str, str, list[dict]]]:
     """Every source -> (origin, format, tokenized rows), mixed by weight: 1.0 every row, 0.5 a random half,
-    2.0 every row twice. Unusable rows stop the run or are dropped and counted (data.on_bad_row)."""
+    2.0 every row twice. Unusable rows stop the run or are dropped and counted (data.on_bad_row). `rename`:
+    columns renamed before the roles are read (kept out of them)."""
     rng = random.Random(seed)
     out, bad, total, report = [], [], 0, TruncationReport()
     for i, source in enumerate(sources):
         origin = f"{where}[{i}] ({source.path})"
         if source.weight < 0:
             raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
-        dataset = map_columns(load_source(source, origin), cfg.columns, origin)
+        dataset = load_source(source, origin)
+        dataset = dataset.rename_columns({k: v for k, v in (rename or {}).items() if k in dataset.column_names})
+        dataset = map_columns(dataset, cfg.columns, origin)
         missing = [c for c in cfg.extra_columns if c not in dataset.column_names]
         if missing:
             raise DataError(f"{origin}: data.extra_columns names {missing}, not columns of this data; its columns are "

@@ -16,7 +16,7 @@ import torch
 from prefopt import distributed
 from prefopt.data import load_prompts
 from prefopt.degenerate import RolloutWatch
-from prefopt.errors import RecipeError
+from prefopt.errors import PrefoptError, RecipeError
 from prefopt.generation import Draw, laid_out, pad_prompts
 from prefopt.losses import ppo as ppo_math
 from prefopt.online.background import Background
@@ -35,8 +35,9 @@ class Sampler:
         with accelerator.main_process_first():  # the first process fills the datasets cache
             self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "prefopt eval --data" if
                                           evaluating else "data.eval", accelerator.print) if data.eval else []
+            self.lmbda = recipe.distill.lmbda if recipe.distill is not None else 1.0  # GKD: < 1 mixes in completions
             self.train_data = self.eval_data if evaluating else load_prompts(
-                data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print)
+                data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print, completions=self.lmbda < 1)
         lockstep = None
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:
@@ -51,6 +52,11 @@ class Sampler:
                 self.rewards.add_function(name, fn)
         for rows, where in ((self.train_data, "data.train"), (self.eval_data, "data.eval")):
             self.rewards.check_columns(rows, where)
+        lacking = sum(row.get("data_completion") is None for row in self.train_data) if self.lmbda < 1 else 0
+        if lacking:
+            raise PrefoptError(f"distill.lmbda {self.lmbda}: {lacking} of {len(self.train_data)} rows of data.train "
+                               "have no `completion` column, whose completions GKD mixes in; add it (text, or an "
+                               "assistant message list for a conversational prompt), or set distill.lmbda: 1")
         self.engine = None
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
         self.pending: dict[int, Background] = {}  # rollouts generating in the background, by cycle
@@ -130,17 +136,44 @@ class Sampler:
         self.sync_engine(model)
         return self.sample(examples, draw, samples, max_new_tokens)
 
+    def from_data(self, cycle: int) -> bool:
+        """Whether rollout `cycle` takes the data set's completions (GKD's lambda < 1), drawn from (seed, cycle)."""
+        if self.lmbda >= 1:
+            return False
+        generator = torch.Generator().manual_seed(hash((self.recipe.seed, cycle, 29)) & (2**63 - 1))
+        return torch.rand(1, generator=generator).item() >= self.lmbda
+
+    def data_completions(self, rows: list[dict], max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+        """The rows' prompts and their data set completions as token ids, tokenized as offline data is (the
+        completion ends with EOS where it is text), the completion cut at max_new_tokens."""
+        from prefopt.data.formats import render_example
+        from prefopt.data.tokenize import tokenize_examples
+
+        data = self.recipe.data
+        examples = [render_example(self.tokenizer, row["prompt"], {"completion": row["data_completion"]})
+                    for row in rows]
+        out, _ = tokenize_examples(examples, self.tokenizer, data.max_length, data.max_prompt_length,
+                                   ("completion",), data.truncation)
+        bad = next((i for i, row in enumerate(out) if "bad" in row), None)
+        if bad is not None:
+            raise PrefoptError(f"distill.lmbda: the data set completion of prompt {rows[bad]['prompt']!r:.80} "
+                               f"{out[bad]['bad']}")
+        return [row["prompt_ids"] for row in out], [row["completion_ids"][:max_new_tokens] for row in out]
+
     @torch.no_grad()
     def sample(self, examples: list[dict], draw: Draw | None = None, samples: int = 1,
-               max_new_tokens: int | None = None) -> dict:
+               max_new_tokens: int | None = None, from_data: bool = False) -> dict:
         """`samples` completions of each example's prompt through the engine as it is: left-padded prompts,
         right-padded completions with their mask, whether each ended (EOS), the texts, the rows, and the engine's
-        log-probs where it gives them (`engine_logps`). No collective: it may run in the background."""
+        log-probs where it gives them (`engine_logps`). No collective: it may run in the background. `from_data`:
+        the data set's completions instead (GKD)."""
         rows = [ex for ex in examples for _ in range(samples)]
         device, pad, eos = self.accelerator.device, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         max_new_tokens = max_new_tokens or self.recipe.rollout.max_new_tokens
         prompts, trajectories = [row["prompt_ids"] for row in rows], None
-        if self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
+        if from_data:
+            (prompts, tokens), logps = self.data_completions(rows, max_new_tokens), None
+        elif self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
             trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens,
                                                         self.recipe.data.max_length)
             tokens, logps, prompts = trajectories.completion_ids, trajectories.logps, trajectories.prompt_ids
@@ -240,7 +273,7 @@ class Sampler:
             else:
                 if not background:  # a background rollout's further rounds keep the engine as it generated it
                     self.sync_engine(model)
-                batch = self.sample(*self._round(cycle, rounds, prompts), samples=k)
+                batch = self.sample(*self._round(cycle, rounds, prompts), samples=k, from_data=self.from_data(cycle))
                 timing["generate"] += time.perf_counter() - start
             # 3. scores: the reward terms, then the missing-EOS and overlong penalties
             start = time.perf_counter()
@@ -272,6 +305,7 @@ class Sampler:
         mask, scores = model_tokens(buffer), buffer["scores"]
         self.watch.check(self.rewards.names, buffer["terms"], buffer["penalised"], k)
         stats = {"rollout/score": scores.mean(), "rollout/length": mask.sum(1).mean(),
+                 **({"distill/on_policy": float(not self.from_data(cycle))} if self.lmbda < 1 else {}),
                  "rollout/eos": buffer["ended"].float().mean()}
         stats.update({key: sum(values) / (1 if key.startswith("timing/") else len(values))  # time adds up
                       for key, values in metrics.items()})
@@ -299,6 +333,8 @@ class Sampler:
     def submit(self, model, cycle: int, prompts: int) -> None:
         """Start round 0 of rollout `cycle` in the background on the engine synced now (rollout.lag with
         rollout.overlap); `collect(cycle)` takes it. The engine is not used otherwise until then."""
+        if self.from_data(cycle):  # nothing to generate: collect takes the data set's completions
+            return
         self.sync_engine(model)
         examples, draw = self._round(cycle, 0, prompts)
         self.pending[cycle] = Background(self._timed_sample, examples, draw, self.recipe.rollout.samples_per_prompt)
