@@ -4,7 +4,7 @@
     prefopt quickstart [key.sub=value ...]      build the sorting task, train on it, print before/after
     prefopt recipes                             list the example recipes shipped with prefopt
     prefopt inspect RECIPE [--rows N] [key.sub=value ...]   rows as the model sees them, boundary marked
-    prefopt synth sort|arithmetic|calculator|selfcheck OUT_DIR   write a tiny model and a synthetic task's data
+    prefopt synth sort|arithmetic|chain|calculator|selfcheck OUT_DIR   write a tiny model and a synthetic task's data
     prefopt merge RUN_DIR [--out DIR]           merge a LoRA run's adapter into its base model
     prefopt eval RUN_DIR_OR_MODEL --data PATH   JSON report of a run (policy or reward model) on a preference set
     prefopt label --input ROWS --out PAIRS --reward RM [--reward RM2 ...]   best-vs-worst pairs
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = commands.add_parser("quickstart", help="train DPO on a tiny sorting task on this machine")
     quick.add_argument("overrides", nargs="*")
     synth = commands.add_parser("synth", help="write a synthetic task with its tiny model")
-    synth.add_argument("task", choices=["sort", "arithmetic", "calculator", "selfcheck"])
+    synth.add_argument("task", choices=["sort", "arithmetic", "chain", "calculator", "selfcheck"])
     synth.add_argument("out_dir")
     synth.add_argument("--train", type=int, default=2000, help="training rows")
     synth.add_argument("--eval", type=int, default=200, help="held-out rows")

@@ -91,6 +91,16 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+def joined(prompts: list[list[int]], completions: list[list[int]], device) -> tuple[torch.Tensor, ...]:
+    """Prompts and their completions as one batch to score: (ids, attention mask, completion mask), the prompts
+    left-padded and the completions right-padded (padding id 0, masked)."""
+    width = max(1, max(map(len, completions), default=0))
+    prompt_ids, prompt_mask = pad_prompts([list(p) for p in prompts], 0, device)
+    mask = laid_out([[1] * len(ids) for ids in completions], width).to(device)
+    ids = torch.cat([prompt_ids, laid_out(completions, width, 0, torch.long).to(device)], 1)
+    return ids, torch.cat([prompt_mask, mask.long()], 1), mask
+
+
 @torch.no_grad()
 def generate(model, accelerator, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              draw: Draw | None = None, temperature: float = 1.0, top_p: float = 1.0, logps: bool = False):

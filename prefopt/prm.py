@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prefopt.errors import PrefoptError, RecipeError
-from prefopt.generation import laid_out, pad_prompts
+from prefopt.generation import joined
 from prefopt.logprobs import response_logps
 
 
@@ -42,7 +42,7 @@ class ImplicitPRM:
 
     def __call__(self, prompt_ids, completion_ids, labels=None, log_metric=None, **kwargs) -> list[list[float]]:
         """The completions' rewards in one forward per model: left-padded prompts, right-padded completions."""
-        batch = self._layout(prompt_ids, completion_ids)
+        batch = joined(prompt_ids, completion_ids, self.device)
         with torch.no_grad():
             reference = response_logps(self.models[1], *batch)[0]
         if labels is not None and self.config.update == "before":
@@ -52,13 +52,6 @@ class ImplicitPRM:
         if labels is not None and self.config.update == "after":
             self.learn(batch, reference, labels, log_metric)
         return [row[: len(ids_)] for row, ids_ in zip(rewards, completion_ids)]
-
-    def _layout(self, prompt_ids, completion_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(1, max(map(len, completion_ids), default=0))
-        prompts, prompt_mask = pad_prompts([list(p) for p in prompt_ids], 0, self.device)
-        completions = laid_out(completion_ids, width, 0, torch.long).to(self.device)
-        mask = laid_out([[1] * len(ids) for ids in completion_ids], width).to(self.device)
-        return torch.cat([prompts, completions], 1), torch.cat([prompt_mask, mask.long()], 1), mask
 
     def learn(self, batch: tuple, reference: torch.Tensor, labels: list, log_metric=None) -> None:
         """One AdamW step of PRIME's cross-entropy (Cui et al. 2025, Eq. 5 of Yuan et al. 2024) on the labelled

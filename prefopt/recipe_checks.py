@@ -261,6 +261,12 @@ def check_distill(recipe: Recipe, where: str) -> None:
     distill = recipe.distill
     if not 0 <= distill.lmbda <= 1:
         fail(where, "distill.lmbda", f"is the share of rollouts the student samples, in [0, 1]; got {distill.lmbda}")
+    if distill.server and distill.loss == "jsd":
+        fail(where, "distill.server", "jsd compares the two models' whole next-token distributions, which a served "
+             "teacher does not send: use distill.loss: reverse_kl with a served teacher, or leave distill.server out")
+    if distill.server == "spawn" and distill.engine == "vllm" and recipe.rollout.temperature != 1:
+        fail(where, "distill.engine", f"a vLLM teacher scores at temperature 1 only (vLLM's prompt log-probs are the "
+             f"raw logits'), and rollout.temperature is {recipe.rollout.temperature}: set it to 1.0, or use hf")
     if distill.lmbda < 1 and distill.loss != "jsd":
         fail(where, "distill.lmbda", f"{distill.lmbda} trains on the data set's completions in some rollouts; the "
              "reverse KL's sampled-token estimate needs the student's own samples: use distill.loss: jsd")

@@ -207,3 +207,8 @@ class DistillConfig:
     # GKD's lambda (TRL's lmbda): the share of rollouts the student samples; the others take the data set's own
     # completions (its `completion` column) for the same prompts, drawn per rollout from (seed, rollout). jsd only
     lmbda: float = 1.0
+    # where the teacher runs: null, beside the student (a frozen copy); spawn, an engine server of its own started
+    # here (`prefopt serve TEACHER --engine distill.engine`); HOST:PORT, a server serving it. A served teacher
+    # scores the sampled tokens there (reverse_kl; jsd reads whole distributions, so its teacher stays beside)
+    server: str | None = None
+    engine: Literal["hf", "vllm"] = "hf"  # a spawned teacher server's engine

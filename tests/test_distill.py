@@ -214,3 +214,23 @@ def test_gkds_lambda_takes_the_jsd_and_a_completion_column(sort_task, tmp_path, 
     with pytest.raises(PrefoptError, match="have no `completion` column"):
         train_recipe(write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b",
                                   **distill_sections(teacher, loss="jsd", lmbda=0.5)))
+
+
+def test_a_teacher_on_an_engine_server_scores_as_the_one_beside_the_student(sort_task, tmp_path, teacher):
+    """distill.server: spawn: the teacher in `prefopt serve TEACHER` answers the log-probs of the sampled tokens;
+    the run's records equal the run with the teacher beside the student (the same reverse KL, so the same
+    update). jsd with a served teacher is refused."""
+    from conftest import assert_same_records
+
+    sections = distill_sections(teacher)
+    sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
+    sections["train"] = {**sections["train"], "eval_every": 3}
+    local, served = tmp_path / "local", tmp_path / "served"
+    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, local, **sections))
+    sections["distill"] = {**sections["distill"], "server": "spawn"}
+    train_recipe(write_recipe(tmp_path / "b.yaml", sort_task, served, **sections))
+    for split in ("train", "eval"):
+        assert_same_records(read_metrics(local, split), read_metrics(served, split), tolerance=1e-5)
+    with pytest.raises(RecipeError, match="use distill.loss: reverse_kl with a served teacher"):
+        recipe_lib.load(write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c",
+                                     **distill_sections(teacher, loss="jsd", server="spawn")))

@@ -54,9 +54,11 @@ def test_a_sync_the_engine_cannot_take_stops_at_once(checks):
     assert "vLLM weight sync failed" in bad["message"] and "not_a_parameter" in bad["message"]
 
 
-def test_a_judge_served_by_vllm_writes_hf_greedys_verdicts(checks):
+def test_a_judge_or_teacher_served_by_vllm_answers_as_hf(checks):
+    """A judge on vLLM writes Hugging Face greedy's verdicts; a vLLM teacher's token log-probs are HF's."""
     judge = checks["judge"]
     assert judge["vllm"] == judge["hf"] and len(judge["hf"]) == 3 and any(judge["hf"])
+    assert judge["teacher_gap"] < 1e-4
 
 
 def test_online_dpo_samples_through_the_engine(checks):

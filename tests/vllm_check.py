@@ -87,7 +87,23 @@ def judge_checks(task: Path) -> dict:
             verdicts[engine_name] = fn.verdicts(fn.prompts(prompts, [{"completion": t} for t in texts], {}))
         finally:
             terms.close()
-    return verdicts
+    # a teacher served by vLLM (distill.server, distill.engine: vllm) scores tokens as Hugging Face does
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt.online.engines import VLLMEngine
+    from prefopt.online.server import HFServerEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(task / "model")
+    prompts = [tokenizer(p)["input_ids"] for p in prompts]
+    completions = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    engine = VLLMEngine(str(task / "model"), seed=0, max_model_len=64, gpu_memory_utilization=0.3,
+                        tensor_parallel_size=1, dtype="float32")
+    try:
+        scored = [engine.score(prompts, completions, 1.0),
+                  HFServerEngine(AutoModelForCausalLM.from_pretrained(task / "model")).score(prompts, completions, 1.0)]
+    finally:
+        engine.close()
+    return {**verdicts, "teacher_gap": max(abs(a - b) for x, y in zip(*scored) for a, b in zip(x, y))}
 
 
 def engine_checks(out: Path, task: Path) -> dict:

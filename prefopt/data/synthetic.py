@@ -15,6 +15,9 @@
     out_dir/eval.jsonl    which a reward function reads (arithmetic_correct, number_format)
     out_dir/sft.jsonl     the prompts with " 7" as `completion` (a starting policy by SFT)
 
+`write_chain_task(out_dir)` writes multi-step addition with the work shown ("add: 3 + 4 + 5 =" -> " 7 12"),
+its outcome read from the last number (chain_correct): a task whose intermediate steps decide the answer.
+
 `write_calculator_task(out_dir)` writes a tool task (multi-turn rollouts, rollout.tools):
 
     out_dir/model/        the tiny model, its tokenizer ending turns with <|im_end|> and a compact
@@ -94,6 +97,20 @@ def arithmetic_correct(completions: list, answer: list, **kwargs) -> list[float]
     (an answer column of integers or of strings, "7" or 7, both work)."""
     numbers = [re.findall(r"-?\d+", content(c)) for c in completions]
     return [float(bool(found) and int(found[0]) == int(str(truth).strip())) for found, truth in zip(numbers, answer)]
+
+
+def chain_row(rng: random.Random, max_value: int = 9) -> dict[str, str]:
+    """Multi-step addition with its work shown: "add: 3 + 4 + 5 =" -> " 7 12" (each running sum), answer "12"."""
+    values = [rng.randint(0, max_value) for _ in range(rng.randint(3, 4))]
+    sums = [sum(values[: i + 1]) for i in range(1, len(values))]
+    return {"prompt": "add: " + " + ".join(map(str, values)) + " =", "answer": str(sums[-1]),
+            "work": " " + " ".join(map(str, sums))}
+
+
+def chain_correct(completions: list, answer: list, **kwargs) -> list[float]:
+    """The outcome: 1.0 where the completion's last number is the row's `answer` (the work before it is not read)."""
+    numbers = [re.findall(r"-?\d+", content(c)) for c in completions]
+    return [float(bool(found) and int(found[-1]) == int(str(truth).strip())) for found, truth in zip(numbers, answer)]
 
 
 def number_format(completions: list, **kwargs) -> list[float]:
@@ -242,6 +259,16 @@ def write_arithmetic_task(out_dir: str | Path, n_train: int = 2000, n_eval: int 
     splits["sft"] = [{"prompt": r["prompt"], "completion": " " + r["answer"]} for r in splits["train"]]
     corpus = [r["prompt"] + " " + r["answer"] for r in splits["train"]]
     return _write_task(out_dir, splits, corpus, hidden_size, num_layers, seed)
+
+
+def write_chain_task(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                     hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """The multi-step addition task (chain_row): train/eval prompts with `answer`, SFT rows showing the work."""
+    rng = random.Random(seed)
+    splits = {"train": [chain_row(rng) for _ in range(n_train)], "eval": [chain_row(rng) for _ in range(n_eval)]}
+    splits["sft"] = [{"prompt": r["prompt"], "completion": r["work"]} for r in splits["train"]]
+    return _write_task(out_dir, splits, [r["prompt"] + r["work"] for r in splits["train"]], hidden_size, num_layers,
+                       seed)
 
 
 def _write_task(out_dir: str | Path, splits: dict[str, list[dict]], corpus: list[str], hidden_size: int,

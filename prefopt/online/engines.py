@@ -181,6 +181,21 @@ class VLLMEngine(Engine):
             logps.append([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs or [])])
         return tokens, logps
 
+    def score(self, prompts, completions, temperature: float) -> list[list[float]]:
+        """Each completion token's log-prob given its prompt (vLLM's prompt log-probs of prompt + completion)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if temperature != 1.0:
+            raise PrefoptError(f"a vLLM teacher scores at temperature 1 only (vLLM's prompt log-probs are the raw "
+                               f"logits'), not {temperature}: set rollout.temperature: 1.0, or distill.engine: hf")
+        self.wake()
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(c))
+                                     for p, c in zip(prompts, completions)], params, use_tqdm=False)
+        return [[out.prompt_logprobs[len(p) + i][token].logprob for i, token in enumerate(c)]
+                for out, p, c in zip(outputs, prompts, completions)]
+
     def close(self) -> None:
         """Shut the engine down (its own distributed state too) before the trainer ends its process group."""
         self.llm.llm_engine.engine_core.shutdown()

@@ -103,8 +103,11 @@ def token_logps(forward: TokenForward, model, reference, kind: str, accelerator,
         out["old_logps"] = logps * mask
         if values is not None:
             out["old_values"] = values * mask
-    ref = refs.reference_logps(kind, model, reference, accelerator,
-                               lambda m: forward(m, input_ids, attention_mask, mask)[0])
+    if hasattr(reference, "logps_of"):  # a teacher on an engine server (distill.server)
+        ref = reference.logps_of(input_ids, attention_mask, mask)
+    else:
+        ref = refs.reference_logps(kind, model, reference, accelerator,
+                                   lambda m: forward(m, input_ids, attention_mask, mask)[0])
     out["ref_logps"] = ref * mask if ref is not None else out.get("old_logps", torch.zeros_like(mask))
     model.train(was_training)
     return out

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from prefopt.errors import PrefoptError, RecipeError, TrainingError
-from prefopt.generation import generate, local_accelerator
+from prefopt.generation import generate, joined, laid_out, local_accelerator
 from prefopt.online.engines import Engine, HFEngine, VLLMEngine, policy_weights, vllm_options
 
 HEARTBEAT_S, SILENT_S, START_S = 2.0, 60.0, 600.0
@@ -77,6 +77,15 @@ class HFServerEngine:
         return generate(self.model, self.accelerator, tokenizer, prompts, max_new_tokens=max_new_tokens, draw=draw,
                         temperature=sampling["temperature"], top_p=sampling["top_p"], logps=True)
 
+    @torch.no_grad()
+    def score(self, prompts, completions, temperature: float) -> list[list[float]]:
+        """Each completion token's log-prob under the model (logits / temperature), given its prompt."""
+        from prefopt.logprobs import response_logps
+
+        batch = joined(prompts, completions, next(self.model.parameters()).device)
+        logps = response_logps(self.model, *batch, temperature=temperature)[0].tolist()
+        return [row[: len(ids)] for row, ids in zip(logps, completions)]
+
 
 class VLLMServerEngine:
     """A vLLM engine on the server (its log-probs are the engine's own)."""
@@ -94,6 +103,9 @@ class VLLMServerEngine:
         engine.temperature, engine.top_p, engine.eos_token_id = (sampling["temperature"], sampling["top_p"],
                                                                  sampling["eos_token_id"])
         return engine.generate(prompts, draw, max_new_tokens)
+
+    def score(self, prompts, completions, temperature: float) -> list[list[float]]:
+        return self.engine.score(prompts, completions, temperature)
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 0, announce=print) -> None:
@@ -148,6 +160,8 @@ def _handle(conn, jobs: queue.Queue) -> None:
         if kind == "commit":
             weights, staged = staged, {}
             call = partial(_commit, weights=weights, count=message[1])
+        elif kind == "score":
+            call = partial(_score, request=message[1:])
         else:
             call = partial(_generate, request=message[1:])
         answer, done = [], threading.Event()
@@ -169,6 +183,10 @@ def _commit(engine, weights: dict, count: int) -> tuple:
 
 def _generate(engine, request: tuple) -> tuple:
     return ("result", *engine.generate(*request))
+
+
+def _score(engine, request: tuple) -> tuple:
+    return ("result", engine.score(*request))
 
 
 def load_server_engine(kind: str, recipe) -> HFServerEngine | VLLMServerEngine:
@@ -277,6 +295,10 @@ class ServerEngine(Engine):
         _, ids, logps = self._call(("generate", prompts, draw, max_new_tokens, self.sampling), "a generation")
         return ids, logps
 
+    def score(self, prompts: list[list[int]], completions: list[list[int]], temperature: float) -> list[list[float]]:
+        """Each completion token's log-prob under the served model (a teacher's), given its prompt."""
+        return self._call(("score", prompts, completions, temperature), "a scoring")[1]
+
     def close(self) -> None:
         """Shut a spawned server down (killed if a background generation still holds the connection)."""
         try:
@@ -359,3 +381,30 @@ def spawn(recipe, serve: list[str] | None = None) -> tuple[subprocess.Popen, str
 
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class ServedTeacher:
+    """distill.server: the teacher on an engine server (spawned, or running at HOST:PORT), asked for its log-probs
+    of the sampled tokens instead of a forward in the trainer: token_logps reads `logps_of`."""
+
+    def __init__(self, recipe, tokenizer):
+        distill = recipe.distill
+        serve = [distill.teacher, "--engine", distill.engine, "--seed", str(recipe.seed), "--dtype",
+                 recipe.model.dtype if recipe.model.dtype in ("float32", "bfloat16", "float16") else "float32",
+                 "--max-model-len", str(recipe.data.max_length + recipe.rollout.max_new_tokens),
+                 "--gpu-memory-utilization", str(recipe.rollout.gpu_memory_utilization)]
+        self.temperature = recipe.rollout.temperature
+        self.engine = ServerEngine(recipe, tokenizer, distill.server, serve=serve)
+
+    def logps_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, W) the teacher's log-probs of the last W tokens of left-padded rows (the completions, with any tool
+        tokens between their turns: every attended token is context; the caller masks)."""
+        width = mask.shape[1]
+        keep = attention_mask.bool().cpu()
+        prompts = [row[k].tolist() for row, k in zip(input_ids[:, :-width].cpu(), keep[:, :-width])]
+        completions = [row[k].tolist() for row, k in zip(input_ids[:, -width:].cpu(), keep[:, -width:])]
+        scored = self.engine.score(prompts, completions, self.temperature)
+        return laid_out(scored, width).to(mask.device)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -56,7 +56,12 @@ class PPOTrainer(Trainer):
         if teacher:  # it scores every sampled token: it must share the student's tokenizer
             check_same_tokenizer(self.tokenizer, recipe.distill.teacher, "distill.teacher",
                                  recipe.model.trust_remote_code)
-        if recipe.reference.kind == "copy":
+        self.teacher = None  # a teacher on an engine server (distill.server), scoring in place of a reference copy
+        if teacher and recipe.distill.server:
+            from prefopt.online.server import ServedTeacher
+
+            self.teacher = ServedTeacher(recipe, self.tokenizer)
+        elif recipe.reference.kind == "copy":
             key = "distill.teacher" if teacher else "reference.name_or_path"
             self.reference = self.prepare_frozen(load_reference_copy(recipe.model, recipe.reference.name_or_path,
                                                                      key))
@@ -83,6 +88,8 @@ class PPOTrainer(Trainer):
         return step % self.cycle == 0  # between rollouts: a checkpoint holds no half-used rollout
 
     def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
         self.sampler.close(list(self.placed_models().values()))
         super().close()
 
@@ -161,7 +168,7 @@ class PPOTrainer(Trainer):
         mask = model_tokens(buffer)  # a multi-turn rollout's inserted tool tokens are not scored
         block = slice(acc.process_index * len(mask) // world, (acc.process_index + 1) * len(mask) // world)
         kind = "none" if policy_only else self.recipe.reference.kind
-        tokens = token_logps(self.forward, self.model, self.reference, kind, acc, input_ids[block],
+        tokens = token_logps(self.forward, self.model, self.teacher or self.reference, kind, acc, input_ids[block],
                              attention_mask[block], mask[block], old=old,
                              critic=self.estimator.critic and not policy_only)
         return self.sampler.gather(tokens) if world > 1 else tokens
@@ -270,7 +277,8 @@ class PPOTrainer(Trainer):
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
         self.run_log.samples(self.drain(), self.global_step + 1)  # the engine is free, then synced to this policy
-        kl = sample_kl(self.forward, self.model, self.reference, self.recipe.reference.kind, self.accelerator)
+        kl = sample_kl(self.forward, self.model, self.teacher or self.reference, self.recipe.reference.kind,
+                       self.accelerator)
         return self.sampler.evaluate(self.model, examples, kl, self.global_step)
 
     def generate_samples(self) -> list[dict]:
