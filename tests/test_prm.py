@@ -4,9 +4,9 @@ reward term giving each completion token beta * (log pi - log pi_ref)."""
 import json
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import read_metrics, write_recipe
 from test_ppo import ppo_sections
 
