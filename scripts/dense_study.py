@@ -13,8 +13,9 @@ prm: on multi-step addition with the work shown (prefopt synth chain), GRPO on t
 an implicit PRM's per-token rewards beside it (PRIME: trained first on the start policy's labelled samples with
 method reward, reward.kind implicit_prm, then updated online on each rollout's outcome labels).
 
-judge: on the addition task, a judge model (the start policy fine-tuned to write 1 or 0 after a verdict prompt, on
-the start policy's samples labelled by the verifier) as the reward term, against the exact verifier: the judge's
+judge: on the addition task, a judge model (a 128-wide model trained on the task, then fine-tuned to write 1 or 0
+after a verdict prompt, on the start policy's samples labelled by the verifier, balanced) as the reward term,
+against the exact verifier: the judge's
 agreement with the verifier on held-out samples, and the two GRPO runs' held-out accuracy (by the verifier).
 
 Each writes OUT/study.json, prints a table and writes its plot (docs/dense-<study>.png).
@@ -79,12 +80,13 @@ def sampled(model: Path, rows: list[dict], n: int, temperature: float, max_new_t
 def sft(out: Path, model: Path, data: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
         evals: Path | None = None) -> Path:
     """SFT (final/); with `evals`, greedy answers to 200 held-out prompts scored by the verifier 4 times."""
-    sections = {"eval": {"generate": 200, "max_new_tokens": 8, "rewards": [{"function": ADD}]}} if evals else {}
+    sections = {"eval": {"generate": 200, "max_new_tokens": 8,
+                         "rewards": [{"function": "prefopt.data.synthetic:sum_correct"}]}} if evals else {}
     return train({"method": "sft", "output_dir": str(out), "seed": seed, "model": {"name_or_path": str(model)},
                   "data": {"train": str(data), "eval": str(evals) if evals else None, "eval_fraction": 0.0,
                            "max_length": 48, "max_prompt_length": 40, "on_bad_row": "drop"},  # an empty sample
                   "loss": {"name": "sft"}, "optim": {"lr": lr, "schedule": "cosine", "warmup_steps": 10},
-                  "train": {"batch_size": batch, "micro_batch_size": batch, "max_steps": steps, "log_every": 10,
+                  "train": {"batch_size": batch, "micro_batch_size": batch, "max_steps": steps, "log_every": 1,
                             "eval_every": steps // 4 if evals else 0, "save_every": 0, "progress_bar": False},
                   **sections}) / "final"
 
@@ -99,19 +101,13 @@ def grpo(out: Path, model: Path, assets: Path, steps: int, seed: int, rewards: l
                   "rollout": {"samples_per_prompt": 8, "max_new_tokens": max_new_tokens, "temperature": 0.5},
                   "ppo": {"advantage": "grpo", "kl_coef": 0.04, "kl_penalty": "loss", "kl_estimator": "k3"},
                   "optim": {"lr": lr, "schedule": "constant", "warmup_steps": 0},
-                  "train": {"batch_size": 64, "micro_batch_size": 64, "max_steps": steps, "log_every": 10,
+                  "train": {"batch_size": 64, "micro_batch_size": 64, "max_steps": steps, "log_every": 1,
                             "eval_every": steps // 4, "save_every": 0, "progress_bar": False}, **sections})
 
 
 def curve(run: Path, metric: str) -> tuple[list[int], list[float]]:
     evals = records(run, "eval")
     return [r["step"] for r in evals], [r[metric] for r in evals]
-
-
-def rollout_tokens(run: Path, steps: list[int]) -> list[float]:
-    """The student tokens sampled by each eval step: completions (64 a step) x mean length, summed."""
-    lengths = {r["step"]: r["rollout/length"] * 64 for r in records(run, "train")}
-    return [sum(lengths.get(s, 0.0) for s in range(1, step + 1)) for step in steps]
 
 
 def mean_curves(runs: list[tuple[list, list]]) -> list[float]:
@@ -149,6 +145,14 @@ def table(results: dict[str, list[tuple[list, list]]], what: str) -> None:
 # ----- the studies --------------------------------------------------------------------------------
 
 
+DISTILL_ARMS = [  # (name, kind, lr): each at two learning rates
+    *[("on-policy distillation, reverse KL", "reverse_kl", lr) for lr in (3e-4, 1e-3)],
+    *[("on-policy distillation, GKD JSD", "jsd", lr) for lr in (3e-4, 1e-3)],
+    *[("SFT on the teacher's samples", "sft", lr) for lr in (3e-4, 1e-3)],
+    *[("GRPO (verifier)", "grpo", lr) for lr in (3e-5, 3e-4)],
+]
+
+
 def distill_study(args) -> dict:
     from prefopt.data.synthetic import arithmetic_correct
 
@@ -173,26 +177,26 @@ def distill_study(args) -> dict:
     results: dict[str, list] = {}
     tokens: dict[str, list] = {}
     for seed in args.seeds:
-        runs = {
-            "on-policy distillation": grpo(
-                out / f"distill-s{seed}", start, student_assets, args.steps, seed, [{"function": ADD, "weight": 0.0}],
-                lr=3e-4, method="distill", distill={"teacher": str(teacher)}, ppo={},
-                rollout={"samples_per_prompt": 8, "max_new_tokens": 8, "temperature": 1.0}),
-            "GRPO (verifier)": grpo(out / f"grpo-s{seed}", start, student_assets, args.steps, seed,
-                                    [{"function": ADD}, {"function": "prefopt.data.synthetic:number_format",
-                                                         "weight": 0.2}]),
-        }
-        for name, run in runs.items():
-            steps, accuracy = curve(run, "rewards/arithmetic_correct")
-            results.setdefault(name, []).append((steps, accuracy))
-            tokens.setdefault(name, []).append(rollout_tokens(run, steps))
-        run = sft(out / f"sft-teacher-samples-s{seed}", start, samples, args.steps, batch=64, lr=3e-4, seed=seed,
-                  evals=evals).parent
-        steps, accuracy = curve(run, "samples/arithmetic_correct")
-        results.setdefault("SFT on the teacher's samples", []).append((steps, accuracy))
-        trained = {r["step"]: r["num_tokens"] for r in records(run, "train")}
-        tokens.setdefault("SFT on the teacher's samples", []).append(
-            [sum(trained.get(s, 0.0) for s in range(1, step + 1)) for step in steps])
+        for name, kind, lr in DISTILL_ARMS:
+            if kind == "sft":
+                run = sft(out / f"sft-{lr:g}-s{seed}", start, samples, args.steps, batch=64, lr=lr, seed=seed,
+                          evals=evals).parent
+                steps, accuracy = curve(run, "samples/sum_correct")
+                per_step = {r["step"]: 64 * r["logps/chosen"] / r["logps/per_token"] for r in records(run, "train")}
+            else:
+                rewards = [{"function": ADD}, {"function": "prefopt.data.synthetic:number_format", "weight": 0.2}]
+                sections = {}
+                if kind != "grpo":  # on-policy distillation, its loss; the verifier measured (weight 0)
+                    rewards = [{"function": ADD, "weight": 0.0}]
+                    sections = {"method": "distill", "distill": {"teacher": str(teacher), "loss": kind}, "ppo": {},
+                                "rollout": {"samples_per_prompt": 8, "max_new_tokens": 8, "temperature": 1.0}}
+                run = grpo(out / f"{kind}-{lr:g}-s{seed}", start, student_assets, args.steps, seed, rewards, lr=lr,
+                           **sections)
+                steps, accuracy = curve(run, "rewards/arithmetic_correct")
+                per_step = {r["step"]: 64 * r["rollout/length"] for r in records(run, "train")}
+            label = f"{name} (lr {lr:g})"
+            results.setdefault(label, []).append((steps, accuracy))
+            tokens.setdefault(label, []).append([sum(per_step[s] for s in range(1, step + 1)) for step in steps])
     table(results, "held-out accuracy")
     print(f"teacher (128 wide, 600 SFT steps): held-out greedy accuracy {teacher_acc:.3f}")
     for name, runs in tokens.items():
@@ -210,14 +214,15 @@ def prm_study(args) -> dict:
     assets = out / "assets"
     if not (assets / "model").exists():
         prefopt("synth", "chain", str(assets))
-    start = sft(out / "start", assets / "model", assets / "sft.jsonl", 150)
+    start = sft(out / "start", assets / "model", assets / "sft.jsonl", 500)
     labelled = out / "prm-data.jsonl"
-    if not labelled.exists():  # the start policy's samples, labelled by the outcome verifier
-        write_jsonl(labelled, sampled(start, read_jsonl(assets / "train.jsonl")[:1000], 4, 1.0, 12, chain_correct))
+    if not labelled.exists():  # the start policy's samples (at the rollouts' temperature), labelled by the outcome
+        write_jsonl(labelled, sampled(start, read_jsonl(assets / "train.jsonl")[:1000], 4, 0.5, 12, chain_correct))
     rows = read_jsonl(labelled)
     prm_run = train({"method": "reward", "reward": {"kind": "implicit_prm"}, "output_dir": str(out / "prm"),
                      "seed": 0, "model": {"name_or_path": str(start)},
-                     "data": {"train": str(labelled), "eval_fraction": 0.1, "max_length": 48, "max_prompt_length": 40},
+                     "data": {"train": str(labelled), "eval_fraction": 0.1, "max_length": 48, "max_prompt_length": 40,
+                              "on_bad_row": "drop"},  # an empty sample
                      "loss": {"name": "implicit_prm_ce", "beta": 0.05},
                      "optim": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 10},
                      "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 200, "log_every": 50,
@@ -253,6 +258,9 @@ def judge_study(args) -> dict:
     if not (assets / "model").exists():
         prefopt("synth", "arithmetic", str(assets))
     start = sft(out / "start", assets / "model", assets / "sft.jsonl", 250)
+    if not (out / "judge-assets" / "model").exists():  # the judge: a 128-wide model that learned the task first
+        prefopt("synth", "arithmetic", str(out / "judge-assets"), "--hidden-size", "128")
+    judge_start = sft(out / "judge-start", out / "judge-assets" / "model", out / "judge-assets" / "sft.jsonl", 600)
     judge_data = out / "judge-data.jsonl"
     if not judge_data.exists():  # the start policy's samples labelled by the verifier, as judge SFT rows, balanced
         rows = sampled(start, read_jsonl(assets / "train.jsonl"), 4, 1.0, 8, arithmetic_correct)
@@ -262,7 +270,7 @@ def judge_study(args) -> dict:
         random.Random(0).shuffle(chosen)
         write_jsonl(judge_data, [{"prompt": JUDGE_TEMPLATE.format(**r), "completion": " 1" if r["label"] else " 0"}
                                  for r in chosen])
-    judge = sft(out / "judge", start, judge_data, 400)
+    judge = sft(out / "judge", judge_start, judge_data, 400)
     config = {"model": str(judge), "template": JUDGE_TEMPLATE, "max_new_tokens": 2}
     held_out = sampled(start, read_jsonl(assets / "eval.jsonl"), 4, 1.0, 8, arithmetic_correct)
     terms = RewardTerms([RewardTerm(judge=JudgeConfig(**config))])
@@ -273,6 +281,8 @@ def judge_study(args) -> dict:
                  "agreement": statistics.mean(j == label for j, label in parsed),
                  "true_positive_rate": statistics.mean(j for j, label in parsed if label),
                  "true_negative_rate": statistics.mean(not j for j, label in parsed if not label),
+                 "balanced_accuracy": (statistics.mean(j for j, label in parsed if label)
+                                       + statistics.mean(not j for j, label in parsed if not label)) / 2,
                  "correct_share": statistics.mean(label for _, label in pairs)}
     results: dict[str, list] = {}
     for seed in args.seeds:
@@ -285,7 +295,8 @@ def judge_study(args) -> dict:
     table(results, "held-out accuracy (verifier)")
     print("judge against the verifier on held-out samples: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in agreement.items()))
-    plot(args.plot, f"GRPO on addition: a judge model (agreement {agreement['agreement']:.2f}) against the verifier",
+    plot(args.plot, f"GRPO on addition: a judge model (balanced accuracy {agreement['balanced_accuracy']:.2f}) "
+         "against the verifier",
          "step", {name: (runs[0][0], mean_curves(runs)) for name, runs in results.items()})
     return {"accuracy": results, "judge": agreement}
 

@@ -74,3 +74,18 @@ def test_cpu_threads_follow_the_cores_and_processes_unless_set(monkeypatch):
         assert cpu_threads(True) is None and cpu_threads(False) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_chain_tasks_rows_and_verifiers():
+    """Multi-step addition shows each running sum; chain_correct reads the last number, sum_correct the first
+    number against the prompt's own sum."""
+    import random
+
+    from prefopt.data.synthetic import chain_correct, chain_row, sum_correct
+
+    row = chain_row(random.Random(3))
+    values = [int(v) for v in row["prompt"].removeprefix("add: ").removesuffix(" =").split(" + ")]
+    sums = [sum(values[: i + 1]) for i in range(1, len(values))]
+    assert row["work"] == " " + " ".join(map(str, sums)) and row["answer"] == str(sum(values))
+    assert chain_correct([row["work"], " 1 2 999"], [row["answer"]] * 2) == [1.0, 0.0]
+    assert sum_correct(["add: 13 + 6 =", "add: 1 + 2 =", "add: 4 + 4 ="], [" 19", " 4", ""]) == [1.0, 0.0, 0.0]

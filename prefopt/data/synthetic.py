@@ -99,6 +99,17 @@ def arithmetic_correct(completions: list, answer: list, **kwargs) -> list[float]
     return [float(bool(found) and int(found[0]) == int(str(truth).strip())) for found, truth in zip(numbers, answer)]
 
 
+def sum_correct(prompts: list, completions: list, **kwargs) -> list[float]:
+    """arithmetic_correct read from the prompt itself ("add: 3 + 4 =" sums to 7): 1.0 where the completion's first
+    number is the sum. Needs no `answer` column (offline evaluations' eval.rewards see the prompt alone)."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        total = sum(int(n) for n in re.findall(r"-?\d+", content(prompt).partition(":")[2]))
+        found = re.findall(r"-?\d+", content(completion))
+        out.append(float(bool(found) and int(found[0]) == total))
+    return out
+
+
 def chain_row(rng: random.Random, max_value: int = 9) -> dict[str, str]:
     """Multi-step addition with its work shown: "add: 3 + 4 + 5 =" -> " 7 12" (each running sum), answer "12"."""
     values = [rng.randint(0, max_value) for _ in range(rng.randint(3, 4))]
