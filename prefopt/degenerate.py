@@ -25,9 +25,18 @@ def report(finding: str, recipe, log=print) -> None:
     log(f"[prefopt] WARNING: {finding} (data.on_degenerate: error stops the run here)")
 
 
+SAMPLED = 20_000  # rows a data set larger than this is checked on (seeded)
+
+
 def check_examples(examples: list[dict], where: str, recipe, log=print, labels: bool = True) -> None:
     """Pairs whose chosen equals rejected; unpaired rows that all share one label (where a loss learns from the
-    labels' contrast)."""
+    labels' contrast). A data set of more than SAMPLED rows is judged by a seeded sample of them."""
+    if len(examples) > SAMPLED:
+        import random
+
+        from prefopt.data import rows_at
+
+        examples = rows_at(examples, sorted(random.Random(recipe.seed).sample(range(len(examples)), SAMPLED)))
     pairs = [ex for ex in examples if "chosen_ids" in ex]
     same = sum(ex["chosen_ids"] == ex["rejected_ids"] for ex in pairs)
     if pairs and (same == len(pairs) or same / len(pairs) > DEGENERATE_SHARE):

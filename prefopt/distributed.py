@@ -56,7 +56,7 @@ def eval_chunks(examples: list, size: int, rank: int, world: int):
     mine = examples[rank::world]
     for i in range(math.ceil(math.ceil(len(examples) / world) / size)):
         chunk = mine[i * size : (i + 1) * size]
-        yield chunk or examples[:1], bool(chunk)
+        yield list(chunk or examples[:1]), bool(chunk)  # rows read from their table (prefopt.data.Rows)
 
 
 def check_fsdp(accelerator) -> None:

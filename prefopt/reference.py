@@ -136,6 +136,14 @@ def save_cached(path: Path, values: list[list[float]]) -> None:
 
 def attach(examples: list[dict], values: list[list[float]]) -> None:
     """Store each example's reference log-probs on it, for the collators to batch."""
+    from prefopt.data import Rows
+
+    if isinstance(examples, Rows):  # read from Arrow: attached by position, all pairs or all rows
+        columns = zip(*values, strict=True)
+        for name, column in zip(("ref_chosen", "ref_rejected") if "chosen_ids" in examples.columns else
+                                ("ref_logps",), columns, strict=True):
+            examples.attach(name, list(column))
+        return
     for ex, value in zip(examples, values, strict=True):
         if "chosen_ids" in ex:
             ex["ref_chosen"], ex["ref_rejected"] = value

@@ -14,7 +14,7 @@ an implicit PRM's per-token rewards beside it (PRIME: trained first on the start
 method reward, reward.kind implicit_prm, then updated online on each rollout's outcome labels).
 
 judge: on the addition task, a judge model (a 128-wide model trained on the task, then fine-tuned to write 1 or 0
-after a verdict prompt, on the start policy's samples labelled by the verifier, balanced) as the reward term,
+after a verdict prompt showing a training prompt with its answer or a wrong one) as the reward term,
 against the exact verifier: the judge's
 agreement with the verifier on held-out samples, and the two GRPO runs' held-out accuracy (by the verifier).
 
@@ -262,15 +262,16 @@ def judge_study(args) -> dict:
         prefopt("synth", "arithmetic", str(out / "judge-assets"), "--hidden-size", "128")
     judge_start = sft(out / "judge-start", out / "judge-assets" / "model", out / "judge-assets" / "sft.jsonl", 600)
     judge_data = out / "judge-data.jsonl"
-    if not judge_data.exists():  # the start policy's samples labelled by the verifier, as judge SFT rows, balanced
-        rows = sampled(start, read_jsonl(assets / "train.jsonl"), 4, 1.0, 8, arithmetic_correct)
-        right, wrong = [r for r in rows if r["label"]], [r for r in rows if not r["label"]]
-        n = min(len(right), len(wrong))
-        chosen = right[:n] + wrong[:n]
-        random.Random(0).shuffle(chosen)
-        write_jsonl(judge_data, [{"prompt": JUDGE_TEMPLATE.format(**r), "completion": " 1" if r["label"] else " 0"}
-                                 for r in chosen])
-    judge = sft(out / "judge", judge_start, judge_data, 400)
+    if not judge_data.exists():  # each training prompt with its answer (1) and a wrong one (0), as judge SFT rows
+        rng, rows = random.Random(0), []
+        for row in read_jsonl(assets / "train.jsonl"):
+            wrong = int(row["answer"]) + rng.choice([-1, 1]) * rng.randint(1, 5)
+            for completion, verdict in ((" " + row["answer"], " 1"), (f" {wrong}", " 0")):
+                rows.append({"prompt": JUDGE_TEMPLATE.format(prompt=row["prompt"], completion=completion),
+                             "completion": verdict})
+        rng.shuffle(rows)
+        write_jsonl(judge_data, rows)
+    judge = sft(out / "judge", judge_start, judge_data, 600)
     config = {"model": str(judge), "template": JUDGE_TEMPLATE, "max_new_tokens": 2}
     held_out = sampled(start, read_jsonl(assets / "eval.jsonl"), 4, 1.0, 8, arithmetic_correct)
     terms = RewardTerms([RewardTerm(judge=JudgeConfig(**config))])

@@ -134,3 +134,25 @@ def test_mixture_weights_scale_rows(tokenizer, tmp_path):
     pairs = load_examples([DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)], tokenizer,
                        cfg(), 0, "data.train", log=lambda s: None)
     assert len(pairs) == 5 + 8
+
+
+def test_tokenized_rows_stay_in_arrow_and_read_as_lists_of_dicts(tokenizer, tmp_path):
+    """load_examples gives Rows over the datasets cache's Arrow table: sources with other columns joined (a margin
+    in one), weights repeating rows, a bad row dropped; each way of reading (an index, a negative one, a slice,
+    take, iteration, select) gives the same dicts, None values left out."""
+    from prefopt.data import Rows, rows_at
+
+    plain = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(6)]
+    margins = [{"prompt": f"q{i}", "chosen": " c", "rejected": " d", "margin": float(i)} for i in range(3)]
+    first = write_jsonl(tmp_path / "plain.jsonl", plain + [{"prompt": "x", "chosen": "", "rejected": " b"}])
+    second = write_jsonl(tmp_path / "margins.jsonl", margins)
+    rows = load_examples([DataSource(str(first), weight=1.5), DataSource(str(second))], tokenizer,
+                         cfg(on_bad_row="drop"), 0, "data.train", log=lambda s: None)
+    assert isinstance(rows, Rows) and len(rows) == 6 + 3 + 3  # 1.5 x 7 rows less the bad one (twice at most)
+    listed = list(rows)
+    assert [r for r in listed if "margin" in r] == listed[-3:] and listed[-1]["margin"] == 2.0
+    assert all(set(r) == {"prompt_ids", "chosen_ids", "rejected_ids"} for r in listed[:-3])
+    assert rows[-1] == listed[-1] and rows[3] == listed[3] and list(rows[2:5]) == listed[2:5]
+    assert rows_at(rows, [4, 0, 4]) == [listed[4], listed[0], listed[4]] == list(rows.select([4, 0, 4]))
+    with pytest.raises(IndexError):
+        rows[len(rows)]

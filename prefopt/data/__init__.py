@@ -8,6 +8,10 @@ tokenizer and every setting below).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.compute as pc
 
 from prefopt.data.formats import (
     BadRow,
@@ -88,7 +92,7 @@ def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: i
         if takes != "any" and fmt == "lm":
             raise DataError(f"{origin} holds SFT rows (`messages` or `text`), which train with the sft loss only "
                             "(method: sft); preference losses need prompt/chosen/rejected or prompt/completion/label")
-    return [row for _, _, rows in loaded for row in rows]
+    return Rows.joined([rows for _, _, rows in loaded])
 
 
 def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
@@ -105,7 +109,7 @@ def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: in
         if fmt == "lm":
             raise DataError(f"{origin} holds SFT rows (`messages` or `text`) and no `prompt` column; online methods "
                             "sample completions of prompts: give a `prompt` column (text or messages)")
-    return [row for _, _, rows in loaded for row in rows]
+    return Rows.joined([rows for _, _, rows in loaded])
 
 
 def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, log,
@@ -142,18 +146,17 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
             raise
         n = len(tokenized)
         whole, fraction = divmod(source.weight, 1.0)
-        index = list(range(n)) * int(whole) + sorted(rng.sample(range(n), round(fraction * n)))
-        columns = tokenized.select_columns([c for c in tokenized.column_names if c not in REPORT]).to_dict()
-        reasons = columns.pop("bad")
+        index = np.concatenate([np.tile(np.arange(n), int(whole)),
+                                np.array(sorted(rng.sample(range(n), round(fraction * n))), dtype=np.int64)])
+        table = tokenized.data.table  # the datasets cache's Arrow table, memory-mapped: never read whole
         for name in REPORT:  # each row counted once, whatever its weight
-            setattr(report, name, getattr(report, name) + sum(tokenized[name]))
-        rows = []
-        for j in index:
-            if reasons[j]:
-                bad.append(f"{origin} row {j}: {reasons[j]}")
-            else:
-                rows.append({key: values[j] for key, values in columns.items() if values[j] is not None})
+            setattr(report, name, getattr(report, name) + int(pc.sum(table.column(name)).as_py() or 0))
+        unusable = pc.not_equal(table.column("bad"), "").to_numpy(zero_copy_only=False)
+        for j in index[unusable[index]]:
+            bad.append(f"{origin} row {j}: {table.column('bad')[int(j)].as_py()}")
         total += len(index)
+        rows = Rows(table.select([c for c in table.column_names if c not in (*REPORT, "bad")]),
+                    index[~unusable[index]])
         out.append((origin, fmt, rows))
     if bad:
         shown = "\n  ".join(bad[:SHOWN_BAD_ROWS]) + (f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more"
@@ -181,3 +184,74 @@ def as_rows(examples: list[dict]) -> list[dict]:
         else:
             rows.append(ex)
     return rows
+
+
+class Rows(Sequence):
+    """Tokenized examples as they lie in the datasets cache (an Arrow table, memory-mapped, never read whole):
+    row i is the dict of its values (None left out), read when asked; `take` reads many in one Arrow call, and
+    `select` or a slice is another order over the same table (a source's weight repeats rows, nothing is
+    copied). Memory is the index (8 bytes a row) and the pages read."""
+
+    READ = 1024  # rows per Arrow call when iterating
+
+    def __init__(self, table, index: np.ndarray, attached: dict[str, np.ndarray] | None = None):
+        self.table, self.index = table, np.asarray(index, dtype=np.int64)
+        self.attached = attached or {}  # values given per position after loading (reference log-probs)
+
+    def attach(self, name: str, values) -> None:
+        """A value for each row (by position), read with it from now on."""
+        if len(values) != len(self):
+            raise ValueError(f"{len(values)} values for {len(self)} rows")
+        self.attached[name] = np.asarray(values)
+
+    @classmethod
+    def joined(cls, parts: list[Rows]) -> Rows:
+        """The rows of several sources in turn (columns a source lacks are None in its rows)."""
+        import pyarrow as pa
+
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [part.table.num_rows for part in parts])
+        table = pa.concat_tables([part.table for part in parts], promote_options="permissive")
+        return cls(table, np.concatenate([part.index + offset for part, offset in zip(parts, offsets)]))
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.table.column_names, *self.attached]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.select(range(len(self))[key])
+        if not -len(self) <= key < len(self):
+            raise IndexError(f"row {key} of {len(self)}")
+        return self.take([key])[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), self.READ):
+            yield from self.take(range(start, min(start + self.READ, len(self))))
+
+    def select(self, positions) -> Rows:
+        positions = np.asarray(positions, dtype=np.int64)
+        return Rows(self.table, self.index[positions], {k: v[positions] for k, v in self.attached.items()})
+
+    def take(self, positions) -> list[dict]:
+        """Rows at these positions, in their order, each without its None values."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.table.take(self.index[positions]).to_pylist()
+        for name, values in self.attached.items():
+            for row, value in zip(rows, values[positions].tolist()):
+                row[name] = value
+        return [{key: value for key, value in row.items() if value is not None} for row in rows]
+
+
+def has_key(examples, key: str) -> bool:
+    """Whether some example has `key` (a Rows table: whether one of its sources gave the column)."""
+    return key in examples.columns if isinstance(examples, Rows) else any(key in ex for ex in examples)
+
+
+def rows_at(examples, positions: list[int]) -> list[dict]:
+    """examples[i] for each position: one Arrow call for Rows, else one lookup each."""
+    return examples.take(positions) if isinstance(examples, Rows) else [examples[i] for i in positions]

@@ -33,6 +33,7 @@ import torch
 
 from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
+from prefopt.data import rows_at
 from prefopt.errors import RecipeError, Stopped, TrainingError
 from prefopt.methods import record
 from prefopt.models import check_positions, load_tokenizer
@@ -84,7 +85,8 @@ class Trainer:
                            if new_tokens else ""))
         self.model = None  # the policy: set by the method's __init__, after its data loads
         self.reference = None  # a frozen reference model, for a method that keeps one
-        self.train_data: list[dict] = []  # examples that self.collate turns into batches
+        self.train_data: list[dict] = []  # examples that self.collate turns into batches (prefopt.data.Rows)
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation of train_data)
         self.eval_data: list[dict] = []
         self.started = _now()
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
@@ -107,22 +109,22 @@ class Trainer:
     def batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This process's `accumulation_steps` micro-batches for optimizer step `step` (1-based)."""
         train, n = self.recipe.train, len(self.train_data)
-        steps_per_epoch = n // train.batch_size
-        epoch, index = divmod(step - 1, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist()
-        batch = order[index * train.batch_size : (index + 1) * train.batch_size]
+        epoch, index = divmod(step - 1, n // train.batch_size)
+        if self._order is None or self._order[0] != epoch:  # the epoch's permutation, drawn once
+            self._order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)))
+        examples = rows_at(self.train_data, self._order[1][index * train.batch_size :][: train.batch_size].tolist())
         if train.group_by_length:  # similar lengths share a micro-batch: less padding, the same global batch
-            batch.sort(key=lambda i: example_length(self.train_data[i]))
-        shared = self.global_batch_values([self.train_data[i] for i in batch])
-        for chunk in self.deal(batch):
-            yield self.to_device({**self.collate([self.train_data[i] for i in chunk]), **shared})
+            examples.sort(key=example_length)
+        shared = self.global_batch_values(examples)
+        for chunk in self.deal(examples):
+            yield self.to_device({**self.collate(chunk), **shared})
 
     def global_batch_values(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Values that every micro-batch of a global batch (or of an evaluation) shares, known before the first
         one: the normalisers of token means, so that aggregation follows the global batch (none here)."""
         return {}
 
-    def deal(self, rows: list[int]) -> list[list[int]]:
+    def deal(self, rows: list) -> list[list]:
         """This process's share of a global batch: cut into micro-batches, dealt to the processes in turn."""
         micro = self.recipe.train.micro_batch_size
         chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]

@@ -15,7 +15,7 @@ import torch
 
 from prefopt import distributed
 from prefopt import reference as refs
-from prefopt.data import as_rows
+from prefopt.data import as_rows, has_key
 from prefopt.data.collate import collate_pairs, collate_rows
 from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError
@@ -34,7 +34,7 @@ class PreferenceTrainer(Trainer):
         acc = self.accelerator
         self.load_data("paired" if "paired" in kinds else "unpaired" if "unpaired" in kinds else "any")
         # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
-        self.unpaired = "unpaired" in kinds or any("completion_ids" in ex for ex in self.train_data)
+        self.unpaired = "unpaired" in kinds or has_key(self.train_data, "completion_ids")
         if self.unpaired:
             self.train_data = as_rows(self.train_data)
             if not all("chosen_ids" in ex for ex in self.eval_data):

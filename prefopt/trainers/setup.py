@@ -39,9 +39,10 @@ def load_data(trainer, takes: str) -> tuple[list[dict], list[dict]]:
         if data.eval:
             eval_data = load(data.eval, "data.eval")
     if data.eval_fraction:
-        random.Random(recipe.seed).shuffle(train_data)
+        order = list(range(len(train_data)))
+        random.Random(recipe.seed).shuffle(order)
         held_out = max(1, round(data.eval_fraction * len(train_data)))
-        eval_data, train_data = train_data[:held_out], train_data[held_out:]
+        eval_data, train_data = train_data.select(order[:held_out]), train_data.select(order[held_out:])
     contrast = any(get_loss(term.name).data == "unpaired" for term in recipe.loss)  # KTO, BCO
     degenerate.check_examples(train_data, "data.train", recipe, acc.print, labels=contrast)
     return train_data, eval_data
