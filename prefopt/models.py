@@ -187,20 +187,42 @@ def load_reference_copy(cfg: ModelConfig, name_or_path: str | None, key: str = "
     return freeze(model)
 
 
-def check_same_tokenizer(tokenizer, name_or_path: str, key: str, trust_remote_code: bool = False) -> None:
+def check_same_tokenizer(tokenizer, name_or_path: str, key: str, trust_remote_code: bool = False,
+                         token_map: str = "same"):
     """A model whose log-probs are compared token by token with the trained one's (a distillation teacher) must
-    share its tokenizer: every token's id."""
+    share its tokenizer: every token's id. With token_map "by_text", its vocabulary may hold the student's tokens
+    under other ids: returns the (student vocabulary,) tensor of the teacher's id of each student token (the same
+    token text; the special tokens eos, bos, pad and unk by role), or None when the ids are the same anyway."""
+    import torch
     from transformers import AutoTokenizer
 
     check_exists(name_or_path, key)
     other = AutoTokenizer.from_pretrained(absolute(name_or_path), trust_remote_code=trust_remote_code)
     mine, theirs = tokenizer.get_vocab(), other.get_vocab()
-    if mine != theirs:
+    if mine == theirs:
+        return None
+    if token_map != "by_text":
         differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
         raise RecipeError(f"{key}: the tokenizer of {name_or_path} is not the student's ({len(theirs)} tokens against "
                           f"{len(mine)}; differing, e.g.: {differ}): distillation compares the two models' log-probs "
-                          "of the same token ids. Give a teacher with the student's tokenizer (a mapping between "
-                          "vocabularies is not supported)")
+                          "of the same token ids. Give a teacher with the student's tokenizer, or, where the "
+                          "teacher's vocabulary holds the student's tokens under other ids, distill.token_map: by_text")
+    roles = {getattr(tokenizer, f"{role}_token_id"): getattr(other, f"{role}_token_id")
+             for role in ("eos", "bos", "pad", "unk")}
+    lut = torch.zeros(max(mine.values()) + 1, dtype=torch.long)
+    missing = []
+    for token, index in mine.items():
+        target = roles.get(index) if roles.get(index) is not None else theirs.get(token)
+        if target is None:
+            missing.append(token)
+        else:
+            lut[index] = target
+    if missing:
+        raise RecipeError(f"{key}: distill.token_map by_text maps each student token to the teacher's token of the "
+                          f"same text, but {len(missing)} of the student's {len(mine)} tokens are not in the teacher's "
+                          f"vocabulary (e.g. {sorted(missing)[:5]}); a teacher with another tokenization is not "
+                          "supported")
+    return lut
 
 
 def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

@@ -267,6 +267,9 @@ def check_distill(recipe: Recipe, where: str) -> None:
     if distill.server == "spawn" and distill.engine == "vllm" and recipe.rollout.temperature != 1:
         fail(where, "distill.engine", f"a vLLM teacher scores at temperature 1 only (vLLM's prompt log-probs are the "
              f"raw logits'), and rollout.temperature is {recipe.rollout.temperature}: set it to 1.0, or use hf")
+    if distill.token_map != "same" and distill.loss == "jsd":
+        fail(where, "distill.token_map", "jsd compares whole next-token distributions over one vocabulary; a mapped "
+             "teacher scores the sampled tokens only: use distill.loss: reverse_kl")
     if distill.lmbda < 1 and distill.loss != "jsd":
         fail(where, "distill.lmbda", f"{distill.lmbda} trains on the data set's completions in some rollouts; the "
              "reverse KL's sampled-token estimate needs the student's own samples: use distill.loss: jsd")

@@ -212,3 +212,7 @@ class DistillConfig:
     # scores the sampled tokens there (reverse_kl; jsd reads whole distributions, so its teacher stays beside)
     server: str | None = None
     engine: Literal["hf", "vllm"] = "hf"  # a spawned teacher server's engine
+    # same: the teacher's tokenizer must be the student's; by_text: the teacher's vocabulary holds the student's
+    # tokens under other ids (added or reordered tokens): each sampled id is sent to the teacher as its id of the
+    # same token text (eos, bos, pad, unk by role). reverse_kl only
+    token_map: Literal["same", "by_text"] = "same"

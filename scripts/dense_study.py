@@ -296,8 +296,7 @@ def judge_study(args) -> dict:
     table(results, "held-out accuracy (verifier)")
     print("judge against the verifier on held-out samples: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in agreement.items()))
-    plot(args.plot, f"GRPO on addition: a judge model (balanced accuracy {agreement['balanced_accuracy']:.2f}) "
-         "against the verifier",
+    plot(args.plot, f"GRPO on addition: judge (balanced accuracy {agreement['balanced_accuracy']:.2f}) or verifier",
          "step", {name: (runs[0][0], mean_curves(runs)) for name, runs in results.items()})
     return {"accuracy": results, "judge": agreement}
 

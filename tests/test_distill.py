@@ -234,3 +234,53 @@ def test_a_teacher_on_an_engine_server_scores_as_the_one_beside_the_student(sort
     with pytest.raises(RecipeError, match="use distill.loss: reverse_kl with a served teacher"):
         recipe_lib.load(write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c",
                                      **distill_sections(teacher, loss="jsd", server="spawn")))
+
+
+def permuted_teacher(teacher, out):
+    """The teacher under another numbering of the same tokens: its tokenizer's ordinary tokens renumbered in
+    reverse (special tokens kept), its embedding and output rows moved with them. The same model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    special = {t["id"] for t in state["added_tokens"]}
+    ordinary = sorted(i for i in state["model"]["vocab"].values() if i not in special)
+    new_id = dict(zip(ordinary, reversed(ordinary)))
+    state["model"]["vocab"] = {token: new_id.get(i, i) for token, i in state["model"]["vocab"].items()}
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    renumbered = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                         eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    renumbered.save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    order = torch.arange(model.config.vocab_size)
+    for old, new in new_id.items():
+        order[new] = old
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight[order])
+        if not model.config.tie_word_embeddings:
+            model.get_output_embeddings().weight.copy_(model.get_output_embeddings().weight[order])
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_teacher_with_the_students_tokens_under_other_ids_maps_by_text(sort_task, tmp_path, teacher):
+    """distill.token_map: by_text: the teacher renumbered (the same model under another numbering of the same
+    tokens) gives the run of the teacher itself (records 1e-5); without the map it is refused, naming the map."""
+    from conftest import assert_same_records
+
+    renumbered = permuted_teacher(teacher, tmp_path / "renumbered")
+    sections = distill_sections(teacher)
+    sections["data"] = {"eval": str(sort_task / "eval.jsonl")}
+    sections["train"] = {**sections["train"], "eval_every": 3}
+    train_recipe(write_recipe(tmp_path / "a.yaml", sort_task, tmp_path / "a", **sections))
+    sections["distill"] = {"teacher": str(renumbered), "token_map": "by_text"}
+    train_recipe(write_recipe(tmp_path / "b.yaml", sort_task, tmp_path / "b", **sections))
+    for split in ("train", "eval"):
+        assert_same_records(read_metrics(tmp_path / "a", split), read_metrics(tmp_path / "b", split), 1e-5)
+    del sections["distill"]["token_map"]
+    with pytest.raises(RecipeError, match="distill.token_map: by_text"):
+        train_recipe(write_recipe(tmp_path / "c.yaml", sort_task, tmp_path / "c", **sections))

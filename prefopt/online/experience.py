@@ -90,8 +90,8 @@ class TokenForward:
 
 @torch.no_grad()
 def token_logps(forward: TokenForward, model, reference, kind: str, accelerator, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, mask: torch.Tensor, old: bool = True, critic: bool = False
-                ) -> dict[str, torch.Tensor]:
+                attention_mask: torch.Tensor, mask: torch.Tensor, old: bool = True, critic: bool = False,
+                token_map: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Step 4 on this process's rows: per-token log-probs of the completions under the sampling policy (without
     dropout; unless `old` is False), the values for GAE (`critic`), and the reference's (reference.kind `kind`;
     the policy's own without one)."""
@@ -103,6 +103,8 @@ def token_logps(forward: TokenForward, model, reference, kind: str, accelerator,
         out["old_logps"] = logps * mask
         if values is not None:
             out["old_values"] = values * mask
+    if token_map is not None:  # a teacher whose vocabulary holds the student's tokens under other ids
+        input_ids = token_map.to(input_ids.device)[input_ids.clamp(max=len(token_map) - 1)]
     if hasattr(reference, "logps_of"):  # a teacher on an engine server (distill.server)
         ref = reference.logps_of(input_ids, attention_mask, mask)
     else:
@@ -113,7 +115,7 @@ def token_logps(forward: TokenForward, model, reference, kind: str, accelerator,
     return out
 
 
-def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator):
+def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator, token_map=None):
     """None without a reference; else kl(batch) -> (N,): KL(pi || pi_ref) of each completion sampled from pi (at
     rollout.temperature), for evaluations: the sum over its tokens of Schulman's k3 = (r - 1) - log r with
     r = pi_ref / pi at each sampled token. Each term is unbiased for the KL of that token's next-token
@@ -124,7 +126,8 @@ def sample_kl(forward: TokenForward, model, reference, kind: str, accelerator):
 
     def kl(batch: dict) -> torch.Tensor:
         input_ids, attention_mask = sequences(batch)
-        tokens = token_logps(forward, model, reference, kind, accelerator, input_ids, attention_mask, batch["mask"])
+        tokens = token_logps(forward, model, reference, kind, accelerator, input_ids, attention_mask, batch["mask"],
+                             token_map=token_map)
         k3 = ppo_math.kl_estimate(tokens["old_logps"], tokens["ref_logps"], "k3")
         return (k3 * model_tokens(batch)).sum(1)
 

@@ -53,9 +53,10 @@ class PPOTrainer(Trainer):
             critic = load_causal_lm(recipe.model, ppo.critic_name_or_path, key="ppo.critic_name_or_path")
         self.model = PolicyWithValueHead(load_policy(recipe.model), value_head=self.estimator.critic, critic=critic)
         teacher = METHODS[recipe.method].teacher
-        if teacher:  # it scores every sampled token: it must share the student's tokenizer
-            check_same_tokenizer(self.tokenizer, recipe.distill.teacher, "distill.teacher",
-                                 recipe.model.trust_remote_code)
+        self.token_map = None  # the teacher's id of each student token (distill.token_map: by_text)
+        if teacher:  # it scores every sampled token: it must share the student's tokenizer, or map to its own
+            self.token_map = check_same_tokenizer(self.tokenizer, recipe.distill.teacher, "distill.teacher",
+                                                  recipe.model.trust_remote_code, recipe.distill.token_map)
         self.teacher = None  # a teacher on an engine server (distill.server), scoring in place of a reference copy
         if teacher and recipe.distill.server:
             from prefopt.online.server import ServedTeacher
@@ -170,7 +171,7 @@ class PPOTrainer(Trainer):
         kind = "none" if policy_only else self.recipe.reference.kind
         tokens = token_logps(self.forward, self.model, self.teacher or self.reference, kind, acc, input_ids[block],
                              attention_mask[block], mask[block], old=old,
-                             critic=self.estimator.critic and not policy_only)
+                             critic=self.estimator.critic and not policy_only, token_map=self.token_map)
         return self.sampler.gather(tokens) if world > 1 else tokens
 
     def _rollout(self, cycle: int) -> None:
@@ -278,7 +279,7 @@ class PPOTrainer(Trainer):
         """Greedy completions of the held-out prompts and, with a reference, KL(pi || pi_ref) (Sampler.evaluate)."""
         self.run_log.samples(self.drain(), self.global_step + 1)  # the engine is free, then synced to this policy
         kl = sample_kl(self.forward, self.model, self.teacher or self.reference, self.recipe.reference.kind,
-                       self.accelerator)
+                       self.accelerator, self.token_map)
         return self.sampler.evaluate(self.model, examples, kl, self.global_step)
 
     def generate_samples(self) -> list[dict]:
