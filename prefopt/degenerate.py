@@ -34,9 +34,8 @@ def check_examples(examples: list[dict], where: str, recipe, log=print, labels: 
     if len(examples) > SAMPLED:
         import random
 
-        from prefopt.data import rows_at
-
-        examples = rows_at(examples, sorted(random.Random(recipe.seed).sample(range(len(examples)), SAMPLED)))
+        positions = sorted(random.Random(recipe.seed).sample(range(len(examples)), SAMPLED))
+        examples = examples.take(positions) if hasattr(examples, "take") else [examples[i] for i in positions]
     pairs = [ex for ex in examples if "chosen_ids" in ex]
     same = sum(ex["chosen_ids"] == ex["rejected_ids"] for ex in pairs)
     if pairs and (same == len(pairs) or same / len(pairs) > DEGENERATE_SHARE):

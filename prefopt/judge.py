@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from prefopt.errors import PrefoptError, RecipeError
-from prefopt.generation import local_accelerator
+from prefopt.generation import generate, local_accelerator
 
 
 class Judge:
@@ -23,7 +23,9 @@ class Judge:
     placeholders = ("completion",)  # what the template must show
     template, pattern = "{prompt}\n{completion}\nScore:", r"(-?\d+(?:\.\d+)?)"  # the defaults
 
-    def __init__(self, config, name: str, where: str, device: str = "cpu", seed: int = 0):
+    def __init__(self, config, name: str, where: str, device: str = "cpu", seed: int = 0, serve=None):
+        """`serve(config, tokenizer, seed)`: the engine server client of a served judge (judge.server, or engine
+        vllm), which online runs give (prefopt.online.server.judge_engine); without it the judge runs here."""
         from transformers import AutoTokenizer
 
         from prefopt.errors import import_object
@@ -45,32 +47,14 @@ class Judge:
             raise RecipeError(f"{where}.model: cannot load the judge {config.model!r}: {exc}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.engine = self._engine(device, seed)
-
-    def _engine(self, device: str, seed: int):
-        from types import SimpleNamespace
-
-        from prefopt.online.engines import HFEngine
-
-        config = self.config
         if config.server or config.engine == "vllm":
-            from prefopt.online.server import ServerEngine
-
-            sampling = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0))  # greedy: no draw
-            serve = [config.model, "--engine", config.engine, "--seed", str(seed), "--gpu-memory-utilization",
-                     str(config.gpu_memory_utilization)]
-            if config.max_model_len:
-                serve += ["--max-model-len", str(config.max_model_len)]
-            return ServerEngine(sampling, self.tokenizer, config.server or "spawn", serve=serve)
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(config.model).to(device).eval()
-        except OSError as exc:
-            raise RecipeError(f"{self.where}.model: cannot load the judge {config.model!r}: {exc}") from None
-        engine = HFEngine(self.tokenizer, temperature=1.0, top_p=1.0)
-        engine.sync(model, local_accelerator(device))
-        return engine
+            if serve is None:
+                raise RecipeError(f"{where}: a served judge (server, or engine vllm) scores the samples of online "
+                                  "runs (method rl, online, distill); here it runs in this process: leave server "
+                                  "out and set engine: hf")
+            self.engine = serve(config, self.tokenizer, seed)
+        else:
+            self.engine = _HereEngine(config.model, self.tokenizer, device, where)
 
     def close(self) -> None:
         self.engine.close()
@@ -158,6 +142,25 @@ class PairwiseJudge(Judge):
         except (TypeError, ValueError):
             return None
         return value if 0 <= value <= 1 else None
+
+
+class _HereEngine:
+    """The judge in this process: Hugging Face generate, greedy (the engine interface's generate and close)."""
+
+    def __init__(self, model: str, tokenizer, device: str, where: str):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+        except OSError as exc:
+            raise RecipeError(f"{where}.model: cannot load the judge {model!r}: {exc}") from None
+        self.tokenizer, self.accelerator = tokenizer, local_accelerator(device)
+
+    def generate(self, prompts, draw, max_new_tokens):
+        return generate(self.model, self.accelerator, self.tokenizer, prompts, max_new_tokens=max_new_tokens), None
+
+    def close(self) -> None:
+        """Nothing to shut down."""
 
 
 def _regex(pattern: str, where: str):

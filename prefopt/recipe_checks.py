@@ -206,13 +206,13 @@ def check_reward(recipe: Recipe, where: str) -> None:
                  f"implicit_prm_ce, or on pairs with dpo (Yuan et al. 2024); got {', '.join(names)}")
         check_preference(recipe, where)
         return
-    if recipe.reference.kind not in ("auto", "none"):
-        fail(where, "reference", "a classifier reward model has no reference; remove the section (an implicit PRM, "
-             "reward.kind: implicit_prm, has one)")
     sft_options(recipe, where)
     kinds = _loss_specs(recipe, where)
     if set(kinds.values()) != {"rewards"}:
         fail(where, "loss", f"method 'reward' trains a reward model on a reward-model loss (bradley_terry), got {kinds}")
+    if recipe.reference.kind not in ("auto", "none"):
+        fail(where, "reference", "a classifier reward model has no reference; remove the section (an implicit PRM, "
+             "reward.kind: implicit_prm, has one)")
 
 
 # Every numeric recipe value's range: (test, what it must be). NaN fails every test.

@@ -127,7 +127,8 @@ class RewardTerms:
     """The score of each completion: the weighted sum of a recipe's `rewards:` terms (prefopt.recipe_online.RewardTerm).
     `scorer_options` go to each RewardScorer (device, placement, lockstep)."""
 
-    def __init__(self, terms: list, section: str = "rewards", **scorer_options):
+    def __init__(self, terms: list, section: str = "rewards", serve_judge=None, **scorer_options):
+        """`serve_judge`: how a served judge gets its engine (online runs: prefopt.online.server.judge_engine)."""
         from prefopt.scoring import RewardScorer
 
         self.terms = []  # (name, weight, FunctionTerm or RewardScorer)
@@ -138,7 +139,8 @@ class RewardTerms:
                 if term.judge:
                     from prefopt.judge import Judge
 
-                    fn, what = Judge(term.judge, name, f"{where}.judge", device), f"judge {term.judge.model}"
+                    fn = Judge(term.judge, name, f"{where}.judge", device, serve=serve_judge)
+                    what = f"judge {term.judge.model}"
                 else:
                     from prefopt.prm import ImplicitPRM
 

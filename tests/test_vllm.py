@@ -7,6 +7,7 @@ one does (data parallel, ZeRO-3 and FSDP2: weights gathered from the shards for 
 (method online) samples through it and resumes exactly."""
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -59,6 +60,14 @@ def test_a_judge_or_teacher_served_by_vllm_answers_as_hf(checks):
     judge = checks["judge"]
     assert judge["vllm"] == judge["hf"] and len(judge["hf"]) == 3 and any(judge["hf"])
     assert judge["teacher_gap"] < 1e-4
+
+
+def test_distillation_samples_through_the_engine(checks):
+    """method distill with rollout.engine vllm: the student samples on vLLM, the teacher scores each token."""
+    distill = checks["distill"]
+    # the summed log-ratio of the sampled tokens (k1: an estimate, negative for some rollouts), not zero
+    assert len(distill["kl"]) == 4 and all(math.isfinite(kl) for kl in distill["kl"]) and distill["kl"][0] > 0.1
+    assert distill["gap_max"] < 1e-4
 
 
 def test_online_dpo_samples_through_the_engine(checks):

@@ -73,6 +73,7 @@ def greedy_matches_hf(config: dict) -> dict:
 def judge_checks(task: Path) -> dict:
     """An LLM judge served by vLLM (an engine server of its own) and the same judge in-process (Hugging Face
     greedy): their verdicts."""
+    from prefopt.online.server import judge_engine
     from prefopt.recipe_online import JudgeConfig, RewardTerm
     from prefopt.rewards import RewardTerms
 
@@ -81,7 +82,7 @@ def judge_checks(task: Path) -> dict:
     prompts, texts = ["add: 1 + 2 =", "add: 3 + 4 =", "add: 9 + 9 ="], [" 3", " 7", " 81"]
     verdicts = {}
     for engine_name in ("hf", "vllm"):
-        terms = RewardTerms([RewardTerm(judge=JudgeConfig(**judge, engine=engine_name))])
+        terms = RewardTerms([RewardTerm(judge=JudgeConfig(**judge, engine=engine_name))], serve_judge=judge_engine)
         try:
             fn = terms.terms[0][2].fn
             verdicts[engine_name] = fn.verdicts(fn.prompts(prompts, [{"completion": t} for t in texts], {}))
@@ -134,6 +135,12 @@ def engine_checks(out: Path, task: Path) -> dict:
         online[name] = [train(config, *o) for o in overrides][-1]
     results["online"] = {key: [r["loss"] for r in records] for key, records in online.items()}
     results["online"]["pairs"] = [r["pairs/real"] for r in online["whole"]]
+    # method distill samples through the engine too: the start as the student, the "full" run's policy the teacher
+    config = recipe(task, out / "distill", method="distill", distill={"teacher": str(out / "full" / "final")},
+                    rewards={"function": "vllm_check:distinct_characters", "weight": 0.0}, rollout={"temperature": 1.0})
+    records = train(config)
+    results["distill"] = {"kl": [r["rollout/kl"] for r in records],
+                          "gap_max": max(r["rollout/engine_logp_gap_max"] for r in records)}
     # prefopt label --engine vllm: seeded samples, the same on a second call
     from prefopt.labeling import sample
 

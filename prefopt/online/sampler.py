@@ -42,7 +42,10 @@ class Sampler:
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:
                 return int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).max())
-        self.rewards = RewardTerms(recipe.rewards, device=str(accelerator.device), place=place, lockstep=lockstep)
+        from prefopt.online.server import judge_engine
+
+        self.rewards = RewardTerms(recipe.rewards, device=str(accelerator.device), place=place, lockstep=lockstep,
+                                   serve_judge=judge_engine)
         self.agent = None  # multi-turn, tool-using rollouts (rollout.tools, rollout.environment)
         if recipe.rollout.tools or recipe.rollout.environment:
             from prefopt.online.agent import Agent

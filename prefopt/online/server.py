@@ -408,3 +408,13 @@ class ServedTeacher:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def judge_engine(config, tokenizer, seed: int) -> ServerEngine:
+    """A judge's engine server (judge.server: spawn or HOST:PORT; judge.engine hf or vllm), greedy verdicts."""
+    sampling = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0))  # greedy: no draw is given
+    serve = [config.model, "--engine", config.engine, "--seed", str(seed), "--gpu-memory-utilization",
+             str(config.gpu_memory_utilization)]
+    if config.max_model_len:
+        serve += ["--max-model-len", str(config.max_model_len)]
+    return ServerEngine(sampling, tokenizer, config.server or "spawn", serve=serve)
