@@ -3,6 +3,9 @@ token ids, on the first run (an empty datasets cache) and on a rerun (the cache 
 
     python scripts/prepare_benchmark.py --rows 60000 [--out DIR]
 
+Peak RSS counts the pages of memory-mapped files the process has read (the datasets cache of the rows and of
+their token ids) beside what it allocated; the two are sampled apart (RssAnon, RssFile of /proc/self/status).
+
 The rows are synthetic and UltraFeedback-shaped: log-normal word counts (prompt median 80 words, completions
 median 190; the shape scripts/benchmark.py uses for lengths), English-like words, a byte-level BPE tokenizer of
 16k tokens trained on them. Both libraries read the same jsonl with datasets.load_dataset and tokenize with the
@@ -47,10 +50,28 @@ def write_rows(out: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def watch_memory(peaks: dict) -> None:
+    """Sample /proc/self/status every 0.2 s: the peaks of anonymous memory (what the process allocated) and of
+    file-backed resident pages (memory-mapped files read, the Arrow cache among them: the kernel reclaims them)."""
+    import threading
+
+    def loop():
+        while True:
+            for line in open("/proc/self/status"):
+                key = line.split(":")[0]
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(line.split()[1]) // 1024)
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def measure(tool: str, out: Path, num_proc: int | None) -> dict:
-    """One preparation in this process: seconds, peak RSS (MiB), rows."""
+    """One preparation in this process: seconds, peak RSS (MiB) and its anonymous and file-backed parts, rows."""
     import resource
 
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    watch_memory(peaks)
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -73,8 +94,10 @@ def measure(tool: str, out: Path, num_proc: int | None) -> dict:
         rows = len(DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
                                                "train"))
     seconds = time.perf_counter() - start
+    time.sleep(0.4)  # the last sample
     return {"tool": tool, "seconds": round(seconds, 2), "rows": rows,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_anon_mib": peaks["RssAnon"], "peak_file_mib": peaks["RssFile"]}
 
 
 def main() -> None:
@@ -102,9 +125,11 @@ def main() -> None:
             line = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
             results.append({"run": run, **json.loads(line)})
             print(json.dumps(results[-1]), flush=True)
-    print("\n| tool | run | seconds | peak RSS (MiB) | rows |\n|---|---|---|---|---|")
+    print("\n| tool | run | seconds | peak RSS (MiB) | of it anonymous / file-backed (peaks) | rows |\n"
+          "|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['tool']} | {r['run']} | {r['seconds']} | {r['peak_rss_mib']} | {r['rows']} |")
+        print(f"| {r['tool']} | {r['run']} | {r['seconds']} | {r['peak_rss_mib']} | {r['peak_anon_mib']} / "
+              f"{r['peak_file_mib']} | {r['rows']} |")
 
 
 if __name__ == "__main__":
