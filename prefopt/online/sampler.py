@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from prefopt import distributed
-from prefopt.data import load_prompts
+from prefopt.data import load_prompts, rows_at
 from prefopt.degenerate import RolloutWatch
 from prefopt.errors import PrefoptError, RecipeError
 from prefopt.generation import Draw, laid_out, pad_prompts
@@ -64,6 +64,7 @@ class Sampler:
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
         self.pending: dict[int, Background] = {}  # rollouts generating in the background, by cycle
         self.eval_samples: list[dict] = []
+        self.order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation of train_data)
         from prefopt.methods import METHODS
 
         self.watch = RolloutWatch(recipe, accelerator.print,  # rewards that give no signal
@@ -110,10 +111,11 @@ class Sampler:
         n, seed = len(self.train_data), self.recipe.seed
         if round:
             generator = torch.Generator().manual_seed(hash((seed, cycle, round)) & (2**63 - 1))
-            return [self.train_data[i] for i in torch.randperm(n, generator=generator)[:count].tolist()]
+            return rows_at(self.train_data, torch.randperm(n, generator=generator)[:count].tolist())
         epoch, index = divmod(cycle, n // count)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        return [self.train_data[i] for i in order[index * count : (index + 1) * count]]
+        if self.order is None or self.order[0] != epoch:  # the epoch's permutation, drawn once
+            self.order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)))
+        return rows_at(self.train_data, self.order[1][index * count : (index + 1) * count].tolist())
 
     # ----- 2. samples ---------------------------------------------------------------------------
 
