@@ -91,6 +91,14 @@ def sft(out: Path, model: Path, data: Path, steps: int, batch: int = 32, lr: flo
                   **sections}) / "final"
 
 
+def task_and_start(out: Path, task: str, steps: int) -> tuple[Path, Path]:
+    """The synthetic task under out/assets (its tiny model, data) and its start policy after `steps` SFT steps."""
+    assets = out / "assets"
+    if not (assets / "model").exists():
+        prefopt("synth", task, str(assets))
+    return assets, sft(out / "start", assets / "model", assets / "sft.jsonl", steps)
+
+
 def grpo(out: Path, model: Path, assets: Path, steps: int, seed: int, rewards: list, lr: float = 3e-5,
          max_new_tokens: int = 8, **sections) -> Path:
     """The GRPO of recipes/grpo/quickstart.yaml: 8 prompts x 8 samples an update, held-out greedy eval 4 times."""
@@ -211,10 +219,7 @@ def prm_study(args) -> dict:
     from prefopt.data.synthetic import chain_correct
 
     out = args.out
-    assets = out / "assets"
-    if not (assets / "model").exists():
-        prefopt("synth", "chain", str(assets))
-    start = sft(out / "start", assets / "model", assets / "sft.jsonl", 500)
+    assets, start = task_and_start(out, "chain", 500)
     labelled = out / "prm-data.jsonl"
     if not labelled.exists():  # the start policy's samples (at the rollouts' temperature), labelled by the outcome
         write_jsonl(labelled, sampled(start, read_jsonl(assets / "train.jsonl")[:1000], 4, 0.5, 12, chain_correct))
@@ -254,10 +259,7 @@ def judge_study(args) -> dict:
     from prefopt.rewards import RewardTerms
 
     out = args.out
-    assets = out / "assets"
-    if not (assets / "model").exists():
-        prefopt("synth", "arithmetic", str(assets))
-    start = sft(out / "start", assets / "model", assets / "sft.jsonl", 250)
+    assets, start = task_and_start(out, "arithmetic", 250)
     if not (out / "judge-assets" / "model").exists():  # the judge: a 128-wide model that learned the task first
         prefopt("synth", "arithmetic", str(out / "judge-assets"), "--hidden-size", "128")
     judge_start = sft(out / "judge-start", out / "judge-assets" / "model", out / "judge-assets" / "sft.jsonl", 600)
