@@ -147,7 +147,7 @@ class PPOConfig:
 
     # gae learns a value function (critic); the others are critic-free (prefopt.losses.ppo.ADVANTAGES); or a
     # user's module:function (prefopt.losses.ppo.register_advantage declares its level, critic and defaults)
-    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp | module:function
+    advantage: str = "gae"  # gae | grpo | rloo | reinforce | reinforce_pp | prime | module:function
     advantage_scale: Literal["group", "batch", "none"] | None = None  # None: the estimator's (grpo: group, else batch)
     # token_mean: over every completion token of the mini-batch (DAPO); sequence_mean: over sequences of each one's
     # token mean (GRPO); constant: token sum / (sequences x rollout.max_new_tokens) (Dr. GRPO). None: the

@@ -9,9 +9,10 @@ three ways for the same number of student completions (64 a step): on-policy dis
 reverse KL per sampled token), SFT on the teacher's samples (sequence-level distillation), and GRPO on the exact
 verifier. Held-out greedy accuracy against the student tokens each has sampled or trained on.
 
-prm: on multi-step addition with the work shown (prefopt synth chain), GRPO on the outcome alone against GRPO with
-an implicit PRM's per-token rewards beside it (PRIME: trained first on the start policy's labelled samples with
-method reward, reward.kind implicit_prm, then updated online on each rollout's outcome labels).
+prm: on multi-step addition with the work shown (prefopt synth chain), GRPO on the outcome alone against an
+implicit PRM's per-token rewards beside it (trained first on the start policy's labelled samples with method
+reward, reward.kind implicit_prm, then updated online on each rollout's outcome labels), summed into GRPO's
+returns or through PRIME's own advantage (ppo.advantage: prime).
 
 judge: on the addition task, a judge model (a 128-wide model trained on the task, then fine-tuned to write 1 or 0
 after a verdict prompt showing a training prompt with its answer or a wrong one) as the reward term,
@@ -236,11 +237,13 @@ def prm_study(args) -> dict:
     results: dict[str, list] = {}
     prm = {"implicit_prm": {"model": str(prm_run / "final"), "reference": str(start), "beta": 0.05,
                             "online_update": True, "label": "chain_correct", "lr": 1e-6}}
+    arms = (("GRPO, outcome only", "outcome", [{"function": CHAIN}], "grpo"),
+            ("GRPO, outcome + implicit PRM (summed)", "prm", [{"function": CHAIN}, prm], "grpo"),
+            ("PRIME: outcome + implicit PRM, PRIME's advantage", "prime", [{"function": CHAIN}, prm], "prime"))
     for seed in args.seeds:
-        for name, rewards in (("GRPO, outcome only", [{"function": CHAIN}]),
-                              ("GRPO, outcome + implicit PRM (PRIME)", [{"function": CHAIN}, prm])):
-            run = grpo(out / f"{'prm' if len(rewards) > 1 else 'outcome'}-s{seed}", start, assets, args.steps, seed,
-                       rewards, max_new_tokens=12)
+        for name, short, rewards, advantage in arms:
+            run = grpo(out / f"{short}-s{seed}", start, assets, args.steps, seed, rewards, max_new_tokens=12,
+                       ppo={"advantage": advantage, "kl_coef": 0.04, "kl_penalty": "loss", "kl_estimator": "k3"})
             results.setdefault(name, []).append(curve(run, "rewards/chain_correct"))
     table(results, "held-out accuracy")
     print(f"PRM training data: {len(rows)} samples, {statistics.mean(r['label'] for r in rows):.3f} correct; "

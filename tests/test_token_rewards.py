@@ -64,3 +64,20 @@ def test_per_token_rewards_of_the_wrong_length_are_refused(sort_task, tmp_path):
     sections["rewards"] = {"function": "test_token_rewards:wrong_length"}
     with pytest.raises(PrefoptError, match=r"gave \d+ per-token rewards for a completion of \d+ tokens"):
         train_recipe(write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections))
+
+
+@pytest.mark.parametrize("gamma,expected", [
+    (1.0, [[0.4, 0.4, 0.0], [-0.1, -0.3, -0.5]]),
+    (0.5, [[0.2, 0.4, 0.0], [0.175, -0.05, -0.5]]),
+])
+def test_primes_advantage_by_hand(gamma, expected):
+    """One group of two: process rewards [0.2, -0.4] and [0.1, 0.1, 0.4] (per-token means -0.1 and 0.2, so each
+    token less the other's: 0.0, -0.6 and 0.2, 0.2, 0.5), outcomes 1 and 0 at the last tokens (leave-one-out: 1
+    and -1 there), then returns-to-go."""
+    from prefopt.losses.ppo import prime_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    process = torch.tensor([[0.2, -0.4, 0.0], [0.1, 0.1, 0.4]])
+    rewards = process + torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    advantages, _ = prime_advantages(rewards, mask, process=process, group_size=2, gamma=gamma)
+    assert torch.allclose(advantages, torch.tensor(expected), atol=1e-6)

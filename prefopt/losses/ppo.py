@@ -127,20 +127,22 @@ class Estimator:
     min_group: int = 1  # completions per prompt it needs
     scale: str = "batch"  # its default ppo.advantage_scale
     aggregation: str = "token_mean"  # its default ppo.loss_aggregation
+    process: bool = False  # takes the reward terms' per-token (process) rewards apart: fn(..., process=(B, T))
 
 
 ADVANTAGES: dict[str, Estimator] = {}
 
 
 def register_advantage(name: str | None = None, *, level: str = "sequence", critic: bool = False,
-                       min_group: int = 1, scale: str = "batch", aggregation: str = "token_mean") -> Callable:
+                       min_group: int = 1, scale: str = "batch", aggregation: str = "token_mean",
+                       process: bool = False) -> Callable:
     """Decorator: `@register_advantage("rloo", min_group=2)` above fn(rewards, mask, *, values, group_size, gamma,
     lam) -> (advantages, returns or None); a recipe's `ppo.advantage: <name>` then picks it. Without a name it only
     declares the function's properties, for a recipe that names it as `module:function`."""
 
     def add(fn: Callable) -> Callable:
         fn.estimator = Estimator(name or f"{fn.__module__}:{fn.__qualname__}", fn, level, critic, min_group, scale,
-                                 aggregation)
+                                 aggregation, process)
         if name:
             ADVANTAGES[name] = fn.estimator
         return fn
@@ -200,22 +202,46 @@ def reinforce_advantages(rewards, mask, **_):
 def reinforce_pp_advantages(rewards, mask, *, gamma, **_):
     """REINFORCE++ (Hu 2025, Sec. 3): each token's discounted return-to-go of the per-token rewards (the KL
     penalty at every token, the score at the last), no critic; whitened over the batch (advantage_scale: batch)."""
+    return returns_to_go(rewards, mask, gamma), None
+
+
+@register_advantage("prime", level="token", min_group=2, process=True)
+def prime_advantages(rewards, mask, *, process, group_size, gamma, **_):
+    """PRIME (Cui et al. 2025, Sec. 3.3): leave-one-out baselines for both kinds of reward. Each token's process
+    reward less the mean per-token process reward of the other k - 1 samples of its group; each completion's
+    other rewards (the outcome, any KL in the reward) summed, less the others' mean (RLOO), at its last token;
+    then each token's discounted return-to-go (gamma); whitened over the batch (advantage_scale: batch), as
+    verl's PRIME recipe does."""
+    k = group_size
+    lengths = mask.sum(1).clamp(min=1)
+    per_token = (process.sum(1) / lengths).view(-1, k)
+    process_baseline = ((per_token.sum(1, keepdim=True) - per_token) / (k - 1)).reshape(-1, 1)
+    outcome = (rewards - process).sum(1).view(-1, k)
+    outcome = (outcome - (outcome.sum(1, keepdim=True) - outcome) / (k - 1)).reshape(-1)
+    shaped = (process - process_baseline) * mask
+    last = (mask.cumsum(1) == lengths[:, None]) & mask.bool()  # each completion's last token
+    return returns_to_go(shaped + last * outcome[:, None], mask, gamma), None
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each token's discounted sum of the rewards from it to its completion's end (B, T)."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         running = (rewards[:, t] + gamma * running) * mask[:, t]
         returns[:, t] = running
-    return returns, None
+    return returns
 
 
 def estimate_advantages(rewards: torch.Tensor, mask: torch.Tensor, estimator: str | Estimator, scale: str, *,
                         values: torch.Tensor | None = None, group_size: int = 1, gamma: float = 1.0,
-                        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+                        lam: float = 0.95, process: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages (B, T), 0 past each completion, and value targets (zeros without a critic): the estimator, then
     its scale: "group" divides each completion's advantage by its group's std of returns + 1e-4 (Bessel; GRPO, as
     TRL), "batch" whitens over every completion token (TRL's PPO, OpenRLHF), "none" leaves it."""
     spec = estimator if isinstance(estimator, Estimator) else get_advantage(estimator)
-    advantages, returns = spec.fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam)
+    extra = {"process": torch.zeros_like(rewards) if process is None else process} if spec.process else {}
+    advantages, returns = spec.fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam, **extra)
     expected = (len(rewards),) if spec.level == "sequence" else tuple(rewards.shape)
     if tuple(advantages.shape) != expected:
         raise ValueError(f"advantage estimator {spec.name} ({spec.level}-level) gave advantages of shape "

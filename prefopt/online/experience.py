@@ -163,7 +163,7 @@ def make_experience(buffer: dict, tokens: dict, stats: dict, recipe, kl_coef: fl
     stats["rollout/shaped_reward"] = rewards.sum(1).mean()
     advantages, returns = ppo_math.estimate_advantages(
         rewards, mask, estimator, ppo.advantage_scale, values=tokens.get("old_values"),
-        group_size=rollout.samples_per_prompt, gamma=ppo.gamma, lam=ppo.lam)
+        group_size=rollout.samples_per_prompt, gamma=ppo.gamma, lam=ppo.lam, process=token)
     if estimator.critic:
         values = tokens["old_values"]
         residual = ppo_math.masked_mean((returns - values - ppo_math.masked_mean(returns - values, mask)) ** 2, mask)
