@@ -156,3 +156,21 @@ def test_tokenized_rows_stay_in_arrow_and_read_as_lists_of_dicts(tokenizer, tmp_
     assert rows_at(rows, [4, 0, 4]) == [listed[4], listed[0], listed[4]] == list(rows.select([4, 0, 4]))
     with pytest.raises(IndexError):
         rows[len(rows)]
+
+
+def test_a_checked_file_is_not_read_again_until_it_changes(tokenizer, tmp_path, monkeypatch):
+    """The line-by-line check of a JSON Lines file runs once per (path, size, modification time): a second load
+    skips it; a line appended (a malformed one) makes it run again and name the line."""
+    from prefopt.data import sources
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(4)])
+    load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+    calls = []
+    monkeypatch.setattr(sources, "_check_text", lambda *args: calls.append(args))
+    load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+    assert calls == []
+    monkeypatch.undo()
+    with open(path, "a") as f:
+        f.write('{"prompt": "p", "chosen": oops}\n')
+    with pytest.raises(DataError, match="line 5 is not valid JSON"):
+        load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)

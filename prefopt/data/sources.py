@@ -69,7 +69,27 @@ def check_local_file(path: Path, where: str) -> None:
     """What Arrow would read wrongly or crash on, refused with the line named, before it reads the file: a JSON
     Lines file with a line that is not JSON or not an object (`null` crashes the reader), or whose column holds
     text in some rows and lists in others (the reader would then decode text that looks like JSON: " 4" or
-    "[1, 2]"); a CSV file with a repeated header column (one would silently win)."""
+    "[1, 2]"); a CSV file with a repeated header column (one would silently win). A file that passed is marked
+    in the datasets cache by its path, size and modification time, and not read again (a warm start of a large
+    set then costs no pass over its text)."""
+    import hashlib
+
+    import datasets
+
+    stat = path.resolve().stat()
+    key = hashlib.blake2b(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+    marker = Path(datasets.config.HF_DATASETS_CACHE) / "prefopt-checked" / key
+    if marker.exists():
+        return
+    _check_text(path, where)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache: checked again next time
+        pass
+
+
+def _check_text(path: Path, where: str) -> None:
     import csv
     import json
 
