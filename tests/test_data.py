@@ -174,3 +174,18 @@ def test_a_checked_file_is_not_read_again_until_it_changes(tokenizer, tmp_path, 
         f.write('{"prompt": "p", "chosen": oops}\n')
     with pytest.raises(DataError, match="line 5 is not valid JSON"):
         load_examples([DataSource(str(path))], tokenizer, cfg(), 0, "data.train", log=lambda s: None)
+
+
+def test_a_glob_reads_shards_in_name_order_and_names_a_malformed_shards_line(tokenizer, tmp_path):
+    for k in range(3):
+        write_jsonl(tmp_path / f"part-{k}.jsonl", [{"prompt": f"p{k}-{i}", "chosen": " a", "rejected": " b"}
+                                                   for i in range(5)])
+    rows = load_examples([DataSource(str(tmp_path / "part-*.jsonl"))], tokenizer, cfg(), 0, "data.train",
+                         log=lambda s: None)
+    assert len(rows) == 15 and tokenizer.decode(rows[5]["prompt_ids"]).startswith("p1-0")
+    with open(tmp_path / "part-1.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(DataError, match=r"part-1.jsonl line 6 is not valid JSON"):
+        load_examples([DataSource(str(tmp_path / "part-*.jsonl"))], tokenizer, cfg(), 0, "data.train")
+    with pytest.raises(DataError, match="no file matches"):
+        load_examples([DataSource(str(tmp_path / "none-*.jsonl"))], tokenizer, cfg(), 0, "data.train")

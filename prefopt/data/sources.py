@@ -38,6 +38,8 @@ def load_source(source: DataSource, where: str):
             raise DataError(f"{where}: {source.path} names an in-memory dataset, given only to prefopt.train(..., "
                             "train_data=...); pass it again, or save it to a file")
         return _IN_MEMORY[source.path]
+    if any(c in source.path for c in "*?["):  # shards: data/part-*.jsonl, read in name order as one source
+        return _load_shards(source, where)
     path = Path(source.path).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in LOCAL_FORMATS or source.path.startswith((".", "/", "~")) or path.exists()
@@ -63,6 +65,25 @@ def load_source(source: DataSource, where: str):
             not_utf8(source.path, where)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{where}: could not load {source.path!r} (split {source.split!r}): {first_line}") from None
+
+
+def _load_shards(source: DataSource, where: str):
+    """The files a glob names, sorted, as one `datasets.Dataset`: one format, each file checked (a malformed line
+    is named by its shard and line)."""
+    import glob
+
+    import datasets
+
+    shards = sorted(Path(p) for p in glob.glob(str(Path(source.path).expanduser())))
+    if not shards:
+        raise DataError(f"{where}: no file matches {source.path} (paths are relative to the directory you run from)")
+    suffixes = {p.suffix.lower() for p in shards}
+    if len(suffixes) > 1 or not suffixes <= set(LOCAL_FORMATS):
+        raise DataError(f"{where}: {source.path} matches files of the formats {', '.join(sorted(suffixes))}; shards "
+                        f"share one format of {', '.join(LOCAL_FORMATS)}: narrow the pattern")
+    for shard in shards:
+        check_local_file(shard, where)
+    return datasets.load_dataset(LOCAL_FORMATS[suffixes.pop()], data_files=[str(p) for p in shards], split="train")
 
 
 def check_local_file(path: Path, where: str) -> None:

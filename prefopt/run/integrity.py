@@ -50,8 +50,11 @@ MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".py
 def input_paths(recipe) -> list[tuple[str, Path]]:
     """(recipe key, local file or directory) of everything the run reads from disk: data sources and models
     (hub ids, which the cache pins by revision, are not local paths and are skipped)."""
-    found = [(f"data.{split}", Path(source.path)) for split in ("train", "eval")
-             for source in (getattr(recipe.data, split) or [])]
+    import glob
+
+    found = [(f"data.{split}", Path(path)) for split in ("train", "eval")
+             for source in (getattr(recipe.data, split) or [])
+             for path in (sorted(glob.glob(source.path)) if any(c in source.path for c in "*?[") else [source.path])]
     models = [("model.name_or_path", recipe.model.name_or_path), ("model.adapter", recipe.model.adapter)]
     reference = getattr(recipe, "reference", None)
     if reference is not None:
