@@ -114,6 +114,10 @@ class DataConfig:
     # numeric columns carried into every batch as (B,) tensors, batch[name], for a custom trainer's compute_loss
     extra_columns: list[str] = field(default_factory=list)
     on_bad_row: Literal["error", "drop"] = "error"  # unusable rows stop the run, or are dropped and counted
+    # read data.train as training goes (local .jsonl/.parquet shards, a glob of them, a hub id), tokenized in a
+    # background thread: a data set of any size starts at once (prefopt/data/stream.py); the position is checkpointed
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # streaming: rows of a shard read together and shuffled (1: in file order)
     # a signal that trains nothing (chosen == rejected, one label, a reward that is None or constant, no group
     # variance, warm-up past the run; prefopt/degenerate.py): said loudly, or the run stops
     on_degenerate: Literal["warn", "error"] = "warn"

@@ -31,6 +31,8 @@ def check(recipe: Recipe, where: str) -> None:
               f"so that every completion keeps at least one token; got {data.max_prompt_length}")
     if data.eval is not None and data.eval_fraction:
         fail(where, "data.eval_fraction", "give either data.eval or data.eval_fraction, not both")
+    if data.streaming:
+        _check_streaming(recipe, where)
     if train.share_prompt and not train.packing:
         fail(where, "train.share_prompt", "works on packed sequences: set train.packing: true too")
     if recipe.rollout.engine not in ("hf", "vllm") and ":" not in recipe.rollout.engine:
@@ -45,6 +47,19 @@ def check(recipe: Recipe, where: str) -> None:
         fail(where, "train.batch_size", f"{train.batch_size} is not a multiple of train.micro_batch_size "
               f"({train.micro_batch_size}); the global batch is split into equal micro-batches")
     _check_log(recipe, where)
+
+
+def _check_streaming(recipe: Recipe, where: str) -> None:
+    """What a stream cannot serve: rows held out of it, or computed over all of it before training."""
+    if recipe.data.eval_fraction:
+        fail(where, "data.eval_fraction", "a stream is not held in memory to hold rows out of it: give data.eval "
+             "(a held-out file), or set data.streaming: false")
+    if recipe.reference.kind == "precomputed":
+        fail(where, "reference.kind", "precomputed scores every training row before the run, which a stream does "
+             "not hold: use copy (or adapter_off with LoRA), or set data.streaming: false")
+    if recipe.method not in ("preference", "sft", "reward"):
+        fail(where, "data.streaming", f"streams the training rows of offline methods (preference, sft, reward); "
+             f"method {recipe.method} reads its data whole: set data.streaming: false")
 
 
 def sft_options(recipe: Recipe, where: str | None = None) -> list[str]:
@@ -222,7 +237,7 @@ RANGES = {
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     "optim.lr": POSITIVE, "optim.eps": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.min_lr_ratio": UNIT, "data.max_length": (lambda v: v >= 2, ">= 2"), "data.max_prompt_length": AT_LEAST_ONE,
-    "data.eval_fraction": UNIT_OPEN, "data.num_proc": AT_LEAST_ONE,
+    "data.eval_fraction": UNIT_OPEN, "data.num_proc": AT_LEAST_ONE, "data.shuffle_buffer": AT_LEAST_ONE,
     "train.batch_size": AT_LEAST_ONE, "train.micro_batch_size": AT_LEAST_ONE, "train.eval_batch_size": AT_LEAST_ONE,
     "train.max_steps": AT_LEAST_ONE, "train.max_grad_norm": POSITIVE, "train.log_every": AT_LEAST_ONE,
     "train.eval_every": NON_NEGATIVE, "train.save_every": NON_NEGATIVE, "train.keep_checkpoints": AT_LEAST_ONE,

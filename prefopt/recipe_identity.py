@@ -12,9 +12,10 @@ RESUMABLE = (
     "train.keep_checkpoints", "train.progress_bar", "train.resume", "train.eval_batch_size",
     "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "log.to", "log.project", "log.run_name",
     "log.quiet", "eval.generate", "eval.max_new_tokens", "eval.rewards", "optim.lr", "train.max_grad_norm",
+    "data.on_bad_row",
 )
 # the remedies of a non-finite stop: they may change on resume, and each change is recorded in run.json
-REMEDIES = ("optim.lr", "train.max_grad_norm")
+REMEDIES = ("optim.lr", "train.max_grad_norm", "data.on_bad_row")  # data.on_bad_row: a stream past a bad row
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:

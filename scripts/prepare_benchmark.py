@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=60000)
     parser.add_argument("--out", default="runs/prepare-benchmark")
     parser.add_argument("--num-proc", type=int, default=None)
+    parser.add_argument("--tools", default="prefopt,trl", help="comma-separated: prefopt, trl")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # a worker: prefopt or trl
     args = parser.parse_args()
     out = Path(args.out)
@@ -115,7 +116,7 @@ def main() -> None:
     write_rows(out, args.rows)
     cache = out / "hf-datasets-cache"
     results = []
-    for tool in ("prefopt", "trl"):
+    for tool in args.tools.split(","):
         shutil.rmtree(cache, ignore_errors=True)  # the first run tokenizes; the rerun reads the cache
         for run in ("first run", "cached rerun"):
             env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

@@ -121,6 +121,20 @@ def test_primes_online_prm_on_two_processes_matches_one(sort_task, tmp_path):
     assert "rewards/implicit_prm/prm_loss" in read_metrics(tmp_path / "two")[0]
 
 
+def test_streaming_two_processes_match_one(sort_task, tmp_path):
+    """data.streaming: each process parses and tokenizes every other row (disjoint), and they share what they
+    read, so that the global batches, the rows dropped (a line that is not JSON, one without a completion) and the
+    run are one process's."""
+    from test_streaming import write_shards
+
+    train = write_shards(sort_task, tmp_path / "shards", bad={(0, 3): "{oops", (2, 11): '{"prompt": "sort: 2 1 =>"}'})
+    sections = {"train": {**TRAIN, "max_steps": 40, "eval_every": 40, "log_every": 5},
+                "data": {"train": train, "streaming": True, "shuffle_buffer": 8, "on_bad_row": "drop"}}
+    one_and_two(sort_task, tmp_path, sections)
+    # the first bad line twice (epoch 2), the other once
+    assert [r["data/dropped_rows"] for r in read_metrics(tmp_path / "two")][-1] == 3
+
+
 def one_and_two(sort_task, tmp_path, sections: dict) -> None:
     """The recipe in one process and under torchrun in two: the same records."""
     one, two = tmp_path / "one", tmp_path / "two"

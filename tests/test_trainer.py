@@ -45,13 +45,19 @@ def test_gradient_accumulation_matches_one_big_micro_batch(sort_task, tmp_path):
     assert runs[8][-1]["loss"] < runs[8][0]["loss"]  # and it learns
 
 
-@pytest.mark.parametrize("method", ["dpo", "grpo-lag", "grpo-lag-server"])
+@pytest.mark.parametrize("method", ["dpo", "dpo-streaming", "grpo-lag", "grpo-lag-server"])
 def test_resume_after_kill_matches_an_uninterrupted_run(sort_task, tmp_path, method):
     """kill -9 at a random point and the same command again: the metrics and weights of the uninterrupted run,
-    for DPO and for GRPO with rollout.lag 1 (the rollouts generated ahead come back from the checkpoint), also
-    with the engine in a server process of its own generating during the updates (which dies with its trainer)."""
+    for DPO (also streaming shards, into a second epoch: the position comes back from the checkpoint) and for
+    GRPO with rollout.lag 1 (the rollouts generated ahead come back from the checkpoint), also with the engine in
+    a server process of its own generating during the updates (which dies with its trainer)."""
     steps = 40
     sections = dict(train={"max_steps": steps, "save_every": 2, "eval_every": 10})
+    if method == "dpo-streaming":
+        from test_streaming import write_shards
+
+        sections["data"] = {"train": write_shards(sort_task, tmp_path / "shards"), "streaming": True,
+                            "shuffle_buffer": 16}
     if method.startswith("grpo-lag"):
         from test_ppo import ppo_sections
 

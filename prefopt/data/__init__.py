@@ -83,16 +83,21 @@ def load_examples(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: i
     """
     loaded = _load(sources, tokenizer, cfg, seed, where, log)
     for origin, fmt, _ in loaded:
-        if fmt == "prompts":
-            raise DataError(f"{origin} holds prompts alone; offline methods need completions (prompt/chosen/"
-                            "rejected or prompt/completion), online methods (a ppo: section) take prompts")
-        if takes == "paired" and fmt == "unpaired":
-            raise DataError(f"{origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
-                            "pairs (prompt/chosen/rejected): use an unpaired loss (kto, bco, sft) or paired data")
-        if takes != "any" and fmt == "lm":
-            raise DataError(f"{origin} holds SFT rows (`messages` or `text`), which train with the sft loss only "
-                            "(method: sft); preference losses need prompt/chosen/rejected or prompt/completion/label")
+        check_takes(origin, fmt, takes)
     return Rows.joined([rows for _, _, rows in loaded])
+
+
+def check_takes(origin: str, fmt: str, takes: str) -> None:
+    """A source's format refused where the losses cannot train on it (`takes`, as load_examples)."""
+    if fmt == "prompts":
+        raise DataError(f"{origin} holds prompts alone; offline methods need completions (prompt/chosen/"
+                        "rejected or prompt/completion), online methods (a ppo: section) take prompts")
+    if takes == "paired" and fmt == "unpaired":
+        raise DataError(f"{origin} holds unpaired rows (prompt/completion/label), but the loss trains on "
+                        "pairs (prompt/chosen/rejected): use an unpaired loss (kto, bco, sft) or paired data")
+    if takes != "any" and fmt == "lm":
+        raise DataError(f"{origin} holds SFT rows (`messages` or `text`), which train with the sft loss only "
+                        "(method: sft); preference losses need prompt/chosen/rejected or prompt/completion/label")
 
 
 def load_prompts(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str,
@@ -126,16 +131,8 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         dataset = load_source(source, origin)
         dataset = dataset.rename_columns({k: v for k, v in (rename or {}).items() if k in dataset.column_names})
         dataset = map_columns(dataset, cfg.columns, origin)
-        missing = [c for c in cfg.extra_columns if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{origin}: data.extra_columns names {missing}, not columns of this data; its columns are "
-                            f"{', '.join(dataset.column_names)}")
-        fmt = row_format(dataset, origin, cfg.columns, log,
-                         ignore=dataset.column_names if keep_columns else cfg.extra_columns)
-        settings = {"tokenizer": tokenizer, "fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
-                    "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns),
-                    "chat_template_kwargs": dict(cfg.chat_template_kwargs),
-                    "assistant_only": cfg.assistant_only_loss, "completion_only": cfg.completion_only_loss is not False}
+        settings = {"tokenizer": tokenizer, **source_settings(dataset, origin, cfg, log, keep_columns)}
+        fmt = settings["fmt"]
         keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
         try:
             tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
@@ -170,6 +167,20 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         raise DataError(f"{where}: no usable rows")
     log(f"[prefopt] {where}: {kept} examples ({report}; data.truncation: {cfg.truncation})")
     return out
+
+
+def source_settings(dataset, origin: str, cfg: DataConfig, log, keep_columns: bool = False) -> dict:
+    """prepare_batch's settings for a source (its columns named as prefopt's): its format, read from its columns,
+    and data.* ."""
+    missing = [c for c in cfg.extra_columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{origin}: data.extra_columns names {missing}, not columns of this data; its columns are "
+                        f"{', '.join(dataset.column_names)}")
+    fmt = row_format(dataset, origin, cfg.columns, log, ignore=dataset.column_names if keep_columns else cfg.extra_columns)
+    return {"fmt": fmt, "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns),
+            "chat_template_kwargs": dict(cfg.chat_template_kwargs),
+            "assistant_only": cfg.assistant_only_loss, "completion_only": cfg.completion_only_loss is not False}
 
 
 def as_rows(examples: list[dict]) -> list[dict]:
@@ -249,7 +260,7 @@ class Rows(Sequence):
 
 def has_key(examples, key: str) -> bool:
     """Whether some example has `key` (a Rows table: whether one of its sources gave the column)."""
-    return key in examples.columns if isinstance(examples, Rows) else any(key in ex for ex in examples)
+    return key in examples.columns if hasattr(examples, "columns") else any(key in ex for ex in examples)
 
 
 def rows_at(examples, positions: list[int]) -> list[dict]:

@@ -34,7 +34,8 @@ import torch
 from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.data import rows_at
-from prefopt.errors import RecipeError, Stopped, TrainingError
+from prefopt.data.stream import Stream, StreamStop
+from prefopt.errors import DataError, RecipeError, Stopped, TrainingError
 from prefopt.methods import record
 from prefopt.models import check_positions, load_tokenizer
 from prefopt.run import checkpoints, tracking
@@ -44,6 +45,9 @@ from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic, w
 from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
 from prefopt.trainers import setup
+
+
+AT_STEP = ("data/epoch", "data/dropped_rows")  # logged as they are at the step, not averaged over log_every
 
 
 class Trainer:
@@ -108,11 +112,16 @@ class Trainer:
 
     def batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This process's `accumulation_steps` micro-batches for optimizer step `step` (1-based)."""
-        train, n = self.recipe.train, len(self.train_data)
-        epoch, index = divmod(step - 1, n // train.batch_size)
-        if self._order is None or self._order[0] != epoch:  # the epoch's permutation, drawn once
-            self._order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)))
-        examples = rows_at(self.train_data, self._order[1][index * train.batch_size :][: train.batch_size].tolist())
+        train = self.recipe.train
+        if isinstance(self.train_data, Stream):  # the next global batch of the stream
+            examples = self.train_data.batch(step, train.batch_size)
+        else:
+            n = len(self.train_data)
+            epoch, index = divmod(step - 1, n // train.batch_size)
+            if self._order is None or self._order[0] != epoch:  # the epoch's permutation, drawn once
+                generator = torch.Generator().manual_seed(self.recipe.seed + epoch)
+                self._order = (epoch, torch.randperm(n, generator=generator))
+            examples = rows_at(self.train_data, self._order[1][index * train.batch_size :][: train.batch_size].tolist())
         if train.group_by_length:  # similar lengths share a micro-batch: less padding, the same global batch
             examples.sort(key=example_length)
         shared = self.global_batch_values(examples)
@@ -164,14 +173,18 @@ class Trainer:
         window: dict[str, list[float]] = defaultdict(list)
         with runs.stop_signals(self._on_stop_signal):
             for step in progress:
-                record = self.train_step(step)
+                try:
+                    record = self.train_step(step)
+                except StreamStop as stop:  # a bad row reached: what was trained is kept
+                    raise self._stream_stopped(stop, step) from None
                 self.global_step = step
                 self.after_step(step, record)
                 for key, value in record.items():
                     window[key].append(value)
                 stopping = self._stopping(step)
                 if window and (step % train.log_every == 0 or step == train.max_steps or stopping):
-                    record = {key: sum(values) / len(values) for key, values in window.items()}
+                    record = {key: values[-1] if key in AT_STEP else sum(values) / len(values)
+                              for key, values in window.items()}
                     window.clear()
                     self.run_log.write(record, step=step, split="train")
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -274,6 +287,8 @@ class Trainer:
         record["step_seconds"] = time.perf_counter() - start
         if tokens is not None:
             record["tokens_per_second"] = record["num_tokens"] / record["step_seconds"]
+        if isinstance(self.train_data, Stream):
+            record.update(self.train_data.stats())
         return record
 
     def _nonfinite(self, step: int, loss_finite: torch.Tensor, grad_norm) -> bool:
@@ -340,8 +355,20 @@ class Trainer:
         """Multiplier of optim.lr after `step` optimizer steps."""
         return setup.lr_factor(self.recipe.optim, self.recipe.train.max_steps, step)
 
+    def _stream_stopped(self, stop: StreamStop, step: int) -> DataError:
+        """The stream's bad row, with where the steps trained before it are kept (a checkpoint written now)."""
+        kept = "nothing was trained before it"
+        if step > 1:
+            path = self.output_dir / "checkpoints" / f"step-{step - 1}"
+            if not any(done == step - 1 for done, _ in checkpoints.complete_checkpoints(path.parent)):
+                path = self.save_checkpoint(step - 1)
+            kept = f"the {step - 1} steps trained before it are in {path}, where the same command resumes"
+        return DataError(f"{stop}\nThe run stopped before step {step}; {kept}")
+
     def _check_data(self) -> None:
         needed = self.recipe.train.batch_size
+        if isinstance(self.train_data, Stream):
+            return
         if len(self.train_data) < needed:
             raise RecipeError(f"train.batch_size is {needed} but the training set has only {len(self.train_data)} "
                               "usable examples; lower train.batch_size or add data")
@@ -358,6 +385,8 @@ class Trainer:
     def close(self) -> None:
         """End the trackers and the run's distributed state (the CLI calls it after fit, also after an error)."""
         self.run_log.end()
+        if isinstance(self.train_data, Stream):
+            self.train_data.close()
         distributed.end(self.accelerator, list(self.placed_models().values()))
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,9 @@ class PreferenceTrainer(Trainer):
         self.load_data("paired" if "paired" in kinds else "unpaired" if "unpaired" in kinds else "any")
         # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
         self.unpaired = "unpaired" in kinds or has_key(self.train_data, "completion_ids")
-        if self.unpaired:
+        if self.unpaired and hasattr(self.train_data, "split_pairs"):  # a stream: its pairs split as they come
+            self.train_data.split_pairs = True
+        elif self.unpaired:
             self.train_data = as_rows(self.train_data)
             if not all("chosen_ids" in ex for ex in self.eval_data):
                 self.eval_data = as_rows(self.eval_data)
@@ -177,7 +179,7 @@ class PreferenceTrainer(Trainer):
     def _check_packing(self) -> None:
         """Packed sequences rely on the model reading position ids (and 4-D masks) as transformers' own models
         do; one that ignores them (some remote code) would let sequences see each other. Compare once."""
-        examples, acc = self.train_data[:4], self.accelerator
+        examples, acc = getattr(self.train_data, "sample", self.train_data)[:4], self.accelerator
         was_training = self.model.training
         self.model.eval()
         with acc.autocast():

@@ -55,7 +55,7 @@ class RewardTrainer(Trainer):
     def save_final(self):
         """The reward model, with the mean and std of its rewards over the eval set (else the train set),
         for normalising rewards downstream (PPO, scorers)."""
-        examples = self.eval_data or self.train_data
+        examples = self.eval_data or getattr(self.train_data, "sample", self.train_data)  # a stream: its first rows
         self.compute_loss = partial(RewardTrainer.compute_loss, self)  # the statistics whatever a subclass trains
         try:
             stats = RewardTrainer.evaluate(self, examples)

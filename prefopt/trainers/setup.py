@@ -35,7 +35,14 @@ def load_data(trainer, takes: str) -> tuple[list[dict], list[dict]]:
             eval_data = load(data.eval, "prefopt eval --data")
         return eval_data, eval_data
     with acc.main_process_first():  # the first process fills the datasets cache
-        train_data = load(data.train, "data.train")
+        if data.streaming:  # read as training goes; its position is saved with each checkpoint
+            from prefopt.data.stream import Stream
+
+            train_data = trainer.checkpointed["data_stream"] = Stream(
+                data.train, trainer.tokenizer, data, recipe.seed, "data.train", takes, acc.process_index,
+                acc.num_processes, acc.print)
+        else:
+            train_data = load(data.train, "data.train")
         if data.eval:
             eval_data = load(data.eval, "data.eval")
     if data.eval_fraction:
@@ -44,7 +51,8 @@ def load_data(trainer, takes: str) -> tuple[list[dict], list[dict]]:
         held_out = max(1, round(data.eval_fraction * len(train_data)))
         eval_data, train_data = train_data.select(order[:held_out]), train_data.select(order[held_out:])
     contrast = any(get_loss(term.name).data == "unpaired" for term in recipe.loss)  # KTO, BCO
-    degenerate.check_examples(train_data, "data.train", recipe, acc.print, labels=contrast)
+    degenerate.check_examples(getattr(train_data, "sample", train_data), "data.train", recipe, acc.print,
+                              labels=contrast)  # a stream: its first rows
     return train_data, eval_data
 
 
@@ -159,7 +167,7 @@ def run_info(trainer) -> dict:
     recipe, accelerator = trainer.recipe, trainer.accelerator
     return {"world_size": trainer.world_size, "accumulation_steps": trainer.accumulation_steps,
             "micro_batch_size": recipe.train.micro_batch_size, "batch_size": recipe.train.batch_size,
-            "train_examples": len(trainer.train_data), "eval_examples": len(trainer.eval_data),
+            "train_examples": None if hasattr(trainer.train_data, "sample") else len(trainer.train_data), "eval_examples": len(trainer.eval_data),
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "parameters_on_process_0": trainer.held_parameters,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
