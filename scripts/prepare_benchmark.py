@@ -75,7 +75,12 @@ def measure(tool: str, out: Path, num_proc: int | None) -> dict:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    from prefopt.models import load_tokenizer
+    from prefopt.recipe import ModelConfig
+
+    # prefopt: as a run loads it (the datasets cache's key covers the tokenizer, so a run then finds this cache)
+    tokenizer = load_tokenizer(ModelConfig(str(out / "model"))) if tool == "prefopt" else \
+        AutoTokenizer.from_pretrained(out / "tokenizer")
     start = time.perf_counter()
     if tool == "prefopt":
         from prefopt.data import load_examples
@@ -100,12 +105,75 @@ def measure(tool: str, out: Path, num_proc: int | None) -> dict:
             "peak_anon_mib": peaks["RssAnon"], "peak_file_mib": peaks["RssFile"]}
 
 
+def train_start(out: Path, env: dict, streaming: bool) -> dict:
+    """`prefopt train` of one DPO step on the rows (a tiny model, reference copy, batch 8), in a fresh process:
+    its seconds from launch to exit and its peaks (RSS, anonymous, file-backed) sampled from /proc."""
+    import threading
+
+    import yaml
+
+    recipe = {"output_dir": str(out / "start-run"), "model": {"name_or_path": str(out / "model")},
+              "data": {"train": str(out / "rows.jsonl"), "max_length": 1024, "streaming": streaming},
+              "loss": {"name": "dpo"}, "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 1,
+                                                 "eval_every": 0, "save_every": 0, "progress_bar": False}}
+    (out / "start.yaml").write_text(yaml.safe_dump(recipe))
+    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "prefopt", "train", str(out / "start.yaml"), "--restart"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def watch():
+        while proc.poll() is None:
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    key = line.split(":")[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]) // 1024)
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    output = proc.communicate()[0]
+    if proc.returncode:
+        raise SystemExit(output[-3000:])
+    return {"tool": "prefopt train, 1 step" + (" (streaming)" if streaming else ""),
+            "seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": peaks["VmHWM"],
+            "peak_anon_mib": peaks["RssAnon"], "peak_file_mib": peaks["RssFile"], "rows": None}
+
+
+def starts(out: Path, env: dict) -> list[dict]:
+    results = []
+    for streaming in (False, True):
+        results.append({"run": "no cache" if streaming else "warm cache", **train_start(out, env, streaming)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def prepare_inputs(out: Path, rows: int) -> None:
+    """The rows, their tokenizer and a tiny model holding it (what a run loads), kept for a rerun of the same
+    size."""
+    if (out / "rows.count").exists() and (out / "rows.count").read_text() == str(rows):
+        return
+    write_rows(out, rows)
+    from transformers import AutoTokenizer
+
+    from prefopt.data.synthetic import build_tiny_model
+
+    build_tiny_model(AutoTokenizer.from_pretrained(out / "tokenizer"), out / "model")
+    config = json.loads((out / "model" / "config.json").read_text())
+    (out / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    (out / "rows.count").write_text(str(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=60000)
     parser.add_argument("--out", default="runs/prepare-benchmark")
     parser.add_argument("--num-proc", type=int, default=None)
     parser.add_argument("--tools", default="prefopt,trl", help="comma-separated: prefopt, trl")
+    parser.add_argument("--start", action="store_true", help="also time `prefopt train` of one step from the "
+                        "warm cache, and streaming")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # a worker: prefopt or trl
     args = parser.parse_args()
     out = Path(args.out)
@@ -113,19 +181,23 @@ def main() -> None:
         print(json.dumps(measure(args.measure, out, args.num_proc)))
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(out, args.rows)
+    prepare_inputs(out, args.rows)
     cache = out / "hf-datasets-cache"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     results = []
-    for tool in args.tools.split(","):
+    for tool in filter(None, args.tools.split(",")):
         shutil.rmtree(cache, ignore_errors=True)  # the first run tokenizes; the rerun reads the cache
         for run in ("first run", "cached rerun"):
-            env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
             command = [sys.executable, __file__, "--out", str(out), "--measure", tool]
             if args.num_proc:
                 command += ["--num-proc", str(args.num_proc)]
             line = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
             results.append({"run": run, **json.loads(line)})
             print(json.dumps(results[-1]), flush=True)
+        if tool == "prefopt" and args.start:  # the cache prefopt filled
+            results += starts(out, env)
+    if args.start and "prefopt" not in args.tools:  # --tools '' --start: the cache as a previous call left it
+        results += starts(out, env)
     print("\n| tool | run | seconds | peak RSS (MiB) | of it anonymous / file-backed (peaks) | rows |\n"
           "|---|---|---|---|---|---|")
     for r in results:

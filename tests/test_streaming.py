@@ -51,7 +51,11 @@ def test_each_epoch_reads_every_row_once_in_an_order_drawn_from_the_seed(sort_ta
     assert source.stats()["data/epoch"] == 1.0  # the last row's, from 0
     again = stream(tokenizer, train)
     assert [row for step in range(1, 11) for row in prompts(again.batch(step, 8))] == read[:80]
-    source.close(), again.close()
+    at_the_end = stream(tokenizer, train)  # resumed where the first epoch ends
+    at_the_end.load_state_dict(state_after(tokenizer, train, rows // 8, size=8))
+    assert [row for step in range(rows // 8 + 1, 2 * rows // 8 + 1) for row in prompts(at_the_end.batch(step, 8))] \
+        == second
+    source.close(), again.close(), at_the_end.close()
 
 
 def load_examples_in_order(tokenizer, train):

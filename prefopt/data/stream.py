@@ -272,10 +272,10 @@ class Stream:
     def _rows(self):
         """(position, after, shard, number, raw) of every row from self.position on, epoch after epoch; a shard
         that cannot be read is one bad row (raw None, its reason in number)."""
-        epoch, k, offset, line, row = self.position
+        epoch, first_shard, offset, line, row = self.position
         while True:
-            order, seen = self._order(epoch), False
-            for k in range(k, len(order)):
+            order, seen, whole = self._order(epoch), False, (first_shard, offset, row) == (0, 0, 0)
+            for k in range(first_shard, len(order)):
                 shard = self.shards[order[k]]
                 previous = None
                 try:
@@ -296,9 +296,9 @@ class Stream:
                     here = previous or (epoch, k, offset, line, row)
                     yield here, (epoch, k + 1, 0, 1, 0), shard, f"{shard.name}: cannot be read ({_first_line(exc)})", None
                 offset, line, row = 0, 1, 0
-            if not seen:
+            if whole and not seen:
                 raise DataError(f"{self.where}: the stream holds no rows")
-            epoch, k = epoch + 1, 0
+            epoch, first_shard = epoch + 1, 0
 
     def _start(self) -> None:
         self.thread = threading.Thread(target=self._work, args=(self.stopping, self.ready), daemon=True,

@@ -76,8 +76,31 @@ def input_fingerprint(recipe) -> dict[str, dict]:
         for path in files:
             stat = os.stat(path)
             out[str(path.resolve())] = {"key": key, "size": stat.st_size, "mtime": stat.st_mtime,
-                                        "digest": file_digest(path)}
+                                        "digest": remembered_digest(path, stat)}
     return out
+
+
+DIGESTS = Path.home() / ".cache" / "prefopt" / "digests"
+
+
+def remembered_digest(path: Path, stat: os.stat_result) -> str:
+    """file_digest, remembered by path, size and modification time (ns): a warm start of a run over a large data
+    set reads none of it to know it is unchanged (a file rewritten gets a new modification time)."""
+    key = hashlib.blake2b(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+    memo = DIGESTS / key
+    try:
+        return memo.read_text()
+    except OSError:
+        pass
+    digest = file_digest(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only home: computed again next time
+        pass
+    return digest
 
 
 def changed_inputs(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:

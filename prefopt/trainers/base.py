@@ -46,7 +46,6 @@ from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
 from prefopt.trainers import setup
 
-
 AT_STEP = ("data/epoch", "data/dropped_rows")  # logged as they are at the step, not averaged over log_every
 
 
