@@ -57,9 +57,9 @@ def _check_streaming(recipe: Recipe, where: str) -> None:
     if recipe.reference.kind == "precomputed":
         fail(where, "reference.kind", "precomputed scores every training row before the run, which a stream does "
              "not hold: use copy (or adapter_off with LoRA), or set data.streaming: false")
-    if recipe.method not in ("preference", "sft", "reward"):
-        fail(where, "data.streaming", f"streams the training rows of offline methods (preference, sft, reward); "
-             f"method {recipe.method} reads its data whole: set data.streaming: false")
+    if recipe.distill is not None and recipe.distill.lmbda < 1:
+        fail(where, "distill.lmbda", "GKD's data completions are drawn by (seed, rollout) from the whole set, which "
+             "a stream does not hold: set distill.lmbda: 1, or data.streaming: false")
 
 
 def sft_options(recipe: Recipe, where: str | None = None) -> list[str]:

@@ -56,10 +56,14 @@ PPO_TRAIN = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every
                                                    "server": "spawn"}, "train": PPO_TRAIN},
     # online DPO: samples drawn by (seed, step, global row), pairs formed over the gathered samples
     {**online_sections(select="all", min_gap=0.05), "train": {**PPO_TRAIN, "batch_size": 12, "micro_batch_size": 6}},
-], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "grpo-lag", "online-dpo"])
+    # streamed prompts: each process tokenizes every other row of the stream; the rounds' prompts are shared
+    {**ppo_sections(advantage="grpo"), "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "lag": 1,
+                                                   "filter_groups": True}, "train": PPO_TRAIN,
+     "data": {"streaming": True, "shuffle_buffer": 8}},
+], ids=["dpo", "reward", "ppo-gae", "ppo-rloo", "grpo-lag", "online-dpo", "grpo-streaming"])
 def test_ddp_two_processes_match_one_with_double_accumulation(sort_task, tmp_path, sections):
     if "ppo" in sections or sections.get("method") == "online":  # greedy evaluation split over the processes
-        sections = {**sections, "data": {"eval": str(sort_task / "eval.jsonl")}}
+        sections = {**sections, "data": {**sections.get("data", {}), "eval": str(sort_task / "eval.jsonl")}}
     one, two = tmp_path / "one", tmp_path / "two"
     train_recipe(write_recipe(tmp_path / "one.yaml", sort_task, one, **sections))
     run_two(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],

@@ -183,3 +183,22 @@ def test_streaming_refuses_what_needs_the_whole_set(sort_task, tmp_path):
         path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", **sections)
         with pytest.raises(RecipeError, match=message):
             train_recipe(path)
+
+
+@pytest.mark.parametrize("rollout,mini_batches", [({"filter_groups": True}, 2), ({"lag": 1}, 1)],
+                         ids=["dynamic-sampling", "lag"])
+def test_online_prompts_stream_and_resume_exactly(sort_task, tmp_path, rollout, mini_batches):
+    """An online run streams its prompts: each sampling round (DAPO's further rounds too) the next prompts of the
+    stream; stopped at step 2 and resumed, the same rollouts and losses (with a lag, the rollout drawn ahead
+    comes back from the checkpoint and the stream reads on after it)."""
+    from conftest import assert_resume_matches
+    from test_ppo import ppo_sections
+
+    # (mutation-checked: each fails with the position not restored)
+    sections = ppo_sections(advantage="grpo", loss_aggregation="token_mean", num_mini_batches=mini_batches)
+    sections["rollout"].update(rollout)
+    sections["data"] = {"eval": None, "train": write_shards(sort_task, tmp_path / "shards"), "streaming": True,
+                        "shuffle_buffer": 8}
+    assert_resume_matches(sort_task, tmp_path, **sections)
+    records = read_metrics(tmp_path / "b")
+    assert records[-1]["data/epoch"] == 0.0 and "rollout/score" in records[-1]

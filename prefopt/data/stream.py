@@ -155,18 +155,28 @@ class Stream:
 
     def __init__(self, sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, where: str, takes: str,
                  rank: int = 0, world: int = 1, log=print):
+        """`takes`: what the losses train on (load_examples), or "prompts": an online method's prompts, each with
+        every column of its row (load_prompts)."""
         import datasets
 
         from prefopt.data import check_takes, source_settings
         from prefopt.data.sources import map_columns
 
+        self.keep_columns = takes == "prompts"
+        if self.keep_columns:  # as load_prompts: the completions of preference rows are not read
+            cfg = DataConfig(**{**vars(cfg), "columns": {**cfg.columns, "chosen": None, "rejected": None,
+                                                         "completion": None}})
         self.cfg, self.seed, self.where, self.log, self.rank, self.world = cfg, seed, where, log, rank, world
         self.shards = find_shards(sources, where)
         first = self._first_rows()
         origin = f"{where} ({self.shards[0].name})"
         sample = map_columns(datasets.Dataset.from_list([row for _, _, row in first]), cfg.columns, origin)
-        self.settings = source_settings(sample, origin, cfg, log)
-        check_takes(origin, self.settings["fmt"], takes)
+        self.settings = source_settings(sample, origin, cfg, log, self.keep_columns)
+        if self.keep_columns and self.settings["fmt"] == "lm":
+            raise DataError(f"{origin} holds SFT rows (`messages` or `text`) and no `prompt` column; online methods "
+                            "sample completions of prompts: give a `prompt` column (text or messages)")
+        if not self.keep_columns:
+            check_takes(origin, self.settings["fmt"], takes)
         self.tokenizer = copy.deepcopy(tokenizer)  # the thread's own: a fast tokenizer is not shared across threads
         self.split_pairs = False  # pairs become a desirable and an undesirable row (KTO, BCO)
         self.position, self.ordinal, self.part, self.dropped, self.step = (0, 0, 0, 1, 0), 0, 0, 0, 0
@@ -194,6 +204,12 @@ class Stream:
         the same on every process."""
         if step != self.step + 1:
             raise RuntimeError(f"{self.where} streams batches in order: step {step} asked after step {self.step}")
+        rows = self.take(count)
+        self.step = step
+        return rows
+
+    def take(self, count: int) -> list[dict]:
+        """The next `count` usable rows (every process calls it, in the same order)."""
         if self.thread is None:
             self._start()
         while sum(not item.bad for item in self.carry) < count:
@@ -219,7 +235,6 @@ class Stream:
             self.position, self.ordinal, self.part = first.position, first.ordinal, first.part
         else:
             self.position, self.ordinal, self.part = last.after, last.ordinal + 1, 0
-        self.step = step
         return rows
 
     def stats(self) -> dict[str, float]:
@@ -351,8 +366,9 @@ class Stream:
             shard, number, _ = item.raw
             if out["bad"][j]:
                 item.bad = f"{shard.where(number)}: {out['bad'][j]}"
-            else:
-                item.example = {key: out[key][j] for key in kept if out[key][j] is not None}
+            else:  # prompts: every column of the row beside its ids, for the reward functions
+                item.example = {**({k: v for k, v in rows[j].items() if v is not None} if self.keep_columns else {}),
+                                **{key: out[key][j] for key in kept if out[key][j] is not None}}
 
     def _exchange(self, count: int) -> list[Item]:
         """The next `count` rows of the stream, each tokenized by its owner, then shared by all processes."""

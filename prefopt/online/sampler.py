@@ -36,8 +36,17 @@ class Sampler:
             self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "prefopt eval --data" if
                                           evaluating else "data.eval", accelerator.print) if data.eval else []
             self.lmbda = recipe.distill.lmbda if recipe.distill is not None else 1.0  # GKD: < 1 mixes in completions
-            self.train_data = self.eval_data if evaluating else load_prompts(
-                data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print, completions=self.lmbda < 1)
+            if data.streaming and not evaluating:  # read as rollouts go; its position is checkpointed
+                from prefopt.data.stream import Stream
+
+                self.train_data = Stream(data.train, tokenizer, data, recipe.seed, "data.train", "prompts",
+                                         accelerator.process_index, self.world_size, accelerator.print)
+            else:
+                self.train_data = self.eval_data if evaluating else load_prompts(
+                    data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print,
+                    completions=self.lmbda < 1)
+        self.streaming = data.streaming and not evaluating
+        self.drawn: tuple = ((), [])  # streaming: the last (cycle, round) drawn and its prompts
         lockstep = None
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:
@@ -54,7 +63,7 @@ class Sampler:
             for name, fn in self.agent.reward_functions():
                 self.rewards.add_function(name, fn)
         for rows, where in ((self.train_data, "data.train"), (self.eval_data, "data.eval")):
-            self.rewards.check_columns(rows, where)
+            self.rewards.check_columns(getattr(rows, "sample", rows), where)  # a stream: its first rows
         lacking = sum(row.get("data_completion") is None for row in self.train_data) if self.lmbda < 1 else 0
         if lacking:
             raise PrefoptError(f"distill.lmbda {self.lmbda}: {lacking} of {len(self.train_data)} rows of data.train "
@@ -72,8 +81,10 @@ class Sampler:
 
     @property
     def checkpointed(self) -> dict:
-        """What a checkpoint holds of the sampler: each online implicit PRM (weights and optimizer state)."""
-        return {f"prm_{self.rewards.names[i]}": self.rewards.terms[i][2].fn for i in self.rewards.learners}
+        """What a checkpoint holds of the sampler: each online implicit PRM (weights and optimizer state), and a
+        stream's position."""
+        return {**{f"prm_{self.rewards.names[i]}": self.rewards.terms[i][2].fn for i in self.rewards.learners},
+                **({"data_stream": self.train_data} if self.streaming else {})}
 
     def start_engine(self) -> None:
         from prefopt.online.server import make_engine
@@ -82,7 +93,7 @@ class Sampler:
 
     def check_prompts(self, prompts: int, what: str) -> None:
         """A step's `prompts` must exist in data.train and split evenly over the processes."""
-        if len(self.train_data) < prompts:
+        if not self.streaming and len(self.train_data) < prompts:
             raise RecipeError(f"{what} takes {prompts} prompts but data.train has {len(self.train_data)}")
         if prompts % self.world_size:
             raise RecipeError(f"{what}'s {prompts} prompts do not split evenly over {self.world_size} processes")
@@ -97,6 +108,8 @@ class Sampler:
 
     def close(self, placed: list) -> None:
         self.rewards.close()
+        if self.streaming:
+            self.train_data.close()
         if self.agent is not None:
             self.agent.close()
         if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
@@ -107,7 +120,12 @@ class Sampler:
 
     def prompts(self, cycle: int, round: int, count: int) -> list[dict]:
         """The `count` examples of a rollout's sampling round, over all processes: round 0 the next slice of the
-        epoch's seeded permutation of data.train; a further round (dynamic sampling) a seeded sample."""
+        epoch's seeded permutation of data.train; a further round (dynamic sampling) a seeded sample. Streaming:
+        the next `count` prompts of the stream, for every round (drawn once per (cycle, round), in their order)."""
+        if self.streaming:
+            if self.drawn[0] != (cycle, round):
+                self.drawn = ((cycle, round), self.train_data.take(count))
+            return self.drawn[1]
         n, seed = len(self.train_data), self.recipe.seed
         if round:
             generator = torch.Generator().manual_seed(hash((seed, cycle, round)) & (2**63 - 1))
