@@ -202,3 +202,18 @@ def test_online_prompts_stream_and_resume_exactly(sort_task, tmp_path, rollout, 
     assert_resume_matches(sort_task, tmp_path, **sections)
     records = read_metrics(tmp_path / "b")
     assert records[-1]["data/epoch"] == 0.0 and "rollout/score" in records[-1]
+
+
+def test_a_full_cache_disk_says_how_out(sort_task, tokenizer, tmp_path, monkeypatch):
+    """Preparing a set larger than the datasets cache's disk stops with the ways out (streaming among them), not
+    a bare OSError from inside datasets."""
+    import errno
+
+    import datasets
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "map", full)
+    with pytest.raises(DataError, match=r"x\[0\] .*is full.*HF_DATASETS_CACHE.*data.streaming: true"):
+        load_examples_in_order(tokenizer, str(sort_task / "train.jsonl"))

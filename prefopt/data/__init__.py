@@ -7,8 +7,10 @@ tokenizer and every setting below).
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow.compute as pc
@@ -128,19 +130,8 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
         origin = f"{where}[{i}] ({source.path})"
         if source.weight < 0:
             raise DataError(f"{origin}: weight must be >= 0, got {source.weight}")
-        dataset = load_source(source, origin)
-        dataset = dataset.rename_columns({k: v for k, v in (rename or {}).items() if k in dataset.column_names})
-        dataset = map_columns(dataset, cfg.columns, origin)
-        settings = {"tokenizer": tokenizer, **source_settings(dataset, origin, cfg, log, keep_columns)}
-        fmt = settings["fmt"]
-        keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
-        try:
-            tokenized = dataset.map(prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
-                                    num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
-                                    remove_columns=[c for c in dataset.column_names if c not in keep])
-        except UnicodeDecodeError:  # datasets may read bytes that are not UTF-8 and fail only on the text
-            not_utf8(source.path, origin)
-            raise
+        with cache_disk(origin):
+            fmt, tokenized = _prepare(source, origin, tokenizer, cfg, log, keep_columns, rename)
         n = len(tokenized)
         whole, fraction = divmod(source.weight, 1.0)
         index = np.concatenate([np.tile(np.arange(n), int(whole)),
@@ -181,6 +172,40 @@ def source_settings(dataset, origin: str, cfg: DataConfig, log, keep_columns: bo
             "max_prompt_length": cfg.max_prompt_length, "extra_columns": tuple(cfg.extra_columns),
             "chat_template_kwargs": dict(cfg.chat_template_kwargs),
             "assistant_only": cfg.assistant_only_loss, "completion_only": cfg.completion_only_loss is not False}
+
+
+def _prepare(source: DataSource, origin: str, tokenizer, cfg: DataConfig, log, keep_columns: bool,
+             rename: dict[str, str] | None):
+    """One source -> (its format, its tokenized datasets.Dataset: the map's cache)."""
+    dataset = load_source(source, origin)
+    dataset = dataset.rename_columns({k: v for k, v in (rename or {}).items() if k in dataset.column_names})
+    dataset = map_columns(dataset, cfg.columns, origin)
+    settings = {"tokenizer": tokenizer, **source_settings(dataset, origin, cfg, log, keep_columns)}
+    keep = dataset.column_names if keep_columns else []  # online: the row goes to the reward functions
+    try:
+        return settings["fmt"], dataset.map(
+            prepare_batch, batched=True, batch_size=1000, fn_kwargs=settings,
+            num_proc=cfg.num_proc if len(dataset) >= 10 * (cfg.num_proc or 1) else None,
+            remove_columns=[c for c in dataset.column_names if c not in keep])
+    except UnicodeDecodeError:  # datasets may read bytes that are not UTF-8 and fail only on the text
+        not_utf8(source.path, origin)
+        raise
+
+
+@contextmanager
+def cache_disk(origin: str):
+    """A full disk while the datasets cache is written, said with its ways out."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        import datasets
+
+        raise DataError(f"{origin}: the disk of the datasets cache ({datasets.config.HF_DATASETS_CACHE}) is full. "
+                        "Preparing a data set writes about 3 bytes of Arrow for each byte of jsonl. Free disk, set "
+                        "HF_DATASETS_CACHE to a larger disk, or set data.streaming: true (rows read as training "
+                        "goes, nothing cached)") from None
 
 
 def as_rows(examples: list[dict]) -> list[dict]:

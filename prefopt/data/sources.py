@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def load_source(source: DataSource, where: str):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; name the source instead of a deep traceback
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # prefopt.data.cache_disk says it
+            raise
         if looks_local and path.is_file():
             not_utf8(source.path, where)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
