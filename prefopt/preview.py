@@ -27,7 +27,16 @@ def inspect_recipe(path: str | Path, overrides: list[str] = (), rows: int = 3) -
     for split, sources in (("train", data.train), ("eval", data.eval or [])):
         if not sources:
             continue
-        if METHODS[recipe.method].prompts_only:
+        prompts = METHODS[recipe.method].prompts_only
+        if data.streaming and split == "train":  # the first rows of the first shard, nothing prepared ahead
+            from prefopt.data.stream import Stream
+
+            stream = Stream(sources, tokenizer, data, recipe.seed, "data.train", "prompts" if prompts else "any",
+                            log=lines.append)
+            examples = stream.sample
+            lines.append(f"[prefopt] data.train: streamed from {len(stream.shards)} shard(s); the first rows of "
+                         f"{stream.shards[0].name}:")
+        elif prompts:
             examples = load_prompts(sources, tokenizer, data, recipe.seed, f"data.{split}", log=lines.append)
         else:
             examples = load_examples(sources, tokenizer, data, recipe.seed, f"data.{split}", takes="any",

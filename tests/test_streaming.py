@@ -217,3 +217,12 @@ def test_a_full_cache_disk_says_how_out(sort_task, tokenizer, tmp_path, monkeypa
     monkeypatch.setattr(datasets.Dataset, "map", full)
     with pytest.raises(DataError, match=r"x\[0\] .*is full.*HF_DATASETS_CACHE.*data.streaming: true"):
         load_examples_in_order(tokenizer, str(sort_task / "train.jsonl"))
+
+
+def test_inspect_shows_a_streams_first_rows(sort_task, tmp_path, capsys):
+    train = write_shards(sort_task, tmp_path / "shards")
+    path = write_recipe(tmp_path / "r.yaml", sort_task, tmp_path / "run", data={"train": train, "streaming": True})
+    assert main(["inspect", str(path), "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "streamed from 3 shard(s); the first rows of" in out and "part-0.jsonl" in out
+    assert "data.train example 1:" in out and "‖" in out
