@@ -77,8 +77,11 @@ def cache_key(sources: list[str], examples: list[dict], precision: str) -> str:
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 24):
                         digest.update(chunk)
+    known = examples.content_key() if hasattr(examples, "content_key") else None
+    if known is not None:  # Arrow rows: their cache's fingerprint and index, no row read
+        digest.update(known)
     keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "completion_mask")
-    for ex in examples:
+    for ex in examples if known is None else ():
         digest.update(json.dumps([ex.get(k) for k in keys]).encode())
     digest.update(precision.encode())
     return digest.hexdigest()

@@ -188,12 +188,14 @@ class RewardTerms:
 
     def check_columns(self, rows: list[dict], where: str) -> None:
         """Stop before training when a function names a column (without a default) that rows of `where` lack."""
-        have = set().union(*(row.keys() for row in rows)) - set(INTERNAL_COLUMNS) if rows else set()
+        table = hasattr(rows, "lacking")  # prefopt.data.Rows: counted by Arrow, no row read
+        have = (set(rows.columns) if table else set().union(*(row.keys() for row in rows))) - set(INTERNAL_COLUMNS) \
+            if len(rows) else set()
         for name, _, term in self.terms:
             if not isinstance(term, FunctionTerm):
                 continue
             for column in term.required_columns():
-                lacking = sum(column not in row for row in rows)
+                lacking = rows.lacking(column) if table else sum(column not in row for row in rows)
                 if lacking:
                     raise PrefoptError(
                         f"rewards term {name!r}: {term.reference} takes column {column!r}, but {lacking} of "

@@ -189,3 +189,40 @@ def test_a_glob_reads_shards_in_name_order_and_names_a_malformed_shards_line(tok
         load_examples([DataSource(str(tmp_path / "part-*.jsonl"))], tokenizer, cfg(), 0, "data.train")
     with pytest.raises(DataError, match="no file matches"):
         load_examples([DataSource(str(tmp_path / "none-*.jsonl"))], tokenizer, cfg(), 0, "data.train")
+
+
+def test_rows_count_missing_values_by_arrow_as_rows_show_them(tokenizer, tmp_path):
+    """Rows.lacking(column) (what a reward function's required column is checked with, no row read) equals the
+    rows whose dict lacks the key: None values, and sources without the column."""
+    from prefopt.data import load_prompts
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"sort: {i} 1 =>", **({"answer": str(i)} if i % 3 else {})}) + "\n"
+                         for i in range(10)))
+    b.write_text("".join(json.dumps({"prompt": f"sort: 2 {i} =>"}) + "\n" for i in range(4)))
+    rows = load_prompts([DataSource(str(a)), DataSource(str(b), weight=2.0)], tokenizer, DataConfig(train=[]), 0,
+                        "x", log=lambda _: None)
+    for column in ("answer", "prompt", "absent"):
+        assert rows.lacking(column) == sum(column not in row for row in rows), column
+    assert rows.lacking("answer") == 4 + 8
+
+
+def test_pairs_split_in_place_read_as_the_rows_of_as_rows(tokenizer, tmp_path):
+    """KTO/BCO on pairs: the Arrow rows split each pair when read (no list of all rows), into the rows as_rows
+    makes of the same examples, in a mixture of pairs and unpaired rows, selected and taken in any order."""
+    import numpy as np
+
+    from prefopt.data import as_rows
+
+    pairs, unpaired = tmp_path / "p.jsonl", tmp_path / "u.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"sort: {i} 1 =>", "chosen": " 1 2", "rejected": f" {i}",
+                                         "margin": i}) + "\n" for i in range(5)))
+    unpaired.write_text("".join(json.dumps({"prompt": f"sort: 2 {i} =>", "completion": " 2", "label": i % 2 == 0})
+                                + "\n" for i in range(3)))
+    rows = load_examples([DataSource(str(pairs), weight=1.5), DataSource(str(unpaired))], tokenizer,
+                         DataConfig(train=[]), 0, "x", takes="unpaired", log=lambda _: None)
+    split, expected = as_rows(rows), as_rows(list(rows))
+    assert len(split) == len(expected) == 2 * 7 + 3 and list(split) == expected  # 5 pairs, 2 repeated; 3 rows
+    order = np.random.default_rng(0).permutation(len(split))
+    assert split.take(order) == [expected[i] for i in order]
+    assert list(split.select(order[:7])) == [expected[i] for i in order[:7]]

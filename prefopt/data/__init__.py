@@ -144,7 +144,7 @@ def _load(sources: list[DataSource], tokenizer, cfg: DataConfig, seed: int, wher
             bad.append(f"{origin} row {j}: {table.column('bad')[int(j)].as_py()}")
         total += len(index)
         rows = Rows(table.select([c for c in table.column_names if c not in (*REPORT, "bad")]),
-                    index[~unusable[index]])
+                    index[~unusable[index]], fingerprint=tokenized._fingerprint)
         out.append((origin, fmt, rows))
     if bad:
         shown = "\n  ".join(bad[:SHOWN_BAD_ROWS]) + (f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more"
@@ -208,18 +208,23 @@ def cache_disk(origin: str):
                         "goes, nothing cached)") from None
 
 
-def as_rows(examples: list[dict]) -> list[dict]:
-    """Pairs -> two unpaired rows each (chosen: desirable, rejected: undesirable); rows stay as they are."""
-    rows = []
-    for ex in examples:
-        if "chosen_ids" in ex:
-            extra = {k: v for k, v in ex.items() if not k.endswith("_ids")}  # e.g. data.extra_columns
-            rows.append({**extra, "prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True})
-            rows.append({**extra, "prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"],
-                         "label": False})
-        else:
-            rows.append(ex)
-    return rows
+def as_rows(examples):
+    """Pairs -> two unpaired rows each (chosen: desirable, rejected: undesirable); rows stay as they are. Rows
+    (the Arrow table) stay Rows: each pair's position twice, split when read."""
+    if isinstance(examples, Rows):
+        return examples.split_pairs()
+    return [row for ex in examples for row in (pair_half(ex, 0), pair_half(ex, 1))
+            if row is not None] if examples else []
+
+
+def pair_half(example: dict, part: int) -> dict | None:
+    """Half `part` of a pair as an unpaired row (0: chosen, desirable; 1: rejected); a row that is no pair is
+    itself as part 0 and nothing as part 1."""
+    if "chosen_ids" not in example:
+        return None if part else example
+    extra = {k: v for k, v in example.items() if not k.endswith("_ids")}  # e.g. data.extra_columns
+    return {**extra, "prompt_ids": example["prompt_ids"], "completion_ids": example[("chosen_ids", "rejected_ids")[part]],
+            "label": not part}
 
 
 class Rows(Sequence):
@@ -230,9 +235,12 @@ class Rows(Sequence):
 
     READ = 1024  # rows per Arrow call when iterating
 
-    def __init__(self, table, index: np.ndarray, attached: dict[str, np.ndarray] | None = None):
+    def __init__(self, table, index: np.ndarray, attached: dict[str, np.ndarray] | None = None,
+                 parts: np.ndarray | None = None, fingerprint: str = ""):
         self.table, self.index = table, np.asarray(index, dtype=np.int64)
+        self.fingerprint = fingerprint  # the table's content: the datasets cache's key (data, tokenizer, settings)
         self.attached = attached or {}  # values given per position after loading (reference log-probs)
+        self.parts = parts  # after split_pairs: per position, -1 the row as it is, 0/1 a pair's chosen/rejected half
 
     def attach(self, name: str, values) -> None:
         """A value for each row (by position), read with it from now on."""
@@ -249,7 +257,19 @@ class Rows(Sequence):
             return parts[0]
         offsets = np.cumsum([0] + [part.table.num_rows for part in parts])
         table = pa.concat_tables([part.table for part in parts], promote_options="permissive")
-        return cls(table, np.concatenate([part.index + offset for part, offset in zip(parts, offsets)]))
+        return cls(table, np.concatenate([part.index + offset for part, offset in zip(parts, offsets)]),
+                   fingerprint="+".join(part.fingerprint for part in parts))
+
+    def split_pairs(self) -> Rows:
+        """Each pair as two unpaired rows (as_rows), in place: its position twice, split when read."""
+        if "chosen_ids" not in self.table.column_names:
+            return self
+        pair = pc.is_valid(self.table.column("chosen_ids")).to_numpy(zero_copy_only=False)[self.index]
+        twice = np.repeat(np.arange(len(self)), np.where(pair, 2, 1))
+        parts = np.where(pair[twice], 0, -1).astype(np.int8)
+        parts[1:][(twice[1:] == twice[:-1])] = 1
+        return Rows(self.table, self.index[twice], {k: v[twice] for k, v in self.attached.items()}, parts,
+                    self.fingerprint)
 
     @property
     def columns(self) -> list[str]:
@@ -269,18 +289,38 @@ class Rows(Sequence):
         for start in range(0, len(self), self.READ):
             yield from self.take(range(start, min(start + self.READ, len(self))))
 
+    def content_key(self) -> bytes | None:
+        """What identifies these rows' content without reading them: the tables' fingerprints and which of their
+        rows (the index, and how pairs are split); None where a table has none."""
+        if not self.fingerprint or self.attached:
+            return None
+        parts = b"" if self.parts is None else self.parts.tobytes()
+        return self.fingerprint.encode() + self.index.tobytes() + parts
+
+    def lacking(self, column: str) -> int:
+        """Rows without a value for `column` (None, or a source without the column)."""
+        if column in self.attached:
+            return 0
+        if column not in self.table.column_names:
+            return len(self)
+        return int(pc.is_null(self.table.column(column)).to_numpy(zero_copy_only=False)[self.index].sum())
+
     def select(self, positions) -> Rows:
         positions = np.asarray(positions, dtype=np.int64)
-        return Rows(self.table, self.index[positions], {k: v[positions] for k, v in self.attached.items()})
+        return Rows(self.table, self.index[positions], {k: v[positions] for k, v in self.attached.items()},
+                    None if self.parts is None else self.parts[positions], self.fingerprint)
 
     def take(self, positions) -> list[dict]:
         """Rows at these positions, in their order, each without its None values."""
         positions = np.asarray(positions, dtype=np.int64)
-        rows = self.table.take(self.index[positions]).to_pylist()
+        rows = [{key: value for key, value in row.items() if value is not None}
+                for row in self.table.take(self.index[positions]).to_pylist()]
+        if self.parts is not None:
+            rows = [row if part < 0 else pair_half(row, part) for row, part in zip(rows, self.parts[positions].tolist())]
         for name, values in self.attached.items():
             for row, value in zip(rows, values[positions].tolist()):
                 row[name] = value
-        return [{key: value for key, value in row.items() if value is not None} for row in rows]
+        return rows
 
 
 def has_key(examples, key: str) -> bool:

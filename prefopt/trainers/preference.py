@@ -17,6 +17,7 @@ from prefopt import distributed
 from prefopt import reference as refs
 from prefopt.data import as_rows, has_key
 from prefopt.data.collate import collate_pairs, collate_rows
+from prefopt.data.stream import Stream
 from prefopt.diagnostics import pair_diagnostics, ranked
 from prefopt.errors import RecipeError
 from prefopt.logprobs import completion_logps, custom_masks, length_desensitized, plain_head, wpo_weights
@@ -35,7 +36,7 @@ class PreferenceTrainer(Trainer):
         self.load_data("paired" if "paired" in kinds else "unpaired" if "unpaired" in kinds else "any")
         # unpaired losses, or SFT on prompt/completion rows: train on rows; evaluate on pairs where there are any
         self.unpaired = "unpaired" in kinds or has_key(self.train_data, "completion_ids")
-        if self.unpaired and hasattr(self.train_data, "split_pairs"):  # a stream: its pairs split as they come
+        if self.unpaired and isinstance(self.train_data, Stream):  # its pairs split as they come
             self.train_data.split_pairs = True
         elif self.unpaired:
             self.train_data = as_rows(self.train_data)
