@@ -25,7 +25,7 @@ class Judge:
 
     def __init__(self, config, name: str, where: str, device: str = "cpu", seed: int = 0, serve=None):
         """`serve(config, tokenizer, seed)`: the engine server client of a served judge (judge.server, or engine
-        vllm), which online runs give (prefopt.online.server.judge_engine); without it the judge runs here."""
+        vllm), which online runs give (prefopt.online.served.judge_engine); without it the judge runs here."""
         from transformers import AutoTokenizer
 
         from prefopt.errors import import_object

@@ -128,7 +128,7 @@ class RewardTerms:
     `scorer_options` go to each RewardScorer (device, placement, lockstep)."""
 
     def __init__(self, terms: list, section: str = "rewards", serve_judge=None, **scorer_options):
-        """`serve_judge`: how a served judge gets its engine (online runs: prefopt.online.server.judge_engine)."""
+        """`serve_judge`: how a served judge gets its engine (online runs: prefopt.online.served.judge_engine)."""
         from prefopt.scoring import RewardScorer
 
         self.terms = []  # (name, weight, FunctionTerm or RewardScorer)

@@ -19,6 +19,7 @@ from test_ppo import ppo_sections
 from prefopt.cli import train_recipe
 from prefopt.errors import PrefoptError, TrainingError
 from prefopt.generation import Draw, generate
+from prefopt.online import served
 from prefopt.online import server as server_lib
 
 CALLS = []
@@ -151,13 +152,13 @@ def client(address):
 
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
     recipe = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0))
-    return server_lib.ServerEngine(recipe, tokenizer, address)
+    return served.ServerEngine(recipe, tokenizer, address)
 
 
 def test_a_silent_server_or_its_error_is_a_clear_error_in_bounded_time(monkeypatch):
     """A server that hears the request and says nothing (no heartbeat) is given up after SILENT_S; one that
     answers with an error has it reported; one that keeps beating is waited for, however long it works."""
-    monkeypatch.setattr(server_lib, "SILENT_S", 0.5)
+    monkeypatch.setattr(served, "SILENT_S", 0.5)
     start = time.monotonic()
     with pytest.raises(TrainingError, match=r"sent nothing for 0\.5 s during a generation \(no heartbeat\)"):
         client(fake_server(lambda message: [])).generate([[2, 3]], None, 4)

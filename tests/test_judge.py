@@ -80,7 +80,7 @@ def test_a_judge_on_an_engine_server_scores_as_the_one_in_process(sort_task):
     prompts, completions = ["sort: 3 1 =>", "sort: 2 5 4 =>", "sort: 7 =>"], [" 1 3", " 2 4", ""]
     rows = [{"prompt": p, "answer": "x"} for p in prompts]
     local = RewardTerms([RewardTerm(judge=JudgeConfig(**config))])(prompts, completions, rows)
-    from prefopt.online.server import judge_engine
+    from prefopt.online.served import judge_engine
 
     with pytest.raises(RecipeError, match="a served judge .* scores the samples of online runs"):
         RewardTerms([RewardTerm(judge=JudgeConfig(**config, server="spawn"))])  # an offline eval.rewards

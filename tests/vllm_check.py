@@ -73,7 +73,7 @@ def greedy_matches_hf(config: dict) -> dict:
 def judge_checks(task: Path) -> dict:
     """An LLM judge served by vLLM (an engine server of its own) and the same judge in-process (Hugging Face
     greedy): their verdicts."""
-    from prefopt.online.server import judge_engine
+    from prefopt.online.served import judge_engine
     from prefopt.recipe_online import JudgeConfig, RewardTerm
     from prefopt.rewards import RewardTerms
 

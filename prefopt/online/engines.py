@@ -15,7 +15,7 @@ Engines:
 - `module:Class`: an engine of the user's, made as `Class(recipe, tokenizer)`;
 - any of hf and vllm in a process of its own (`rollout.server`: prefopt/online/server.py).
 
-The Sampler makes the recipe's engine (`make_engine` in prefopt/online/server.py).
+The Sampler makes the recipe's engine (`make_engine` in prefopt/online/served.py).
 
 Determinism: each completion is drawn with its own seed, derived from (seed, rollout, round, global row), so a
 resumed or re-sharded run asks vLLM for the same draws. vLLM then promises the same tokens for the same seed and

@@ -51,7 +51,7 @@ class Sampler:
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:
                 return int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).max())
-        from prefopt.online.server import judge_engine
+        from prefopt.online.served import judge_engine
 
         self.rewards = RewardTerms(recipe.rewards, device=str(accelerator.device), place=place, lockstep=lockstep,
                                    serve_judge=judge_engine)
@@ -87,7 +87,7 @@ class Sampler:
                 **({"data_stream": self.train_data} if self.streaming else {})}
 
     def start_engine(self) -> None:
-        from prefopt.online.server import make_engine
+        from prefopt.online.served import make_engine
 
         self.engine = make_engine(self.recipe, self.tokenizer, self.accelerator.is_main_process)
 

@@ -209,6 +209,6 @@ def pairwise_judge(recipe, device: str):
     if isinstance(judge, str):
         return import_object(judge, "pairs.judge")
     from prefopt.judge import PairwiseJudge
-    from prefopt.online.server import judge_engine
+    from prefopt.online.served import judge_engine
 
     return PairwiseJudge(judge, "judge", "pairs.judge", device, recipe.seed, serve=judge_engine)

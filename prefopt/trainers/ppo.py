@@ -59,7 +59,7 @@ class PPOTrainer(Trainer):
                                                   recipe.model.trust_remote_code, recipe.distill.token_map)
         self.teacher = None  # a teacher on an engine server (distill.server), scoring in place of a reference copy
         if teacher and recipe.distill.server:
-            from prefopt.online.server import ServedTeacher
+            from prefopt.online.served import ServedTeacher
 
             self.teacher = ServedTeacher(recipe, self.tokenizer)
         elif recipe.reference.kind == "copy":
