@@ -188,17 +188,18 @@ class RewardTerms:
 
     def check_columns(self, rows: list[dict], where: str) -> None:
         """Stop before training when a function names a column (without a default) that rows of `where` lack."""
-        table = hasattr(rows, "lacking")  # prefopt.data.Rows: counted by Arrow, no row read
-        have = (set(rows.columns) if table else set().union(*(row.keys() for row in rows))) - set(INTERNAL_COLUMNS) \
-            if len(rows) else set()
+        from prefopt.data import lacking
+
+        have = (set(rows.columns) if hasattr(rows, "columns") else set().union(*(row.keys() for row in rows))) \
+            - set(INTERNAL_COLUMNS) if len(rows) else set()
         for name, _, term in self.terms:
             if not isinstance(term, FunctionTerm):
                 continue
             for column in term.required_columns():
-                lacking = rows.lacking(column) if table else sum(column not in row for row in rows)
-                if lacking:
+                missing = lacking(rows, column)  # Arrow rows: counted without reading one
+                if missing:
                     raise PrefoptError(
-                        f"rewards term {name!r}: {term.reference} takes column {column!r}, but {lacking} of "
+                        f"rewards term {name!r}: {term.reference} takes column {column!r}, but {missing} of "
                         f"{len(rows)} rows of {where} lack it; their columns are {', '.join(sorted(have)) or 'none'}"
                         f" besides the prompt. Add the column to the data, or give the parameter a default")
 

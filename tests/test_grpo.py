@@ -171,7 +171,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(arithmetic, tm
     trainer._rollout(0)
     stats = trainer.buffer.stats
     rounds = int(stats["rollout/sampling_rounds"])
-    answers = [[int(row["answer"]) for row in trainer.sampler.prompts(0, r, 4)] for r in range(rounds)]
+    answers = [[int(row["answer"]) for row in trainer.sampler.prompts.draw(0, r, 4)] for r in range(rounds)]
     # every group of a multiple of 3 scores the same; any other group could tie by chance: at least those
     no_signal = sum(a % 3 == 0 for group in answers for a in group)
     assert stats["rollout/groups_filtered"] >= no_signal > 0

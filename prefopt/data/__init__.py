@@ -328,6 +328,11 @@ def has_key(examples, key: str) -> bool:
     return key in examples.columns if hasattr(examples, "columns") else any(key in ex for ex in examples)
 
 
+def lacking(examples, column: str) -> int:
+    """How many examples lack `column`: counted by Arrow for Rows, else one look each."""
+    return examples.lacking(column) if isinstance(examples, Rows) else sum(column not in ex for ex in examples)
+
+
 def rows_at(examples, positions: list[int]) -> list[dict]:
     """examples[i] for each position: one Arrow call for Rows, else one lookup each."""
     return examples.take(positions) if isinstance(examples, Rows) else [examples[i] for i in positions]

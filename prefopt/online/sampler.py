@@ -14,13 +14,12 @@ from collections.abc import Callable
 import torch
 
 from prefopt import distributed
-from prefopt.data import load_prompts, rows_at
 from prefopt.degenerate import RolloutWatch
-from prefopt.errors import PrefoptError, RecipeError
 from prefopt.generation import Draw, laid_out, pad_prompts
 from prefopt.losses import ppo as ppo_math
 from prefopt.online.background import Background
 from prefopt.online.experience import model_tokens
+from prefopt.online.prompts import Prompts
 from prefopt.rewards import RewardTerms, Scores, TrainerState
 
 
@@ -32,21 +31,8 @@ class Sampler:
         data = recipe.data
         self.recipe, self.accelerator, self.tokenizer = recipe, accelerator, tokenizer
         self.world_size = accelerator.num_processes
-        with accelerator.main_process_first():  # the first process fills the datasets cache
-            self.eval_data = load_prompts(data.eval, tokenizer, data, recipe.seed, "prefopt eval --data" if
-                                          evaluating else "data.eval", accelerator.print) if data.eval else []
-            self.lmbda = recipe.distill.lmbda if recipe.distill is not None else 1.0  # GKD: < 1 mixes in completions
-            if data.streaming and not evaluating:  # read as rollouts go; its position is checkpointed
-                from prefopt.data.stream import Stream
-
-                self.train_data = Stream(data.train, tokenizer, data, recipe.seed, "data.train", "prompts",
-                                         accelerator.process_index, self.world_size, accelerator.print)
-            else:
-                self.train_data = self.eval_data if evaluating else load_prompts(
-                    data.train, tokenizer, data, recipe.seed, "data.train", accelerator.print,
-                    completions=self.lmbda < 1)
-        self.streaming = data.streaming and not evaluating
-        self.drawn: tuple = ((), [])  # streaming: the last (cycle, round) drawn and its prompts
+        self.prompts = Prompts(recipe, accelerator, tokenizer, evaluating)
+        self.train_data, self.eval_data = self.prompts.train_data, self.prompts.eval_data
         lockstep = None
         if distributed.shards_parameters(accelerator):  # the reward models sharded like the policy
             def lockstep(batches: int) -> int:
@@ -64,16 +50,10 @@ class Sampler:
                 self.rewards.add_function(name, fn)
         for rows, where in ((self.train_data, "data.train"), (self.eval_data, "data.eval")):
             self.rewards.check_columns(getattr(rows, "sample", rows), where)  # a stream: its first rows
-        lacking = sum(row.get("data_completion") is None for row in self.train_data) if self.lmbda < 1 else 0
-        if lacking:
-            raise PrefoptError(f"distill.lmbda {self.lmbda}: {lacking} of {len(self.train_data)} rows of data.train "
-                               "have no `completion` column, whose completions GKD mixes in; add it (text, or an "
-                               "assistant message list for a conversational prompt), or set distill.lmbda: 1")
         self.engine = None
         self.stale, self.sync_seconds = True, 0.0  # the engine's weights are not yet the policy's
         self.pending: dict[int, Background] = {}  # rollouts generating in the background, by cycle
         self.eval_samples: list[dict] = []
-        self.order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation of train_data)
         from prefopt.methods import METHODS
 
         self.watch = RolloutWatch(recipe, accelerator.print,  # rewards that give no signal
@@ -84,7 +64,7 @@ class Sampler:
         """What a checkpoint holds of the sampler: each online implicit PRM (weights and optimizer state), and a
         stream's position."""
         return {**{f"prm_{self.rewards.names[i]}": self.rewards.terms[i][2].fn for i in self.rewards.learners},
-                **({"data_stream": self.train_data} if self.streaming else {})}
+                **self.prompts.checkpointed}
 
     def start_engine(self) -> None:
         from prefopt.online.served import make_engine
@@ -92,11 +72,7 @@ class Sampler:
         self.engine = make_engine(self.recipe, self.tokenizer, self.accelerator.is_main_process)
 
     def check_prompts(self, prompts: int, what: str) -> None:
-        """A step's `prompts` must exist in data.train and split evenly over the processes."""
-        if not self.streaming and len(self.train_data) < prompts:
-            raise RecipeError(f"{what} takes {prompts} prompts but data.train has {len(self.train_data)}")
-        if prompts % self.world_size:
-            raise RecipeError(f"{what}'s {prompts} prompts do not split evenly over {self.world_size} processes")
+        self.prompts.check(prompts, what)
 
     def policy_changed(self) -> None:
         """An update changed the policy: the engine syncs before it generates again."""
@@ -108,32 +84,12 @@ class Sampler:
 
     def close(self, placed: list) -> None:
         self.rewards.close()
-        if self.streaming:
-            self.train_data.close()
+        self.prompts.close()
         if self.agent is not None:
             self.agent.close()
         if self.engine is not None:  # its shutdown ends the process group too: the ZeRO-3 gathers before it
             distributed.release_gathers(self.accelerator, placed)
             self.engine.close()
-
-    # ----- 1. prompts ---------------------------------------------------------------------------
-
-    def prompts(self, cycle: int, round: int, count: int) -> list[dict]:
-        """The `count` examples of a rollout's sampling round, over all processes: round 0 the next slice of the
-        epoch's seeded permutation of data.train; a further round (dynamic sampling) a seeded sample. Streaming:
-        the next `count` prompts of the stream, for every round (drawn once per (cycle, round), in their order)."""
-        if self.streaming:
-            if self.drawn[0] != (cycle, round):
-                self.drawn = ((cycle, round), self.train_data.take(count))
-            return self.drawn[1]
-        n, seed = len(self.train_data), self.recipe.seed
-        if round:
-            generator = torch.Generator().manual_seed(hash((seed, cycle, round)) & (2**63 - 1))
-            return rows_at(self.train_data, torch.randperm(n, generator=generator)[:count].tolist())
-        epoch, index = divmod(cycle, n // count)
-        if self.order is None or self.order[0] != epoch:  # the epoch's permutation, drawn once
-            self.order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)))
-        return rows_at(self.train_data, self.order[1][index * count : (index + 1) * count].tolist())
 
     # ----- 2. samples ---------------------------------------------------------------------------
 
@@ -159,30 +115,6 @@ class Sampler:
         self.sync_engine(model)
         return self.sample(examples, draw, samples, max_new_tokens)
 
-    def from_data(self, cycle: int) -> bool:
-        """Whether rollout `cycle` takes the data set's completions (GKD's lambda < 1), drawn from (seed, cycle)."""
-        if self.lmbda >= 1:
-            return False
-        generator = torch.Generator().manual_seed(hash((self.recipe.seed, cycle, 29)) & (2**63 - 1))
-        return torch.rand(1, generator=generator).item() >= self.lmbda
-
-    def data_completions(self, rows: list[dict], max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-        """The rows' prompts and their data set completions as token ids, tokenized as offline data is (the
-        completion ends with EOS where it is text), the completion cut at max_new_tokens."""
-        from prefopt.data.formats import render_example
-        from prefopt.data.tokenize import tokenize_examples
-
-        data = self.recipe.data
-        examples = [render_example(self.tokenizer, row["prompt"], {"completion": row["data_completion"]})
-                    for row in rows]
-        out, _ = tokenize_examples(examples, self.tokenizer, data.max_length, data.max_prompt_length,
-                                   ("completion",), data.truncation)
-        bad = next((i for i, row in enumerate(out) if "bad" in row), None)
-        if bad is not None:
-            raise PrefoptError(f"distill.lmbda: the data set completion of prompt {rows[bad]['prompt']!r:.80} "
-                               f"{out[bad]['bad']}")
-        return [row["prompt_ids"] for row in out], [row["completion_ids"][:max_new_tokens] for row in out]
-
     @torch.no_grad()
     def sample(self, examples: list[dict], draw: Draw | None = None, samples: int = 1,
                max_new_tokens: int | None = None, from_data: bool = False) -> dict:
@@ -195,7 +127,7 @@ class Sampler:
         max_new_tokens = max_new_tokens or self.recipe.rollout.max_new_tokens
         prompts, trajectories = [row["prompt_ids"] for row in rows], None
         if from_data:
-            (prompts, tokens), logps = self.data_completions(rows, max_new_tokens), None
+            (prompts, tokens), logps = self.prompts.data_completions(rows, max_new_tokens), None
         elif self.agent is not None:  # many turns: the prompts are rendered with their tools and observations
             trajectories, environments = self.agent.run(self.engine, rows, draw, max_new_tokens,
                                                         self.recipe.data.max_length)
@@ -296,7 +228,7 @@ class Sampler:
             else:
                 if not background:  # a background rollout's further rounds keep the engine as it generated it
                     self.sync_engine(model)
-                batch = self.sample(*self._round(cycle, rounds, prompts), samples=k, from_data=self.from_data(cycle))
+                batch = self.sample(*self._round(cycle, rounds, prompts), samples=k, from_data=self.prompts.from_data(cycle))
                 timing["generate"] += time.perf_counter() - start
             # 3. scores: the reward terms, then the missing-EOS and overlong penalties
             start = time.perf_counter()
@@ -328,7 +260,7 @@ class Sampler:
         mask, scores = model_tokens(buffer), buffer["scores"]
         self.watch.check(self.rewards.names, buffer["terms"], buffer["penalised"], k)
         stats = {"rollout/score": scores.mean(), "rollout/length": mask.sum(1).mean(),
-                 **({"distill/on_policy": float(not self.from_data(cycle))} if self.lmbda < 1 else {}),
+                 **({"distill/on_policy": float(not self.prompts.from_data(cycle))} if self.prompts.lmbda < 1 else {}),
                  "rollout/eos": buffer["ended"].float().mean()}
         stats.update({key: sum(values) / (1 if key.startswith("timing/") else len(values))  # time adds up
                       for key, values in metrics.items()})
@@ -349,14 +281,14 @@ class Sampler:
         """This process's share of a sampling round's prompts, and their draw: each row's noise from its global
         index."""
         k, share, index = self.recipe.rollout.samples_per_prompt, prompts // self.world_size, self.accelerator.process_index
-        examples = self.prompts(cycle, round, prompts)[index * share :][:share]
+        examples = self.prompts.draw(cycle, round, prompts)[index * share :][:share]
         rows = torch.arange(share * k) + index * share * k
         return examples, Draw(hash((self.recipe.seed, cycle) + ((round,) if round else ())), rows, prompts * k)
 
     def submit(self, model, cycle: int, prompts: int) -> None:
         """Start round 0 of rollout `cycle` in the background on the engine synced now (rollout.lag with
         rollout.overlap); `collect(cycle)` takes it. The engine is not used otherwise until then."""
-        if self.from_data(cycle):  # nothing to generate: collect takes the data set's completions
+        if self.prompts.from_data(cycle):  # nothing to generate: collect takes the data set's completions
             return
         self.sync_engine(model)
         examples, draw = self._round(cycle, 0, prompts)
