@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefopt import recipe_checks as checks
+from prefopt import recipe_distill
 
 LR_AND_SPEED = [("learning rate", ["lr"]), ("tokens/s", ["tokens_per_second"])]
 ONLINE_PANELS = [("score", ["score", "rollout/score"]), ("reward terms", ["rewards/"]),
@@ -77,7 +78,7 @@ METHODS = {method.name: method for method in (
            [("KL to the teacher", ["kl", "rollout/kl"]), ("score", ["score", "rollout/score"]),
             ("completion length", ["length", "rollout/length"]), ("entropy", ["policy/entropy"]),
             ("learning rate", ["lr"])],
-           "on-policy distillation", checks.resolve_distill, checks.check_distill, prompts_only=True,
+           "on-policy distillation", recipe_distill.resolve_distill, recipe_distill.check_distill, prompts_only=True,
            evaluation="sampler", teacher=True),
     # preference losses on the policy's own samples, paired by their scores (online and iterative DPO, SPPO)
     Method("online", ("reference", "loss", "rollout", "rewards", "pairs"),
