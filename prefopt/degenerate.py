@@ -31,17 +31,24 @@ SAMPLED = 20_000  # rows a data set larger than this is checked on (seeded)
 def check_examples(examples: list[dict], where: str, recipe, log=print, labels: bool = True) -> None:
     """Pairs whose chosen equals rejected; unpaired rows that all share one label (where a loss learns from the
     labels' contrast). A data set of more than SAMPLED rows is judged by a seeded sample of them."""
+    positions = range(len(examples))
     if len(examples) > SAMPLED:
         import random
 
-        positions = sorted(random.Random(recipe.seed).sample(range(len(examples)), SAMPLED))
-        examples = examples.take(positions) if hasattr(examples, "take") else [examples[i] for i in positions]
-    pairs = [ex for ex in examples if "chosen_ids" in ex]
-    same = sum(ex["chosen_ids"] == ex["rejected_ids"] for ex in pairs)
-    if pairs and (same == len(pairs) or same / len(pairs) > DEGENERATE_SHARE):
-        report(f"{where}: {same} of {len(pairs)} pairs have chosen equal to rejected (the same tokens), so "
-               f"{'no pair' if same == len(pairs) else 'most pairs'} carry a preference to learn", recipe, log)
-    seen = {bool(ex["label"]) for ex in examples if "label" in ex}
+        positions = sorted(random.Random(recipe.seed).sample(positions, SAMPLED))
+    pairs = same = 0
+    seen = set()
+    for start in range(0, len(positions), 1000):  # read a thousand rows at a time: memory does not grow with them
+        part = positions[start:start + 1000]
+        for ex in examples.take(part) if hasattr(examples, "take") else [examples[i] for i in part]:
+            if "chosen_ids" in ex:
+                pairs += 1
+                same += ex["chosen_ids"] == ex["rejected_ids"]
+            if "label" in ex:
+                seen.add(bool(ex["label"]))
+    if pairs and (same == pairs or same / pairs > DEGENERATE_SHARE):
+        report(f"{where}: {same} of {pairs} pairs have chosen equal to rejected (the same tokens), so "
+               f"{'no pair' if same == pairs else 'most pairs'} carry a preference to learn", recipe, log)
     if labels and len(seen) == 1 and not pairs:
         kind = "desirable" if seen.pop() else "undesirable"
         report(f"{where}: every unpaired row is labelled {kind}; KTO and BCO learn from the contrast of desirable "
