@@ -181,3 +181,22 @@ def test_inspect_marks_the_boundary(zoo, sort_task, tmp_path, capsys):
     assert main(["inspect", str(recipe), "--rows", "2"]) == 0
     out = capsys.readouterr().out
     assert "|<0x0A> ‖ It|▁is|▁blue.|</s>|<0x0A>" in out  # "It", not "▁It"; the turn ends as the template ends it
+
+
+@pytest.mark.parametrize("name,rows,unpaired", [CASES[0], CASES[3], CASES[8], CASES[10]],
+                         ids=["llama2-text", "gpt2-chat", "zephyr-implicit-chat", "gpt2-unpaired"])
+def test_streamed_ids_equal_trl(zoo, tmp_path, name, rows, unpaired):
+    """data.streaming tokenizes in its background thread through the same code: the same ids as TRL's, in the
+    stream's own order."""
+    from prefopt.data.stream import Stream
+
+    tokenizer = zoo[name]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train=[DataSource(str(path))], streaming=True, shuffle_buffer=4)
+    source = Stream(cfg.train, tokenizer, cfg, 0, "data.train", "any", log=lambda _: None)
+    streamed = source.take(len(rows))
+    source.close()
+    keys = ("prompt_ids", "completion_ids") if unpaired else ("prompt_ids", "chosen_ids", "rejected_ids")
+    assert sorted(tuple(tuple(r[k]) for k in keys) for r in streamed) == \
+        sorted(tuple(tuple(r[k]) for k in keys) for r in trl_ids(tokenizer, rows, unpaired))
