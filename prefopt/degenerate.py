@@ -25,21 +25,23 @@ def report(finding: str, recipe, log=print) -> None:
     log(f"[prefopt] WARNING: {finding} (data.on_degenerate: error stops the run here)")
 
 
-SAMPLED = 20_000  # rows a data set larger than this is checked on (seeded)
+SAMPLED, BLOCK = 20_000, 1000  # rows a data set larger than this is checked on: seeded blocks of consecutive rows
 
 
 def check_examples(examples: list[dict], where: str, recipe, log=print, labels: bool = True) -> None:
     """Pairs whose chosen equals rejected; unpaired rows that all share one label (where a loss learns from the
-    labels' contrast). A data set of more than SAMPLED rows is judged by a seeded sample of them."""
-    positions = range(len(examples))
+    labels' contrast). A data set of more than SAMPLED rows is judged by SAMPLED // BLOCK blocks of BLOCK
+    consecutive rows drawn from the seed: read a block at a time, memory does not grow with the rows, and a
+    memory-mapped table is read in a few places, not page by page throughout."""
+    blocks = range(math.ceil(len(examples) / BLOCK))
     if len(examples) > SAMPLED:
         import random
 
-        positions = sorted(random.Random(recipe.seed).sample(positions, SAMPLED))
+        blocks = sorted(random.Random(recipe.seed).sample(blocks, SAMPLED // BLOCK))
     pairs = same = 0
     seen = set()
-    for start in range(0, len(positions), 1000):  # read a thousand rows at a time: memory does not grow with them
-        part = positions[start:start + 1000]
+    for block in blocks:
+        part = range(block * BLOCK, min((block + 1) * BLOCK, len(examples)))
         for ex in examples.take(part) if hasattr(examples, "take") else [examples[i] for i in part]:
             if "chosen_ids" in ex:
                 pairs += 1

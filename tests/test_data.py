@@ -158,6 +158,36 @@ def test_tokenized_rows_stay_in_arrow_and_read_as_lists_of_dicts(tokenizer, tmp_
         rows[len(rows)]
 
 
+def test_reading_a_row_reads_only_the_record_batch_that_holds_it(tmp_path):
+    """Rows over a memory-mapped table of many record batches (as the datasets cache is): a row, or rows from a
+    few batches, map only their batches' pages, not the table (Table.take would concatenate every chunk first),
+    and come back in the order asked."""
+    import numpy as np
+    import pyarrow as pa
+
+    from prefopt.data import Rows
+
+    ids = pa.list_(pa.int64())
+    path = tmp_path / "table.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("prompt_ids", ids)])) as writer:
+        for k in range(200):  # 200 batches of 100 rows of 400 ids: 64 MB
+            writer.write_batch(pa.record_batch([pa.array([[k * 100 + i] * 400 for i in range(100)], ids)],
+                                               names=["prompt_ids"]))
+
+    def mapped_mib() -> float:  # this file's pages mapped into the process
+        total = 0
+        for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+            if block.split("\n")[0].endswith(str(path)):
+                total += int(re.search(r"^Rss:\s+(\d+)", block, re.M).group(1))
+        return total / 1024
+
+    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    rows = Rows(table, np.arange(table.num_rows)[::-1])
+    before = mapped_mib()
+    assert [r["prompt_ids"][0] for r in rows.take([0, 19999, 5, 10050, 1])] == [19999, 0, 19994, 9949, 19998]
+    assert mapped_mib() - before < 8, "reading 5 rows mapped most of the table"
+
+
 def test_a_checked_file_is_not_read_again_until_it_changes(tokenizer, tmp_path, monkeypatch):
     """The line-by-line check of a JSON Lines file runs once per (path, size, modification time): a second load
     skips it; a line appended (a malformed one) makes it run again and name the line."""

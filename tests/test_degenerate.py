@@ -89,3 +89,31 @@ def test_the_shipped_verifiers_compare_answers_by_value():
                               answer=[7, "8 ", "7"]) == [1.0, 1.0, 1.0]
     assert arithmetic_correct(completions=[" 07 apples"], answer=[7]) == [1.0]
     assert number_format(completions=[" 12 ", "twelve"]) == [1.0, 0.0]
+
+
+def test_a_large_set_is_judged_by_seeded_blocks_of_consecutive_rows(monkeypatch):
+    """Above SAMPLED rows, SAMPLED // BLOCK blocks of BLOCK consecutive rows, drawn from the seed, each read in
+    one call (a memory-mapped table is then read in a few places); the finding counts the rows read."""
+    from types import SimpleNamespace
+
+    from prefopt import degenerate
+
+    class Examples(list):
+        def take(self, positions):
+            reads.append(list(positions))
+            return [self[i] for i in positions]
+
+    monkeypatch.setattr(degenerate, "SAMPLED", 40)
+    monkeypatch.setattr(degenerate, "BLOCK", 10)
+    examples = Examples({"chosen_ids": [1], "rejected_ids": [1 if i % 4 else 2]} for i in range(105))
+    recipe = SimpleNamespace(seed=3, data=SimpleNamespace(on_degenerate="warn"))
+    said, reads = [], []
+    degenerate.check_examples(examples, "data.train", recipe, log=said.append)
+    assert len(reads) == 4 and all(r == list(range(r[0], r[0] + len(r))) and r[0] % 10 == 0 for r in reads)
+    assert reads == sorted(reads) and len({r[0] for r in reads}) == 4
+    first = reads
+    reads = []
+    degenerate.check_examples(examples, "data.train", recipe, log=said.append)
+    assert reads == first  # the same blocks for the same seed
+    same = sum(i % 4 > 0 for block in first for i in block)
+    assert said[0].startswith(f"[prefopt] WARNING: data.train: {same} of {sum(map(len, first))} pairs have chosen")

@@ -314,13 +314,28 @@ class Rows(Sequence):
         """Rows at these positions, in their order, each without its None values."""
         positions = np.asarray(positions, dtype=np.int64)
         rows = [{key: value for key, value in row.items() if value is not None}
-                for row in self.table.take(self.index[positions]).to_pylist()]
+                for row in gather(self.table, self.index[positions])]
         if self.parts is not None:
             rows = [row if part < 0 else pair_half(row, part) for row, part in zip(rows, self.parts[positions].tolist())]
         for name, values in self.attached.items():
             for row, value in zip(rows, values[positions].tolist()):
                 row[name] = value
         return rows
+
+
+def gather(table, at: np.ndarray) -> list[dict]:
+    """table's rows at these indices, as dicts, read from the record batches that hold them. (Table.take would
+    first concatenate each column's chunks, reading the whole memory-mapped table for a single row.)"""
+    batches = table.to_batches()  # zero-copy views of the chunks
+    starts = np.cumsum([0] + [len(batch) for batch in batches])
+    which = np.searchsorted(starts, at, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    rows: list = [None] * len(at)
+    for group in np.split(order, np.flatnonzero(np.diff(which[order])) + 1) if len(at) else ():
+        batch = which[group[0]]
+        for i, row in zip(group.tolist(), batches[batch].take(at[group] - starts[batch]).to_pylist()):
+            rows[i] = row
+    return rows
 
 
 def has_key(examples, key: str) -> bool:
