@@ -87,8 +87,8 @@ def measure(tool: str, out: Path, num_proc: int | None) -> dict:
         from prefopt.recipe import DataConfig, DataSource
 
         cfg = DataConfig(train=[], max_length=1024, num_proc=num_proc)
-        rows = len(load_examples([DataSource(str(out / "rows.jsonl"))], tokenizer, cfg, 0, "data.train",
-                                 log=lambda _: None))
+        prepared = load_examples([DataSource(str(out / "rows.jsonl"))], tokenizer, cfg, 0, "data.train",
+                                 log=lambda _: None)
     else:
         from types import SimpleNamespace
 
@@ -96,10 +96,11 @@ def measure(tool: str, out: Path, num_proc: int | None) -> dict:
 
         dataset = load_dataset("json", data_files=str(out / "rows.jsonl"), split="train")
         args = SimpleNamespace(dataset_num_proc=num_proc, max_length=1024, truncation_mode="keep_start")
-        rows = len(DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
-                                               "train"))
+        prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
+                                               "train")
     seconds = time.perf_counter() - start
-    time.sleep(0.4)  # the last sample
+    time.sleep(0.4)  # the last sample, the prepared rows still held (their pages mapped)
+    rows = len(prepared)
     return {"tool": tool, "seconds": round(seconds, 2), "rows": rows,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "peak_anon_mib": peaks["RssAnon"], "peak_file_mib": peaks["RssFile"]}
