@@ -11,6 +11,7 @@ import errno
 import random
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import cached_property
 
 import numpy as np
 import pyarrow.compute as pc
@@ -310,11 +311,17 @@ class Rows(Sequence):
         return Rows(self.table, self.index[positions], {k: v[positions] for k, v in self.attached.items()},
                     None if self.parts is None else self.parts[positions], self.fingerprint)
 
+    @cached_property
+    def _batches(self) -> tuple[list, np.ndarray]:
+        """The table's record batches (zero-copy views of its chunks) and the index of each one's first row."""
+        batches = self.table.to_batches()
+        return batches, np.cumsum([0] + [len(batch) for batch in batches])
+
     def take(self, positions) -> list[dict]:
         """Rows at these positions, in their order, each without its None values."""
         positions = np.asarray(positions, dtype=np.int64)
         rows = [{key: value for key, value in row.items() if value is not None}
-                for row in gather(self.table, self.index[positions])]
+                for row in gather(*self._batches, self.index[positions])]
         if self.parts is not None:
             rows = [row if part < 0 else pair_half(row, part) for row, part in zip(rows, self.parts[positions].tolist())]
         for name, values in self.attached.items():
@@ -323,11 +330,10 @@ class Rows(Sequence):
         return rows
 
 
-def gather(table, at: np.ndarray) -> list[dict]:
-    """table's rows at these indices, as dicts, read from the record batches that hold them. (Table.take would
-    first concatenate each column's chunks, reading the whole memory-mapped table for a single row.)"""
-    batches = table.to_batches()  # zero-copy views of the chunks
-    starts = np.cumsum([0] + [len(batch) for batch in batches])
+def gather(batches: list, starts: np.ndarray, at: np.ndarray) -> list[dict]:
+    """A table's rows at these indices, as dicts, read from the record batches that hold them (`batches`, their
+    first rows at `starts`). (Table.take would first concatenate each column's chunks, reading the whole
+    memory-mapped table for a single row.)"""
     which = np.searchsorted(starts, at, side="right") - 1
     order = np.argsort(which, kind="stable")
     rows: list = [None] * len(at)
