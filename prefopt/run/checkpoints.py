@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from prefopt import distributed
-from prefopt.errors import TrainingError
+from prefopt.errors import DataError, TrainingError
 from prefopt.recipe import REMEDIES, fingerprint, flatten, identity
 from prefopt.run.integrity import FINAL_CHECKSUMS, checksums, mismatches
 
@@ -137,6 +137,18 @@ def save(trainer, step: int) -> Path:
         _write(trainer, step, tmp, final, extra)
     acc.wait_for_everyone()
     return final
+
+
+def stopped_at_bad_row(trainer, stop: Exception, step: int) -> DataError:
+    """A stream's bad row reached at `step` (StreamStop), with where the steps trained before it are kept (a
+    checkpoint written now where the last one is older)."""
+    kept = "nothing was trained before it"
+    if step > 1:
+        path = trainer.output_dir / "checkpoints" / f"step-{step - 1}"
+        if not any(done == step - 1 for done, _ in complete_checkpoints(path.parent)):
+            path = trainer.save_checkpoint(step - 1)
+        kept = f"the {step - 1} steps trained before it are in {path}, where the same command resumes"
+    return DataError(f"{stop}\nThe run stopped before step {step}; {kept}")
 
 
 def _write(trainer, step: int, tmp: Path, final: Path, extra: dict) -> None:

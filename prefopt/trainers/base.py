@@ -35,16 +35,17 @@ from prefopt import degenerate, distributed
 from prefopt import recipe as recipe_lib
 from prefopt.data import rows_at
 from prefopt.data.stream import Stream, StreamStop
-from prefopt.errors import DataError, RecipeError, Stopped, TrainingError
+from prefopt.errors import RecipeError, Stopped
 from prefopt.methods import record
 from prefopt.models import check_positions, load_tokenizer
 from prefopt.run import checkpoints, tracking
 from prefopt.run import directory as runs
 from prefopt.run import metrics as metrics_file
-from prefopt.run.checkpoints import last_good, remove_leftovers, write_atomic, writing
+from prefopt.run.checkpoints import remove_leftovers, write_atomic, writing
 from prefopt.run.integrity import input_fingerprint
 from prefopt.run.metrics import MetricMeans
 from prefopt.trainers import setup
+from prefopt.trainers.finite import nonfinite_update
 
 AT_STEP = ("data/epoch", "data/dropped_rows")  # logged as they are at the step, not averaged over log_every
 
@@ -175,7 +176,7 @@ class Trainer:
                 try:
                     record = self.train_step(step)
                 except StreamStop as stop:  # a bad row reached: what was trained is kept
-                    raise self._stream_stopped(stop, step) from None
+                    raise checkpoints.stopped_at_bad_row(self, stop, step) from None
                 self.global_step = step
                 self.after_step(step, record)
                 for key, value in record.items():
@@ -268,7 +269,7 @@ class Trainer:
                 if acc.sync_gradients:
                     max_norm = train.max_grad_norm if train.max_grad_norm is not None else math.inf
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                    skipped = self._nonfinite(step, finite, grad_norm)
+                    skipped = nonfinite_update(self, step, finite, grad_norm)
                     if not skipped:
                         self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -289,32 +290,6 @@ class Trainer:
         if isinstance(self.train_data, Stream):
             record.update(self.train_data.stats())
         return record
-
-    def _nonfinite(self, step: int, loss_finite: torch.Tensor, grad_norm) -> bool:
-        """Whether this step's update must be skipped: a loss (on any process) or the gradient norm is not finite.
-        train.on_nonfinite: stop raises, naming the step, the metric and the last good checkpoint; skip skips
-        (logged) up to train.max_skipped_steps times. The update never reaches the weights, except under DeepSpeed,
-        whose engine steps inside backward: there the run stops before anything is saved."""
-        acc, train = self.accelerator, self.recipe.train
-        grad_norm = torch.tensor(float(grad_norm), device=acc.device)  # FSDP2 gives a DTensor: a plain value
-        flags = acc.reduce(torch.stack([(~loss_finite).float(), (~torch.isfinite(grad_norm)).float()]), "sum")
-        if not flags.any():
-            return False
-        metric = "loss" if flags[0] else f"gradient norm ({float(grad_norm)})"
-        self.skipped_steps += 1
-        applied = acc.distributed_type == "DEEPSPEED"
-        if train.on_nonfinite == "skip" and not applied and self.skipped_steps <= train.max_skipped_steps:
-            acc.print(f"[prefopt] step {step}: non-finite {metric}; update skipped ({self.skipped_steps} of at most "
-                      f"{train.max_skipped_steps}, train.max_skipped_steps)")
-            return True
-        good = last_good(self.output_dir / "checkpoints")
-        last = f"the last good checkpoint is {good}" if good else "no good checkpoint was written before it"
-        why = (f"{self.skipped_steps - 1} steps were skipped already (train.max_skipped_steps: "
-               f"{train.max_skipped_steps})" if train.on_nonfinite == "skip" and not applied
-               else "DeepSpeed applied the update inside backward" if applied else "train.on_nonfinite: stop")
-        raise TrainingError(f"step {step}: non-finite {metric}, so the run stopped ({why}); nothing from this step "
-                            f"was saved and {last}. Lower optim.lr or train.max_grad_norm, check the data near this "
-                            "step, or set train.on_nonfinite: skip to skip such steps")
 
     @torch.no_grad()
     def evaluate(self, examples: list[dict] | None = None) -> dict[str, float]:
@@ -353,16 +328,6 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         """Multiplier of optim.lr after `step` optimizer steps."""
         return setup.lr_factor(self.recipe.optim, self.recipe.train.max_steps, step)
-
-    def _stream_stopped(self, stop: StreamStop, step: int) -> DataError:
-        """The stream's bad row, with where the steps trained before it are kept (a checkpoint written now)."""
-        kept = "nothing was trained before it"
-        if step > 1:
-            path = self.output_dir / "checkpoints" / f"step-{step - 1}"
-            if not any(done == step - 1 for done, _ in checkpoints.complete_checkpoints(path.parent)):
-                path = self.save_checkpoint(step - 1)
-            kept = f"the {step - 1} steps trained before it are in {path}, where the same command resumes"
-        return DataError(f"{stop}\nThe run stopped before step {step}; {kept}")
 
     def _check_data(self) -> None:
         needed = self.recipe.train.batch_size
